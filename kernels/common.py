@@ -1,0 +1,70 @@
+"""Shared pieces of the scan kernels: the LongMamba Δ filter, padding, tolerances.
+
+Notation used across `kernels/`: b batch, l length, e Mamba-1 channels (d_inner), n state size,
+h Mamba2 heads, p head dim, g groups (B/C shared by h/g heads), c chunks, s chunk size.
+
+The LongMamba filter (SPEC §2 "Scan backends", §3.2) is given to every implementation as two
+per-channel arrays and applied inside the scan:
+
+    Δ_eff = where(is_global & (Δ <= threshold), 0, Δ)
+
+so a filtered token neither decays nor enters the state of a global channel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Per-dtype tolerances for ‖out − ref‖ / ‖ref‖ in kernel tests (inputs of that dtype; fp32 math).
+RTOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
+
+IMPLEMENTATIONS = ("reference", "associative", "pallas")
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def filter_threshold(dt_global, dt_threshold, channels: int):
+    """Folds (is_global [c] bool, threshold [c]) into one fp32 array [c]: -inf on local channels.
+
+    Δ >= 0 after softplus, so `Δ <= -inf` never holds and local channels pass unchanged. Returns
+    None when no filter is given. Both arrays or neither must be given.
+    """
+    if dt_global is None and dt_threshold is None:
+        return None
+    if dt_global is None or dt_threshold is None:
+        raise ValueError("the Δ filter needs both dt_global and dt_threshold (or neither)")
+    dt_global = jnp.asarray(dt_global)
+    dt_threshold = jnp.asarray(dt_threshold, jnp.float32)
+    if dt_global.shape != (channels,) or dt_threshold.shape != (channels,):
+        raise ValueError(
+            f"Δ filter arrays must have shape ({channels},); got dt_global {dt_global.shape}, "
+            f"dt_threshold {dt_threshold.shape}"
+        )
+    return jnp.where(dt_global.astype(bool), dt_threshold, -jnp.inf)
+
+
+def apply_filter(dt, threshold):
+    """Δ_eff = where(Δ <= threshold, 0, Δ), threshold broadcast over the last axis (channels)."""
+    if threshold is None:
+        return dt
+    return jnp.where(dt <= threshold, jnp.zeros_like(dt), dt)
+
+
+def pad_time(a, multiple: int, axis: int = 1):
+    """Zero-pads `a` along `axis` up to a multiple of `multiple`. Padding with Δ = 0 leaves the
+    state untouched, so final states stay exact."""
+    length = a.shape[axis]
+    pad = (-length) % multiple
+    if pad == 0:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(a, widths)
+
+
+def check_implementation(implementation: str) -> None:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown scan implementation {implementation!r}; choose one of {IMPLEMENTATIONS}"
+        )

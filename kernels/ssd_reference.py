@@ -1,0 +1,71 @@
+"""Mamba2 SSD scan, sequential reference (fp32 ground truth).
+
+Per head h (scalar A[h] and Δ_t[h]), head dim p, state n, group g = h // (H/G):
+
+    S_t[h] = exp(Δ_t[h] A[h]) S_{t-1}[h] + Δ_t[h] x_t[h] ⊗ B_t[g]      # [p, n]
+    y_t[h] = S_t[h] C_t[g] + D[h] x_t[h]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from longmamba_kernels.common import HIGHEST, apply_filter
+
+
+def _expand_groups(a, heads: int):
+    """[..., g, n] -> [..., h, n]: head i reads group i // (h/g) (torch repeat_interleave)."""
+    groups = a.shape[-2]
+    if heads % groups:
+        raise ValueError(f"heads ({heads}) must be a multiple of groups ({groups})")
+    return jnp.repeat(a, heads // groups, axis=-2)
+
+
+def ssd_reference(x, dt, A, B, C, D=None, *, initial_state=None, threshold=None):
+    """Sequential `lax.scan` over time.
+
+    Args:
+      x: [b, l, h, p]. dt: [b, l, h] Δ after softplus (and dt_limit). A: [h]. B, C: [b, l, g, n].
+      D: [h] or None. initial_state: [b, h, p, n] or None. threshold: [h] folded LongMamba
+        filter or None.
+
+    Returns:
+      y [b, l, h, p] fp32 and the final state [b, h, p, n] fp32.
+    """
+    f32 = jnp.float32
+    x, dt, A, B, C = (a.astype(f32) for a in (x, dt, A, B, C))
+    dt = apply_filter(dt, threshold)
+    b, _, h, p = x.shape
+    n = B.shape[-1]
+    B, C = _expand_groups(B, h), _expand_groups(C, h)
+    s0 = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)
+
+    def step(s, inp):
+        x_t, dt_t, B_t, C_t = inp  # [b, h, p], [b, h], [b, h, n], [b, h, n]
+        decay = jnp.exp(dt_t * A)[..., None, None]
+        s = decay * s + (dt_t[..., None] * x_t)[..., None] * B_t[:, :, None, :]
+        y_t = jnp.einsum("bhpn,bhn->bhp", s, C_t, precision=HIGHEST)
+        return s, y_t
+
+    time_major = [jnp.swapaxes(a, 0, 1) for a in (x, dt, B, C)]
+    s, ys = jax.lax.scan(step, s0, time_major)
+    y = jnp.swapaxes(ys, 0, 1)
+    if D is not None:
+        y = y + D.astype(f32)[:, None] * x
+    return y, s
+
+
+def ssd_step(state, x, dt, A, B, C, D=None, *, threshold=None):
+    """One recurrent step (decoding). x: [b, h, p]; dt: [b, h]; B, C: [b, g, n];
+    state [b, h, p, n] fp32. Returns (y [b, h, p] fp32, new state)."""
+    f32 = jnp.float32
+    x, dt, A, B, C = (a.astype(f32) for a in (x, dt, A, B, C))
+    dt = apply_filter(dt, threshold)
+    h = x.shape[1]
+    B, C = _expand_groups(B, h), _expand_groups(C, h)
+    state = jnp.exp(dt * A)[..., None, None] * state + (dt[..., None] * x)[..., None] * B[:, :, None]
+    y = jnp.einsum("bhpn,bhn->bhp", state, C, precision=HIGHEST)
+    if D is not None:
+        y = y + D.astype(f32)[:, None] * x
+    return y, state

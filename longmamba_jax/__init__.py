@@ -1,0 +1,27 @@
+"""longmamba-jax: Mamba and Mamba2 in JAX, loaded from PyTorch checkpoints, with training-free
+context extension (LongMamba, DeciMamba).
+
+    import longmamba_jax as lmj
+    params = lmj.load("state-spaces/mamba2-130m")        # or a local directory
+    logits = lmj.forward(params, tokens)                  # tokens int [batch, length]
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from longmamba_jax.backends import BACKENDS, resolve_backend
+from longmamba_jax.checkpoint import CheckpointError
+from longmamba_jax.config import ConfigError, Mamba2Config, MambaConfig
+from longmamba_jax.loading import load
+from longmamba_jax.model import Cache, Params, apply_model, empty_cache, forward, init_params
+
+try:
+    __version__ = version("longmamba-jax")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "BACKENDS", "Cache", "CheckpointError", "ConfigError", "Mamba2Config", "MambaConfig",
+    "Params", "apply_model", "empty_cache", "forward", "init_params", "load", "resolve_backend",
+]

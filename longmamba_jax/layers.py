@@ -1,0 +1,90 @@
+"""Small building blocks shared by both mixers: linear, RMSNorm, causal depthwise conv1d.
+
+Precision policy (SPEC §7): parameters may be fp32 or bf16; matmuls run in the parameter dtype
+with fp32 accumulation; norms, the conv, Δ, A and the scan run in fp32; the residual stream is
+fp32. Parameter names mirror the torch keys (`weight`, `bias`, `kernel` = transposed weight) so
+that conversion is a table.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+def silu(x):
+    return x * jax.nn.sigmoid(x)
+
+
+class Linear(nn.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] is torch's weight transposed."""
+
+    features: int
+    use_bias: bool = False
+    param_dtype: jnp.dtype = f32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        y = jnp.einsum(
+            "...i,io->...o", x.astype(kernel.dtype), kernel, preferred_element_type=f32
+        )
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        return y.astype(self.param_dtype)
+
+
+class RMSNorm(nn.Module):
+    """weight · x / sqrt(mean(x²) + eps), computed in fp32, returned in the parameter dtype."""
+
+    eps: float = 1e-5
+    param_dtype: jnp.dtype = f32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        return rms_norm(x, weight, self.eps)
+
+
+def rms_norm(x, weight, eps: float, group_size: int | None = None):
+    """RMSNorm over the last axis, or over groups of `group_size` along it (gated norm)."""
+    x = x.astype(f32)
+    if group_size is not None and group_size != x.shape[-1]:
+        *lead, d = x.shape
+        xg = x.reshape(*lead, d // group_size, group_size)  # [..., g, d/g]
+        xg = xg * jax.lax.rsqrt(jnp.mean(xg * xg, axis=-1, keepdims=True) + eps)
+        x = xg.reshape(*lead, d)
+    else:
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return weight * x.astype(weight.dtype)
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over time: y_t[c] = Σ_k kernel[k, c] · x_{t−K+1+k}[c] + bias[c].
+
+    `state` [b, K−1, c] holds the inputs before this chunk (zeros at the start of a sequence);
+    the new state (the last K−1 inputs) is returned for decoding and chunked prefill.
+    """
+
+    width: int
+    use_bias: bool = True
+    param_dtype: jnp.dtype = f32
+
+    @nn.compact
+    def __call__(self, x, state=None):
+        b, length, c = x.shape
+        k = self.width
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, c), self.param_dtype)
+        if state is None:
+            state = jnp.zeros((b, k - 1, c), f32)
+        full = jnp.concatenate([state.astype(f32), x.astype(f32)], axis=1)  # [b, K−1+l, c]
+        y = sum(full[:, i : i + length] * kernel[i].astype(f32) for i in range(k))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(f32)
+        return y, full[:, full.shape[1] - (k - 1) :]

@@ -1,0 +1,273 @@
+"""The language model: embedding -> n_layer × (x + mixer(rmsnorm(x))) -> rmsnorm -> lm_head.
+
+Layer parameters are stacked along a leading layer axis and the layers run under one
+`lax.scan` (one compiled block, fast compiles for 48 layers). DeciMamba cuts that scan into
+segments at its decimating layers, since those change the sequence length.
+
+`Params` is the one pytree users hold: the weights plus the config (static), so
+`forward(params, tokens)` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from longmamba_jax.backends import resolve_backend
+from longmamba_jax.config import Config, Mamba2Config
+from longmamba_jax.layers import rms_norm
+from longmamba_jax.mixers import Block, ScanBackend
+
+f32 = jnp.float32
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["weights"],
+                   meta_fields=["config"])
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Model weights (a nested dict of arrays) with their config.
+
+    Layout (paths mirror the torch keys; `kernel` is a torch weight transposed):
+      embedding/weight [V, d]; layers/norm/weight [L, d]; layers/mixer/... [L, ...];
+      norm_f/weight [d]; lm_head/kernel [d, V] (absent when tied to the embedding).
+    """
+
+    weights: dict
+    config: Config
+
+    @property
+    def dtype(self):
+        return self.weights["embedding"]["weight"].dtype
+
+    def astype(self, dtype) -> Params:
+        return Params(jax.tree.map(lambda a: a.astype(dtype), self.weights), self.config)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["conv", "ssm"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Cache:
+    """Recurrent state of every layer (fp32): what decoding and chunked prefill carry.
+
+    conv: [n_layer, b, d_conv − 1, conv_dim], the last inputs of each layer's conv window.
+    ssm:  [n_layer, b, d_inner, d_state] (Mamba-1) or [n_layer, b, nheads, headdim, d_state].
+    """
+
+    conv: jax.Array
+    ssm: jax.Array
+
+
+def empty_cache(config: Config, batch: int) -> Cache:
+    conv = jnp.zeros((config.n_layer, batch, config.d_conv - 1, config.conv_dim), f32)
+    if isinstance(config, Mamba2Config):
+        ssm_shape = (config.nheads, config.headdim, config.d_state)
+    else:
+        ssm_shape = (config.d_inner, config.d_state)
+    return Cache(conv, jnp.zeros((config.n_layer, batch, *ssm_shape), f32))
+
+
+class LayerFilters(NamedTuple):
+    """Per-layer LongMamba filter arrays: is_global [n_layer, C] bool, threshold [n_layer, C]."""
+
+    is_global: jax.Array
+    threshold: jax.Array
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [b, l', V] fp32 (l' = l, or last_n, or the DeciMamba-kept length)
+    cache: Cache | None  # the state after the last token
+    positions: jax.Array | None  # [b, l'] original positions of the logits (DeciMamba)
+    dt: jax.Array | None  # [n_layer, b, l, C] Δ per layer (capture_dt)
+
+
+def init_params(config: Config, seed: int = 0, dtype=f32) -> Params:
+    """Random weights with the torch models' parameter shapes (for tests and training)."""
+    key = jax.random.PRNGKey(seed)
+    k_emb, k_layers, k_head = jax.random.split(key, 3)
+    block = Block(config, ScanBackend("reference"), dtype)
+    dummy = jnp.zeros((1, 1, config.d_model), dtype)
+    layers = jax.vmap(lambda k: block.init(k, dummy)["params"])(
+        jax.random.split(k_layers, config.n_layer)
+    )
+    vocab = config.padded_vocab_size
+    weights = {
+        "embedding": {"weight": (0.02 * jax.random.normal(k_emb, (vocab, config.d_model)))
+                      .astype(dtype)},
+        "layers": layers,
+        "norm_f": {"weight": jnp.ones((config.d_model,), dtype)},
+    }
+    if not config.tie_embeddings:
+        weights["lm_head"] = {
+            "kernel": (0.02 * jax.random.normal(k_head, (config.d_model, vocab))).astype(dtype)
+        }
+    return Params(weights, config)
+
+
+def _segments(n_layer: int, decimating: tuple[int, ...]):
+    """[0, n) cut into runs of ordinary layers and single decimating layers, in order."""
+    out, start = [], 0
+    for layer in decimating:
+        if start < layer:
+            out.append((start, layer, False))
+        out.append((layer, layer + 1, True))
+        start = layer + 1
+    if start < n_layer:
+        out.append((start, n_layer, False))
+    return out
+
+
+def _slice(tree, start, stop):
+    return jax.tree.map(lambda a: a[start:stop], tree)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("backend", "decimation", "last_n", "return_cache", "capture_dt", "step"),
+)
+def apply_model(
+    params: Params,
+    tokens,
+    *,
+    mask=None,
+    filters: LayerFilters | None = None,
+    cache: Cache | None = None,
+    backend: ScanBackend = ScanBackend(),
+    decimation: tuple[tuple[int, int, int], ...] = (),
+    last_n: int | None = None,
+    return_cache: bool = False,
+    capture_dt: bool = False,
+    step: bool = False,
+) -> ModelOutput:
+    """The whole model, every option explicit (the public `forward`, `prefill`, `decode_step`
+    and `calibrate` are thin wrappers).
+
+    Args:
+      params: `Params`. tokens: int [b, l].
+      mask: [b, l] 1 for real tokens, 0 for (left) padding, or None.
+      filters: LongMamba per-layer filter arrays, or None.
+      cache: state to start from (chunked prefill / decoding), or None for zeros.
+      backend: resolved `ScanBackend` (static).
+      decimation: DeciMamba plan, ((layer, keep, keep_last), ...) ascending layers (static).
+      last_n: only compute logits for the last n positions (static).
+      return_cache: return the state after the last token.
+      capture_dt: return Δ of every layer (calibration; incompatible with decimation).
+      step: single-token recurrent step (l must be 1; needs a cache).
+    """
+    cfg = params.config
+    w = params.weights
+    dtype = params.dtype
+    batch, length = tokens.shape
+    block = Block(cfg, backend, dtype)
+    h = jnp.take(w["embedding"]["weight"], tokens, axis=0).astype(f32)  # [b, l, d]
+    if cache is None:
+        cache = empty_cache(cfg, batch)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    plan = {layer: (keep, keep_last) for layer, keep, keep_last in decimation}
+    new_conv, new_ssm, dts = [], [], []
+    for start, stop, decimating in _segments(cfg.n_layer, tuple(plan)):
+        xs = {
+            "params": _slice(w["layers"], start, stop),
+            "conv": cache.conv[start:stop],
+            "ssm": cache.ssm[start:stop],
+        }
+        if filters is not None:
+            xs["glob"] = filters.is_global[start:stop]
+            xs["thr"] = filters.threshold[start:stop]
+
+        def layer(h, x, decimate=None):
+            dt_filter = (x["glob"], x["thr"]) if "glob" in x else None
+            h, aux = block.apply(
+                {"params": x["params"]}, h, conv_state=x["conv"], ssm_state=x["ssm"],
+                mask=mask, dt_filter=dt_filter, decimate=decimate, capture_dt=capture_dt,
+                step=step,
+            )
+            return h, (aux.conv_state, aux.ssm_state, aux.dt, aux.kept)
+
+        if decimating:
+            x0 = jax.tree.map(lambda a: a[0], xs)
+            h, (conv, ssm, dt, kept) = layer(h, x0, plan[start])
+            positions = jnp.take_along_axis(positions, kept, axis=1)
+            conv, ssm = conv[None], ssm[None]
+            dt = None if dt is None else dt[None]
+        else:
+            h, (conv, ssm, dt, _) = jax.lax.scan(lambda h, x: layer(h, x), h, xs)
+        new_conv.append(conv)
+        new_ssm.append(ssm)
+        if capture_dt:
+            dts.append(dt)
+    if last_n is not None:
+        h, positions = h[:, -last_n:], positions[:, -last_n:]
+    h = rms_norm(h, w["norm_f"]["weight"], cfg.norm_eps)  # fp32 in, fp32 out
+    if cfg.tie_embeddings:
+        head = w["embedding"]["weight"]
+        logits = jnp.einsum("bld,vd->blv", h.astype(head.dtype), head, preferred_element_type=f32)
+    else:
+        head = w["lm_head"]["kernel"]
+        logits = jnp.einsum("bld,dv->blv", h.astype(head.dtype), head, preferred_element_type=f32)
+    logits = logits.astype(dtype).astype(f32)  # torch rounds logits to the head dtype first
+    out_cache = None
+    if return_cache:
+        out_cache = Cache(jnp.concatenate(new_conv), jnp.concatenate(new_ssm))
+    return ModelOutput(
+        logits=logits,
+        cache=out_cache,
+        positions=positions if decimation else None,
+        dt=jnp.concatenate(dts) if capture_dt else None,
+    )
+
+
+def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto",
+            last_n: int | None = None, attention_mask=None):
+    """Logits of the model on `tokens`.
+
+    Args:
+      params: `Params` from `load` or `init_params`.
+      tokens: int [b, l].
+      method: None (vanilla), `LongMamba(...)` or `DeciMamba(...)`.
+      backend: "auto" | "reference" | "associative" | "pallas" | "pallas-interpret".
+      last_n: return logits for the last n positions only (saves memory on long prompts).
+      attention_mask: [b, l] 1/0, left padding only.
+
+    Returns:
+      fp32 logits [b, l, padded_vocab] (or [b, last_n, ...]; with DeciMamba, the kept positions
+      — see `DeciMamba`).
+    """
+    tokens = _check_tokens(params, tokens)
+    kwargs = method_kwargs(method, params.config, tokens.shape[1]) if method is not None else {}
+    out = apply_model(params, tokens, mask=_mask(attention_mask, tokens), last_n=last_n,
+                      backend=resolve_backend(backend), **kwargs)
+    return out.logits
+
+
+def method_kwargs(method, config: Config, seq_len: int) -> dict:
+    """What a context-extension method contributes to `apply_model` at prompt length seq_len."""
+    return method.model_kwargs(config, seq_len)
+
+
+def _check_tokens(params: Params, tokens):
+    if not isinstance(params, Params):
+        raise TypeError(f"params must be longmamba_jax.Params (from load/init_params), got "
+                        f"{type(params).__name__}")
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be int [batch, length], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+    if tokens.shape[1] == 0:
+        raise ValueError("tokens is empty (length 0)")
+    return tokens.astype(jnp.int32)
+
+
+def _mask(attention_mask, tokens):
+    if attention_mask is None:
+        return None
+    mask = jnp.asarray(attention_mask)
+    if mask.shape != tokens.shape:
+        raise ValueError(
+            f"attention_mask shape {mask.shape} does not match tokens shape {tokens.shape}"
+        )
+    return mask.astype(f32)
