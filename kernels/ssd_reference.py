@@ -64,7 +64,8 @@ def ssd_step(state, x, dt, A, B, C, D=None, *, threshold=None):
     dt = apply_filter(dt, threshold)
     h = x.shape[1]
     B, C = _expand_groups(B, h), _expand_groups(C, h)
-    state = jnp.exp(dt * A)[..., None, None] * state + (dt[..., None] * x)[..., None] * B[:, :, None]
+    decay = jnp.exp(dt * A)[..., None, None]
+    state = decay * state + (dt[..., None] * x)[..., None] * B[:, :, None]
     y = jnp.einsum("bhpn,bhn->bhp", state, C, precision=HIGHEST)
     if D is not None:
         y = y + D.astype(f32)[:, None] * x

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs the kernel test suite compiled on the GPU (the `gpu`-marked tests: the Pallas kernels
+# compiled through Triton, same shapes and tolerances as the CPU interpret run) and then the scan
+# benchmark, on the device machine. Logs and the benchmark JSON go under $OUT (or ./out).
+#
+#   bash evals/run_gpu_kernel_tests.sh            # tests + benchmark
+#   SWEEP=16384 bash evals/run_gpu_kernel_tests.sh   # also time block-size candidates first
+#   PYTEST_MARK="" bash evals/run_gpu_kernel_tests.sh  # whole suite (interpret tests too)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT" /tmp/pp
+# The package is not installed there: expose kernels/ under its import name.
+ln -sfn "$PWD/kernels" /tmp/pp/longmamba_kernels
+ln -sfn "$PWD/longmamba_jax" /tmp/pp/longmamba_jax
+ln -sfn "$PWD/evals" /tmp/pp/longmamba_evals
+export PYTHONPATH="/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PY:-python3}"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
+  2>&1 | tee "$OUT/device.txt"
+$PY -c "import jax, triton; print('jax', jax.__version__, jax.devices(), 'triton', triton.__version__)" \
+  2>&1 | tee -a "$OUT/device.txt"
+
+rc=0
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  $PY -m pytest tests/test_kernels.py -q -p no:cacheprovider -m "${PYTEST_MARK-gpu}" \
+    -o addopts="-ra --strict-markers" 2>&1 | tee "$OUT/pytest_gpu.log"
+  rc=${PIPESTATUS[0]}
+  echo "pytest exit code: $rc"
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  extra=()
+  [ -n "${SWEEP:-}" ] && extra+=(--sweep "$SWEEP")
+  [ "${MILLION:-1}" = 1 ] && extra+=(--million)
+  $PY evals/bench_scan.py --out "$OUT/scan_h100.json" "${extra[@]}" ${BENCH_ARGS:-} \
+    2>&1 | tee "$OUT/bench.log"
+  brc=${PIPESTATUS[0]}
+  echo "bench exit code: $brc"
+  [ "$brc" != 0 ] && rc=$brc
+fi
+exit "$rc"

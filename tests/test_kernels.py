@@ -1,0 +1,339 @@
+"""One shared suite for the scan kernels: implementation × named shape × dtype.
+
+Every implementation is compared with the sequential fp32 reference (output AND final state, by
+‖out − ref‖ / ‖ref‖ against `RTOL[dtype]`), NaN-free, with the LongMamba filter and an initial
+state on and off; the reference and the Pallas kernel are also checked against an independent
+float64 numpy loop. "pallas" runs through the Pallas interpreter on CPU; "pallas-gpu" is the same
+kernel compiled (marked `gpu`; `evals/run_gpu_kernel_tests.sh` runs it on the device machine).
+Small Pallas block sizes are used so that short sequences still span several chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longmamba_kernels.common import RTOL, filter_threshold
+from longmamba_kernels.selective_scan import selective_scan
+from longmamba_kernels.selective_scan_pallas import (
+    SelectiveScanPallasConfig,
+    selective_scan_pallas,
+)
+from longmamba_kernels.ssd import ssd
+from longmamba_kernels.ssd_pallas import SSDPallasConfig, ssd_pallas
+
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+gpu_only = pytest.mark.skipif(not HAS_GPU, reason="compiled Pallas kernels need a CUDA GPU")
+
+SSD_TEST_CONFIG = SSDPallasConfig(chunk=16, block_p=16)
+SS_TEST_CONFIG = SelectiveScanPallasConfig(block_e=8, block_t=4)
+
+IMPLS = [
+    "associative",
+    "pallas",
+    pytest.param("pallas-gpu", marks=[pytest.mark.gpu, gpu_only]),
+]
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+@dataclasses.dataclass(frozen=True)
+class SSDShape:
+    b: int
+    l: int
+    h: int
+    p: int
+    g: int
+    n: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SSShape:
+    b: int
+    l: int
+    e: int
+    n: int
+
+
+SSD_SHAPES = {
+    "T1": SSDShape(b=1, l=1, h=2, p=16, g=1, n=16),
+    "T63_groups2_p8_n16": SSDShape(b=2, l=63, h=4, p=8, g=2, n=16),
+    "T40_p16_n8": SSDShape(b=1, l=40, h=4, p=16, g=1, n=8),  # 40 % 16 != 0; p != n
+}
+SS_SHAPES = {
+    "T1": SSShape(b=1, l=1, e=8, n=16),
+    "T63": SSShape(b=2, l=63, e=20, n=12),  # e not a multiple of the block; n not a power of 2
+    "T34": SSShape(b=1, l=34, e=16, n=4),
+}
+
+
+def rel_err(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+def assert_close(out, ref, dtype, what):
+    out = np.asarray(out)
+    assert np.all(np.isfinite(out)), f"{what}: NaN or inf in output"
+    err = rel_err(out, ref)
+    tol = RTOL[jnp.dtype(dtype)]
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+
+
+# ----------------------------------------------------------------------------------- inputs
+def ssd_inputs(shape: SSDShape, dtype, seed=0, with_filter=True, with_init=True):
+    b, l, h, p, g, n = dataclasses.astuple(shape)
+    k = jax.random.split(jax.random.key(seed), 8)
+    x = jax.random.normal(k[0], (b, l, h, p)).astype(dtype)
+    dt = jax.nn.softplus(jax.random.normal(k[1], (b, l, h)) - 1.0)  # fp32 Δ
+    A = -jnp.exp(jax.random.uniform(k[2], (h,), minval=-1.0, maxval=1.5))
+    B = jax.random.normal(k[3], (b, l, g, n)).astype(dtype)
+    C = jax.random.normal(k[4], (b, l, g, n)).astype(dtype)
+    D = jax.random.normal(k[5], (h,))
+    s0 = jax.random.normal(k[6], (b, h, p, n)) if with_init else None
+    # Even heads global with a threshold near Δ's median (so about half the tokens are dropped).
+    filt = dict(dt_global=jnp.arange(h) % 2 == 0, dt_threshold=jnp.full((h,), 0.3))
+    return (x, dt, A, B, C, D), s0, (filt if with_filter else {})
+
+
+def ss_inputs(shape: SSShape, dtype, seed=0, with_filter=True, with_init=True):
+    b, l, e, n = dataclasses.astuple(shape)
+    k = jax.random.split(jax.random.key(seed), 8)
+    x = jax.random.normal(k[0], (b, l, e)).astype(dtype)
+    dt = jax.nn.softplus(jax.random.normal(k[1], (b, l, e)) - 1.0)
+    A = -jnp.exp(jax.random.uniform(k[2], (e, n), minval=-1.0, maxval=1.5))
+    B = jax.random.normal(k[3], (b, l, n)).astype(dtype)
+    C = jax.random.normal(k[4], (b, l, n)).astype(dtype)
+    D = jax.random.normal(k[5], (e,))
+    h0 = jax.random.normal(k[6], (b, e, n)) if with_init else None
+    filt = dict(dt_global=jnp.arange(e) % 2 == 0, dt_threshold=jnp.full((e,), 0.3))
+    return (x, dt, A, B, C, D), h0, (filt if with_filter else {})
+
+
+# ------------------------------------------------------------------------ implementations
+@functools.partial(jax.jit, static_argnames="impl")
+def _ssd_jnp(args, s0, filt, impl):
+    return ssd(*args, initial_state=s0, implementation=impl, chunk_size=16, **filt)
+
+
+@functools.partial(jax.jit, static_argnames="impl")
+def _ss_jnp(args, h0, filt, impl):
+    return selective_scan(*args, initial_state=h0, implementation=impl, **filt)
+
+
+def run_ssd(impl, args, s0, filt):
+    if impl == "reference" or impl == "associative":
+        return _ssd_jnp(args, s0, filt, impl=impl)
+    thr = filter_threshold(filt.get("dt_global"), filt.get("dt_threshold"), args[0].shape[2])
+    return ssd_pallas(
+        *args, initial_state=s0, threshold=thr, interpret=(impl == "pallas"),
+        config=SSD_TEST_CONFIG,
+    )
+
+
+def run_ss(impl, args, h0, filt):
+    if impl == "reference" or impl == "associative":
+        return _ss_jnp(args, h0, filt, impl=impl)
+    thr = filter_threshold(filt.get("dt_global"), filt.get("dt_threshold"), args[0].shape[-1])
+    return selective_scan_pallas(
+        *args, initial_state=h0, threshold=thr, interpret=(impl == "pallas"),
+        config=SS_TEST_CONFIG,
+    )
+
+
+# ------------------------------------------------------------- independent numpy (float64)
+def numpy_ssd(x, dt, A, B, C, D, s0, dt_global, dt_threshold):
+    x, dt, A, B, C, D = (np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+                         for a in (x, dt, A, B, C, D))
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    s = np.zeros((b, h, p, n)) if s0 is None else np.array(s0, np.float64)
+    y = np.zeros((b, l, h, p))
+    for t in range(l):
+        for hi in range(h):
+            d = dt[:, t, hi]
+            if dt_global is not None and bool(dt_global[hi]):
+                d = np.where(d <= float(dt_threshold[hi]), 0.0, d)
+            gi = hi // (h // g)
+            s[:, hi] = (np.exp(d * A[hi])[:, None, None] * s[:, hi]
+                        + (d[:, None] * x[:, t, hi])[:, :, None] * B[:, t, gi][:, None, :])
+            y[:, t, hi] = np.einsum("bpn,bn->bp", s[:, hi], C[:, t, gi]) + D[hi] * x[:, t, hi]
+    return y, s
+
+
+def numpy_ss(x, dt, A, B, C, D, h0, dt_global, dt_threshold):
+    x, dt, A, B, C, D = (np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+                         for a in (x, dt, A, B, C, D))
+    b, l, e = x.shape
+    n = A.shape[1]
+    hs = np.zeros((b, e, n)) if h0 is None else np.array(h0, np.float64)
+    glob = np.zeros(e, bool) if dt_global is None else np.asarray(dt_global, bool)
+    thr = np.zeros(e) if dt_threshold is None else np.asarray(dt_threshold, np.float64)
+    y = np.zeros((b, l, e))
+    for t in range(l):
+        d = np.where(glob & (dt[:, t] <= thr), 0.0, dt[:, t])  # [b, e]
+        hs = np.exp(d[..., None] * A) * hs + (d * x[:, t])[..., None] * B[:, t, None, :]
+        y[:, t] = np.einsum("ben,bn->be", hs, C[:, t]) + D * x[:, t]
+    return y, hs
+
+
+# -------------------------------------------------------------------------------- SSD tests
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", SSD_SHAPES, ids=str)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ssd_matches_reference(impl, shape, dtype):
+    args, s0, filt = ssd_inputs(SSD_SHAPES[shape], dtype)
+    y_ref, s_ref = run_ssd("reference", args, s0, filt)
+    y, s = run_ssd(impl, args, s0, filt)
+    assert y.dtype == jnp.float32 and s.dtype == jnp.float32  # precision policy (SPEC §7)
+    assert y.shape == y_ref.shape and s.shape == s_ref.shape
+    assert_close(y, y_ref, dtype, f"ssd {impl} y")
+    assert_close(s, s_ref, dtype, f"ssd {impl} final state")
+
+
+@pytest.mark.parametrize("with_filter,with_init", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ssd_filter_and_init_switches(impl, with_filter, with_init):
+    args, s0, filt = ssd_inputs(SSD_SHAPES["T40_p16_n8"], jnp.float32, seed=1,
+                                with_filter=with_filter, with_init=with_init)
+    y_ref, s_ref = run_ssd("reference", args, s0, filt)
+    y, s = run_ssd(impl, args, s0, filt)
+    assert_close(y, y_ref, jnp.float32, f"ssd {impl} y")
+    assert_close(s, s_ref, jnp.float32, f"ssd {impl} final state")
+
+
+@pytest.mark.parametrize("impl", ["reference", *IMPLS])
+def test_ssd_filtered_tokens_leave_global_state_unchanged(impl):
+    shape = SSD_SHAPES["T40_p16_n8"]
+    (x, dt, A, B, C, D), s0, filt = ssd_inputs(shape, jnp.float32, seed=2)
+    k = 23  # tokens k.. get Δ under the threshold: global heads must ignore them
+    dt = dt.at[:, k:].set(0.05)
+    y_full, s_full = run_ssd(impl, (x, dt, A, B, C, D), s0, filt)
+    _, s_prefix = run_ssd(impl, (x[:, :k], dt[:, :k], A, B[:, :k], C[:, :k], D), s0, filt)
+    glob = np.asarray(filt["dt_global"])
+    np.testing.assert_allclose(np.asarray(s_full)[:, glob], np.asarray(s_prefix)[:, glob],
+                               rtol=1e-5, atol=1e-6)
+    # Local heads still see those tokens (Δ = 0.05 > 0), so their state moves on.
+    assert rel_err(np.asarray(s_full)[:, ~glob], np.asarray(s_prefix)[:, ~glob]) > 1e-3
+    assert np.all(np.isfinite(np.asarray(y_full)))
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_ssd_matches_independent_numpy(impl):
+    shape = SSDShape(b=1, l=37, h=4, p=8, g=2, n=16)
+    args, s0, filt = ssd_inputs(shape, jnp.float32, seed=3)
+    y_np, s_np = numpy_ssd(*args, s0, filt["dt_global"], filt["dt_threshold"])
+    y, s = run_ssd(impl, args, s0, filt)
+    assert_close(y, y_np, jnp.float32, f"ssd {impl} y vs numpy")
+    assert_close(s, s_np, jnp.float32, f"ssd {impl} final state vs numpy")
+
+
+def test_ssd_public_entry_dispatches_to_pallas():
+    args, s0, filt = ssd_inputs(SSD_SHAPES["T63_groups2_p8_n16"], jnp.float32, seed=4)
+    y_ref, s_ref = run_ssd("reference", args, s0, filt)
+    y, s = ssd(*args, initial_state=s0, implementation="pallas", interpret=True, **filt)
+    assert_close(y, y_ref, jnp.float32, "ssd(implementation='pallas') y")
+    assert_close(s, s_ref, jnp.float32, "ssd(implementation='pallas') final state")
+
+
+def test_ssd_pallas_in_kernel_gram_matches_reference():
+    """precompute_cb=False computes C Bᵀ inside the kernel instead of one XLA matmul."""
+    args, s0, filt = ssd_inputs(SSD_SHAPES["T63_groups2_p8_n16"], jnp.bfloat16, seed=6)
+    y_ref, s_ref = run_ssd("reference", args, s0, filt)
+    thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], args[0].shape[2])
+    config = dataclasses.replace(SSD_TEST_CONFIG, precompute_cb=False)
+    y, s = ssd_pallas(*args, initial_state=s0, threshold=thr, interpret=True, config=config)
+    assert_close(y, y_ref, jnp.bfloat16, "ssd pallas (in-kernel C Bᵀ) y")
+    assert_close(s, s_ref, jnp.bfloat16, "ssd pallas (in-kernel C Bᵀ) final state")
+
+
+def test_ssd_pallas_config_rejects_bad_blocks():
+    with pytest.raises(ValueError, match="chunk"):
+        SSDPallasConfig(chunk=48)
+
+
+# --------------------------------------------------------------------- selective-scan tests
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", SS_SHAPES, ids=str)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_selective_scan_matches_reference(impl, shape, dtype):
+    args, h0, filt = ss_inputs(SS_SHAPES[shape], dtype)
+    y_ref, h_ref = run_ss("reference", args, h0, filt)
+    y, h = run_ss(impl, args, h0, filt)
+    assert y.dtype == jnp.float32 and h.dtype == jnp.float32
+    assert y.shape == y_ref.shape and h.shape == h_ref.shape
+    assert_close(y, y_ref, dtype, f"selective_scan {impl} y")
+    assert_close(h, h_ref, dtype, f"selective_scan {impl} final state")
+
+
+@pytest.mark.parametrize("with_filter,with_init", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_selective_scan_filter_and_init_switches(impl, with_filter, with_init):
+    args, h0, filt = ss_inputs(SS_SHAPES["T63"], jnp.float32, seed=1,
+                               with_filter=with_filter, with_init=with_init)
+    y_ref, h_ref = run_ss("reference", args, h0, filt)
+    y, h = run_ss(impl, args, h0, filt)
+    assert_close(y, y_ref, jnp.float32, f"selective_scan {impl} y")
+    assert_close(h, h_ref, jnp.float32, f"selective_scan {impl} final state")
+
+
+@pytest.mark.parametrize("impl", ["reference", *IMPLS])
+def test_selective_scan_filtered_tokens_leave_global_state_unchanged(impl):
+    (x, dt, A, B, C, D), h0, filt = ss_inputs(SS_SHAPES["T63"], jnp.float32, seed=2)
+    k = 29
+    dt = dt.at[:, k:].set(0.05)
+    y_full, h_full = run_ss(impl, (x, dt, A, B, C, D), h0, filt)
+    _, h_prefix = run_ss(impl, (x[:, :k], dt[:, :k], A, B[:, :k], C[:, :k], D), h0, filt)
+    glob = np.asarray(filt["dt_global"])
+    np.testing.assert_allclose(np.asarray(h_full)[:, glob], np.asarray(h_prefix)[:, glob],
+                               rtol=1e-5, atol=1e-6)
+    assert rel_err(np.asarray(h_full)[:, ~glob], np.asarray(h_prefix)[:, ~glob]) > 1e-3
+    assert np.all(np.isfinite(np.asarray(y_full)))
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_selective_scan_matches_independent_numpy(impl):
+    args, h0, filt = ss_inputs(SSShape(b=2, l=21, e=12, n=8), jnp.float32, seed=3)
+    y_np, h_np = numpy_ss(*args, h0, filt["dt_global"], filt["dt_threshold"])
+    y, h = run_ss(impl, args, h0, filt)
+    assert_close(y, y_np, jnp.float32, f"selective_scan {impl} y vs numpy")
+    assert_close(h, h_np, jnp.float32, f"selective_scan {impl} final state vs numpy")
+
+
+def test_selective_scan_public_entry_dispatches_to_pallas():
+    args, h0, filt = ss_inputs(SS_SHAPES["T34"], jnp.bfloat16, seed=4)
+    y_ref, h_ref = run_ss("reference", args, h0, filt)
+    y, h = selective_scan(*args, initial_state=h0, implementation="pallas", interpret=True,
+                          **filt)
+    assert_close(y, y_ref, jnp.bfloat16, "selective_scan(implementation='pallas') y")
+    assert_close(h, h_ref, jnp.bfloat16, "selective_scan(implementation='pallas') final state")
+
+
+# ------------------------------------------------------------ compiled, realistic tile sizes
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_ssd_pallas_gpu_default_blocks(dtype):
+    """Default block sizes on a mamba2-like head (p=64, n=128), length not a multiple of s."""
+    args, s0, filt = ssd_inputs(SSDShape(b=2, l=1000, h=8, p=64, g=2, n=128), dtype, seed=5)
+    y_ref, s_ref = run_ssd("reference", args, s0, filt)
+    thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], 8)
+    y, s = ssd_pallas(*args, initial_state=s0, threshold=thr)
+    assert_close(y, y_ref, dtype, "ssd pallas-gpu y")
+    assert_close(s, s_ref, dtype, "ssd pallas-gpu final state")
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_selective_scan_pallas_gpu_default_blocks(dtype):
+    args, h0, filt = ss_inputs(SSShape(b=2, l=1000, e=256, n=16), dtype, seed=5)
+    y_ref, h_ref = run_ss("reference", args, h0, filt)
+    thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], 256)
+    y, h = selective_scan_pallas(*args, initial_state=h0, threshold=thr)
+    assert_close(y, y_ref, dtype, "selective_scan pallas-gpu y")
+    assert_close(h, h_ref, dtype, "selective_scan pallas-gpu final state")
