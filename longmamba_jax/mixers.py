@@ -124,7 +124,7 @@ class Mamba1Mixer(nn.Module):
         x = _apply_mask(silu(x), mask).astype(pd)  # [b, l, e]
         dt_raw, B, C = jnp.split(Linear(r + 2 * n, False, pd, name="x_proj")(x), [r, r + n], -1)
         dt = DtProj(e, pd, name="dt_proj")(dt_raw)  # [b, l, e] fp32
-        dt = _apply_mask(dt[..., None], mask)[..., 0] if mask is not None else dt
+        dt = _apply_mask(dt, mask)
         A_log = self.param("A_log", lambda k, s: jnp.log(jnp.broadcast_to(
             jnp.arange(1, n + 1, dtype=f32), s)).astype(pd), (e, n))
         D = self.param("D", nn.initializers.ones, (e,), pd)
@@ -191,7 +191,7 @@ class Mamba2Mixer(nn.Module):
         lo, hi = cfg.dt_limit
         if (lo, hi) != (0.0, float("inf")):
             dt = jnp.clip(dt, lo, hi)
-        dt = _apply_mask(dt[..., None], mask)[..., 0] if mask is not None else dt
+        dt = _apply_mask(dt, mask)
         aux = MixerAux(dt=dt if capture_dt else None)
         if decimate is not None:
             aux.kept = decimation_indices(dt, *decimate)
