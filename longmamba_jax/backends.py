@@ -31,7 +31,7 @@ def _pallas_present() -> bool:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve_backend(name: str) -> ScanBackend:
     """Maps a user-facing backend name to the kernel implementation the mixers call."""
     if isinstance(name, ScanBackend):

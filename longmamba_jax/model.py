@@ -23,6 +23,7 @@ from longmamba_jax.layers import rms_norm
 from longmamba_jax.mixers import Block, ScanBackend
 
 f32 = jnp.float32
+DEFAULT_BACKEND = ScanBackend()
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["weights"],
@@ -135,7 +136,7 @@ def apply_model(
     mask=None,
     filters: LayerFilters | None = None,
     cache: Cache | None = None,
-    backend: ScanBackend = ScanBackend(),
+    backend: ScanBackend = DEFAULT_BACKEND,
     decimation: tuple[tuple[int, int, int], ...] = (),
     last_n: int | None = None,
     return_cache: bool = False,
@@ -221,7 +222,7 @@ def apply_model(
 
 
 def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto",
-            last_n: int | None = None, attention_mask=None):
+            last_n: int | None = None, attention_mask=None, return_positions: bool = False):
     """Logits of the model on `tokens`.
 
     Args:
@@ -230,17 +231,27 @@ def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto"
       method: None (vanilla), `LongMamba(...)` or `DeciMamba(...)`.
       backend: "auto" | "reference" | "associative" | "pallas" | "pallas-interpret".
       last_n: return logits for the last n positions only (saves memory on long prompts).
-      attention_mask: [b, l] 1/0, left padding only.
+      attention_mask: [b, l] 1/0, left padding only (not with DeciMamba).
+      return_positions: also return the original positions [b, l'] of the returned logits
+        (differs from arange only under DeciMamba, which drops tokens).
 
     Returns:
-      fp32 logits [b, l, padded_vocab] (or [b, last_n, ...]; with DeciMamba, the kept positions
-      — see `DeciMamba`).
+      fp32 logits [b, l', padded_vocab], where l' = l, or last_n, or the number of tokens
+      DeciMamba kept; with return_positions, (logits, positions).
     """
     tokens = _check_tokens(params, tokens)
     kwargs = method_kwargs(method, params.config, tokens.shape[1]) if method is not None else {}
+    if attention_mask is not None and "decimation" in kwargs:
+        raise ValueError("attention_mask (left padding) is not supported with DeciMamba")
     out = apply_model(params, tokens, mask=_mask(attention_mask, tokens), last_n=last_n,
                       backend=resolve_backend(backend), **kwargs)
-    return out.logits
+    if not return_positions:
+        return out.logits
+    positions = out.positions
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        positions = positions[:, -last_n:] if last_n is not None else positions
+    return out.logits, positions
 
 
 def method_kwargs(method, config: Config, seq_len: int) -> dict:
@@ -259,6 +270,13 @@ def _check_tokens(params: Params, tokens):
         raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
     if tokens.shape[1] == 0:
         raise ValueError("tokens is empty (length 0)")
+    if not isinstance(tokens, jax.core.Tracer):
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= params.config.padded_vocab_size:
+            raise ValueError(
+                f"token ids must be in [0, {params.config.padded_vocab_size}) for this model; "
+                f"got ids in [{low}, {high}] (is the tokenizer the model's?)"
+            )
     return tokens.astype(jnp.int32)
 
 

@@ -1,0 +1,139 @@
+"""Training-free context extension: LongMamba (SPEC §3.2) and DeciMamba (SPEC §4).
+
+A method turns a prompt length into extra inputs of `apply_model` (`model_kwargs`), so every
+backend applies it inside the same compiled forward:
+
+- LongMamba: per-layer arrays (is_global [n_layer, C], threshold [n_layer, C]); in global
+  channels Δ_eff = Δ if Δ > scale·θ_S else 0, everywhere Δ enters the scan. Off (no extra inputs,
+  bit-identical to vanilla) when S <= min_len or when no channel is global.
+- DeciMamba: a static plan ((layer, keep, keep_last), ...); in each decimating layer only the
+  `keep` tokens with the largest ‖Δ‖₂ (plus the last keep_last) continue, in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from longmamba_jax.config import Config
+from longmamba_jax.model import LayerFilters
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LongMamba:
+    """LongMamba filtering of low-Δ tokens in the global channels.
+
+    Args:
+      calibration: a `Calibration` of this model (see `longmamba_jax.calibrate`).
+      channel_threshold: c_thr; channels whose decay fraction tA_prod exceeds it are global.
+      scale: b; a token is kept in a global channel when Δ > b·θ_S.
+      min_len: filtering is on only for prompts longer than this (default: the calibration's
+        train_len; the published code used 3,000 for train_len 2,000). Must be >= train_len.
+      filter_decode: also filter decode steps, with θ for the final length (prompt +
+        max_new_tokens, computed once before the decode loop); off as published.
+    """
+
+    calibration: object
+    channel_threshold: float = 0.05
+    scale: float = 1.0
+    min_len: int | None = None
+    filter_decode: bool = False
+
+    def __post_init__(self):
+        train_len = self.calibration.train_len
+        if self.min_len is not None and self.min_len < train_len:
+            raise ValueError(
+                f"LongMamba min_len={self.min_len} is below the calibration's train_len="
+                f"{train_len}: thresholds exist only for lengths beyond train_len"
+            )
+        if self.scale <= 0:
+            raise ValueError(f"LongMamba scale must be positive, got {self.scale}")
+
+    @property
+    def switch_on_len(self) -> int:
+        return self.calibration.train_len if self.min_len is None else self.min_len
+
+    def active(self, seq_len: int) -> bool:
+        return seq_len > self.switch_on_len
+
+    def layer_filters(self, config: Config, seq_len: int) -> LayerFilters | None:
+        """The filter arrays for prompt length seq_len, or None when filtering is off."""
+        cal = self.calibration
+        cal.check_compatible(config.fingerprint, config.n_layer, [config.channels] * config.n_layer)
+        if not self.active(seq_len):
+            return None
+        is_global = np.stack([np.asarray(g, bool)
+                              for g in cal.global_channels(self.channel_threshold)])
+        if not is_global.any():
+            return None
+        theta = np.stack([np.asarray(t, np.float64) for t in cal.thresholds(int(seq_len))])
+        return LayerFilters(jnp.asarray(is_global), jnp.asarray(self.scale * theta, jnp.float32))
+
+    def model_kwargs(self, config: Config, seq_len: int) -> dict:
+        filters = self.layer_filters(config, seq_len)
+        return {} if filters is None else {"filters": filters}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeciMamba:
+    """DeciMamba token decimation.
+
+    In decimating layer l_s (s = its index in `layers`), with L the length entering it, keep
+    P_s = max(min(L − keep_last, ⌊L_base·β^s⌋), min_seq_len) tokens (capped at L − keep_last)
+    of the first L − keep_last by ‖Δ‖₂ over channels, in order, plus the last keep_last. Later
+    layers and the residual stream see only the kept tokens, so `forward` returns logits for the
+    kept positions (the last keep_last are always among them, last); `forward(...,
+    return_positions=True)` also gives their original positions.
+
+    Args:
+      layers: decimating layer indices (ascending, distinct).
+      L_base: the base number of kept tokens.
+      beta: decay of the kept count per decimating layer, in (0, 1].
+      min_seq_len: never keep fewer than this many tokens.
+      keep_last: trailing tokens never dropped (the question / the labels).
+    """
+
+    layers: tuple[int, ...]
+    L_base: int
+    beta: float = 0.5
+    min_seq_len: int = 20
+    keep_last: int = 1
+
+    def __post_init__(self):
+        layers = tuple(int(i) for i in self.layers)
+        object.__setattr__(self, "layers", layers)
+        if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
+            raise ValueError(f"DeciMamba layers must be distinct ascending indices, got {layers}")
+        if not 0 < self.beta <= 1:
+            raise ValueError(f"DeciMamba beta must be in (0, 1], got {self.beta}")
+        if self.L_base < 1 or self.min_seq_len < 1 or self.keep_last < 0:
+            raise ValueError(
+                f"DeciMamba needs L_base >= 1, min_seq_len >= 1, keep_last >= 0; got "
+                f"{self.L_base}, {self.min_seq_len}, {self.keep_last}"
+            )
+
+    def plan(self, config: Config, seq_len: int) -> tuple[tuple[int, int, int], ...]:
+        """((layer, keep, keep_last), ...) for a prompt of seq_len tokens; layers where nothing
+        would be dropped are left out."""
+        if self.layers[-1] >= config.n_layer:
+            raise ValueError(f"DeciMamba layer {self.layers[-1]} does not exist (the model has "
+                             f"{config.n_layer} layers)")
+        if seq_len < self.keep_last:
+            raise ValueError(f"DeciMamba keep_last={self.keep_last} exceeds the prompt length "
+                             f"{seq_len}")
+        out, length = [], seq_len
+        for s, layer in enumerate(self.layers):
+            head = length - self.keep_last
+            keep = max(min(head, math.floor(self.L_base * self.beta**s)), self.min_seq_len)
+            keep = min(keep, head)
+            if keep < head:
+                out.append((layer, keep, self.keep_last))
+                length = keep + self.keep_last
+        return tuple(out)
+
+    def model_kwargs(self, config: Config, seq_len: int) -> dict:
+        plan = self.plan(config, seq_len)
+        return {"decimation": plan} if plan else {}
