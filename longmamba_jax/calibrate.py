@@ -1,0 +1,136 @@
+"""LongMamba calibration, recording side (SPEC §3.1): run the model on windows of `train_len`
+tokens taken evenly across a token stream, record Δ of every layer (after softplus), and hand
+them to `Calibration.from_deltas` (the pure math).
+
+CLI:
+    python -m longmamba_jax.calibrate --model SRC --text FILE --tokenizer NAME_OR_DIR|bytes \\
+        --train-len N --out FILE [--num-windows 100] [--clamp-top 0.10] [--aggregate mean]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longmamba_jax.backends import resolve_backend
+from longmamba_jax.calibration import Calibration
+from longmamba_jax.config import Mamba2Config
+from longmamba_jax.model import Params, apply_model
+
+
+def window_starts(n_tokens: int, train_len: int, num_windows: int) -> np.ndarray:
+    """Start offsets of `num_windows` windows of `train_len` spread evenly over the stream."""
+    if n_tokens < train_len:
+        raise ValueError(f"the token stream has {n_tokens} tokens, fewer than train_len="
+                         f"{train_len}")
+    if num_windows < 1:
+        raise ValueError(f"num_windows must be >= 1, got {num_windows}")
+    return np.linspace(0, n_tokens - train_len, num_windows).round().astype(np.int64)
+
+
+def layer_A(params: Params) -> list[np.ndarray]:
+    """A = −exp(A_log) per layer: [channels] (Mamba2) or [channels, d_state] (Mamba-1)."""
+    a_log = np.asarray(params.weights["layers"]["mixer"]["A_log"], np.float32)
+    return [-np.exp(a) for a in a_log]
+
+
+def record_deltas(params: Params, tokens, *, train_len: int, num_windows: int = 100,
+                  backend: str = "auto", batch_size: int = 4,
+                  progress: bool = True) -> list[np.ndarray]:
+    """Δ of every layer on each window: a list over layers of [windows, train_len, channels]."""
+    stream = np.asarray(tokens).reshape(-1)
+    starts = window_starts(stream.shape[0], train_len, num_windows)
+    impl = resolve_backend(backend)
+    cfg = params.config
+    out = [np.empty((num_windows, train_len, cfg.channels), np.float32)
+           for _ in range(cfg.n_layer)]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=num_windows, desc="calibration windows", unit="window",
+               disable=not progress)
+    for i in range(0, num_windows, batch_size):
+        batch = np.stack([stream[s : s + train_len] for s in starts[i : i + batch_size]])
+        dt = apply_model(params, jnp.asarray(batch, jnp.int32), backend=impl, capture_dt=True,
+                         last_n=1).dt  # [n_layer, w, l, C]
+        dt = np.asarray(jax.device_get(dt))
+        for layer in range(cfg.n_layer):
+            out[layer][i : i + len(batch)] = dt[layer]
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
+              clamp_top: float = 0.10, aggregate: str = "mean", backend: str = "auto",
+              batch_size: int = 4, progress: bool = True) -> Calibration:
+    """LongMamba calibration of `params` on a 1-D token stream (SPEC §3.1).
+
+    Args:
+      params: the model.
+      tokens: 1-D int token ids of ordinary text (any tokenizer's).
+      train_len: the model's training context L_train (window length).
+      num_windows: windows taken evenly across the stream (100 as published).
+      clamp_top: ρ; Δ is clamped at its k-th largest value, k = max(1, ⌊ρ·train_len⌋).
+      aggregate: "mean" (published `avg`) or "max" over windows.
+      backend: scan backend for the recording runs.
+      batch_size: windows per forward pass.
+
+    Returns:
+      a `Calibration` matched to this model's config (fingerprint, layers, channels).
+    """
+    deltas = record_deltas(params, tokens, train_len=train_len, num_windows=num_windows,
+                           backend=backend, batch_size=batch_size, progress=progress)
+    cfg = params.config
+    return Calibration.from_deltas(
+        deltas, layer_A(params), train_len=train_len, clamp_top=clamp_top, aggregate=aggregate,
+        fingerprint=cfg.fingerprint,
+        model_info={"arch": cfg.arch, "n_layer": cfg.n_layer, "channels": cfg.channels,
+                    "kind": "heads" if isinstance(cfg, Mamba2Config) else "channels"},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m longmamba_jax.calibrate",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    parser.add_argument("--text", required=True, help="a long plain-text file")
+    parser.add_argument("--tokenizer", required=True,
+                        help="'bytes' or a local Hugging Face tokenizer directory / name")
+    parser.add_argument("--train-len", type=int, required=True)
+    parser.add_argument("--out", required=True, help="calibration file to write (.npz)")
+    parser.add_argument("--num-windows", type=int, default=100)
+    parser.add_argument("--clamp-top", type=float, default=0.10)
+    parser.add_argument("--aggregate", choices=("mean", "max"), default="mean")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args(argv)
+
+    from longmamba_jax.loading import load
+    from longmamba_jax.tokenizer import load_tokenizer
+
+    try:
+        params = load(args.model)
+        tokenizer = load_tokenizer(args.tokenizer)
+        with open(args.text, encoding="utf-8", errors="replace") as f:
+            tokens = np.asarray(tokenizer.encode(f.read()), np.int64)
+        print(f"{args.text}: {tokens.size} tokens; {args.num_windows} windows of "
+              f"{args.train_len}", file=sys.stderr)
+        cal = calibrate(params, tokens, train_len=args.train_len, num_windows=args.num_windows,
+                        clamp_top=args.clamp_top, aggregate=args.aggregate,
+                        backend=args.backend, batch_size=args.batch_size)
+        cal.save(args.out)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    n_global = sum(int(np.sum(g)) for g in cal.global_channels(0.05))
+    print(f"wrote {args.out}: {params.config.n_layer} layers, {n_global} global channels "
+          f"(tA_prod > 0.05)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
