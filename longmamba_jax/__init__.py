@@ -11,9 +11,13 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from longmamba_jax.backends import BACKENDS, resolve_backend
+from longmamba_jax.calibrate import calibrate
+from longmamba_jax.calibration import Calibration
 from longmamba_jax.checkpoint import CheckpointError
 from longmamba_jax.config import ConfigError, Mamba2Config, MambaConfig
+from longmamba_jax.generate import decode_step, generate, prefill
 from longmamba_jax.loading import load
+from longmamba_jax.methods import DeciMamba, LongMamba
 from longmamba_jax.model import Cache, Params, apply_model, empty_cache, forward, init_params
 
 try:
@@ -22,6 +26,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "BACKENDS", "Cache", "CheckpointError", "ConfigError", "Mamba2Config", "MambaConfig",
-    "Params", "apply_model", "empty_cache", "forward", "init_params", "load", "resolve_backend",
+    "apply_model", "BACKENDS", "Cache", "calibrate", "Calibration", "CheckpointError",
+    "ConfigError", "DeciMamba", "decode_step", "empty_cache", "forward", "generate",
+    "init_params", "load", "LongMamba", "Mamba2Config", "MambaConfig", "Params", "prefill",
+    "resolve_backend",
 ]
