@@ -55,7 +55,7 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header)")
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         header_len = int.from_bytes(raw, "little")
         if header_len <= 0 or 8 + header_len > size or header_len > 100_000_000:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
