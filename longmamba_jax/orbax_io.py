@@ -1,0 +1,286 @@
+"""The converter's output format: an Orbax checkpoint of the weights plus our config and a manifest.
+
+    DIR/longmamba_config.json   {"format": ..., "format_version": 1, "dtype": ..., "config": {...}}
+    DIR/params/                 Orbax (StandardCheckpointer) checkpoint of `Params.weights`
+    DIR/manifest.json           where the weights came from (source, revision, sha256 of the
+                                input files, dtype, library version, config fingerprint, ...)
+
+`longmamba_config.json` is written last, so a directory without it is never mistaken for a
+complete conversion (`longmamba_jax.load` dispatches on it). `atomic_directory` gives writers
+an all-or-nothing output directory: everything is written into a temporary directory beside the
+target and renamed into place only when the writer finished without error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longmamba_jax.checkpoint import CheckpointError, expected_shapes
+from longmamba_jax.config import ConfigError, from_dict
+
+CONVERTED_CONFIG = "longmamba_config.json"
+PARAMS_DIR = "params"
+MANIFEST = "manifest.json"
+FORMAT = "longmamba-jax-converted"
+FORMAT_VERSION = 1
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+def save_converted(params, out_dir, *, manifest: dict) -> Path:
+    """Writes `params` as a converted checkpoint into `out_dir`.
+
+    Args:
+      params: `Params` (weights + config).
+      out_dir: a directory that does not exist yet or is empty. For all-or-nothing output, pass
+        the temporary directory of `atomic_directory`.
+      manifest: JSON-able provenance (source, revision, input sha256s, ...); `format_version`,
+        `dtype` and `config_fingerprint` are added.
+
+    Returns:
+      The output directory.
+    """
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir}: exists and is not an empty directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = params.config
+    dtype = str(np.dtype(params.dtype))
+    with _checkpointer(params.weights) as checkpointer:
+        checkpointer.save(out_dir / PARAMS_DIR, params.weights)
+    write_manifest(out_dir, {**manifest, "format_version": FORMAT_VERSION, "dtype": dtype,
+                             "config_fingerprint": config.fingerprint})
+    _write_json(out_dir / CONVERTED_CONFIG, {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype,
+        "config": config.to_dict(),
+    })
+    return out_dir
+
+
+def write_manifest(directory, manifest: dict) -> None:
+    """(Re)writes `directory/manifest.json` (e.g. to add the verification result)."""
+    _write_json(Path(directory) / MANIFEST, manifest)
+
+
+def _checkpointer(tree):
+    """A StandardCheckpointer that moves about one large array at a time.
+
+    Orbax copies each array to host memory while writing it (and stages each array while
+    reading it), so unbounded concurrency holds a second copy of the whole model (≈ 2× the
+    weights at mamba2-1.3b's size). Its limiter refuses a single request above the limit, so
+    the limit is the largest array, rounded up to whole GB.
+    """
+    import orbax.checkpoint as ocp
+
+    largest = max((leaf.size * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)),
+                  default=0)
+    limit_gb = max(1, math.ceil(largest / 1e9))
+    return ocp.StandardCheckpointer(save_concurrent_gb=limit_gb, restore_concurrent_gb=limit_gb)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+def read_converted_config(directory):
+    """(config, stored dtype name) from `directory/longmamba_config.json`."""
+    directory = Path(directory)
+    path = directory / CONVERTED_CONFIG
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such directory")
+    if not path.exists():
+        raise CheckpointError(f"{directory}: not a converted checkpoint (no {CONVERTED_CONFIG})")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a longmamba-jax converted config "
+                              f"(expected \"format\": {FORMAT!r})")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported (this "
+                              f"version of longmamba-jax reads {FORMAT_VERSION})")
+    try:
+        config = from_dict(raw.get("config"), source=f"{path} (config)")
+    except (ConfigError, TypeError) as exc:
+        msg = str(exc)
+        raise CheckpointError(msg if str(path) in msg else f"{path}: {msg}") from None
+    dtype = raw.get("dtype")
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"{path}: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    return config, np.dtype(_DTYPES[dtype])
+
+
+def load_converted(directory, dtype=None):
+    """Loads the output of `save_converted` / `python -m convert` as `Params`.
+
+    Args:
+      directory: the converted checkpoint directory.
+      dtype: None keeps the stored dtype; jnp.float32 / jnp.bfloat16 casts while restoring.
+
+    Raises:
+      FileNotFoundError: `directory` does not exist.
+      CheckpointError: the directory is incomplete or corrupt (the message names the file).
+    """
+    from longmamba_jax.model import Params
+
+    directory = Path(directory).absolute()
+    config, stored = read_converted_config(directory)
+    params_dir = directory / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{directory}: missing the weights directory {PARAMS_DIR}/")
+    target_dtype = np.dtype(dtype) if dtype is not None else stored
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target: dict = {}
+    for path, shape in expected_shapes(config).items():
+        node = target
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jax.ShapeDtypeStruct(shape, target_dtype, sharding=sharding)
+    try:
+        with _checkpointer(target) as checkpointer:
+            _check_stored_shapes(checkpointer, params_dir, target)
+            weights = checkpointer.restore(params_dir, target)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Orbax/tensorstore raise many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{params_dir}: cannot restore the weights (corrupt, incomplete, or not written for "
+            f"the config in {CONVERTED_CONFIG}): {first}"
+        ) from None
+    return Params(_plain_dicts(weights), config)
+
+
+def _flat(tree, prefix=()):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flat(value, prefix + (key,))
+    else:
+        yield prefix, tree
+
+
+def _check_stored_shapes(checkpointer, params_dir: Path, target: dict) -> None:
+    """Compares the stored array metadata with what the config implies, naming the parameter.
+
+    Orbax reports the same problem as an opaque error from inside an async restore; this says
+    which parameter and leaves nothing running. Metadata that cannot be read is left to the
+    restore to report.
+    """
+    try:
+        meta = checkpointer.metadata(params_dir)
+        meta = getattr(meta, "item_metadata", meta)  # orbax >= 0.12: StepMetadata
+        meta = getattr(meta, "tree", meta)  # TreeMetadata
+        stored = {path: tuple(leaf.shape) for path, leaf in _flat(dict(meta))}
+    except Exception:  # noqa: BLE001 - any metadata problem: let restore report it
+        return
+    wanted = {path: tuple(leaf.shape) for path, leaf in _flat(target)}
+    for path, shape in wanted.items():
+        name = "/".join(path)
+        if path not in stored:
+            raise CheckpointError(f"{params_dir}: parameter {name} is missing")
+        if stored[path] != shape:
+            raise CheckpointError(f"{params_dir}: parameter {name} has shape {stored[path]} but "
+                                  f"the config in {CONVERTED_CONFIG} implies {shape}")
+    extra = sorted("/".join(p) for p in set(stored) - set(wanted))
+    if extra:
+        raise CheckpointError(f"{params_dir}: unexpected parameter {extra[0]} for the config in "
+                              f"{CONVERTED_CONFIG}")
+
+
+def _plain_dicts(tree):
+    if isinstance(tree, dict):
+        return {k: _plain_dicts(v) for k, v in tree.items()}
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# All-or-nothing output directories.
+
+def _replaceable(path: Path) -> bool:
+    """Whether --force may replace `path`: an empty directory or one of our outputs."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return not names or CONVERTED_CONFIG in names or "config.json" in names
+
+
+def check_output_dir(out, *, force: bool = False) -> None:
+    """Raises FileExistsError unless `out` is free, or `force` and `out` may be replaced."""
+    out = Path(out).absolute()
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise FileExistsError(f"{out}: already exists (pass --force / force=True to replace "
+                                  "it)")
+        if not _replaceable(out):
+            raise FileExistsError(
+                f"{out}: exists and is not an empty directory or a previous conversion; refusing "
+                "to replace it even with --force"
+            )
+
+
+@contextlib.contextmanager
+def atomic_directory(out, *, force: bool = False) -> Iterator[Path]:
+    """Yields a temporary directory beside `out`; on success it becomes `out`.
+
+    On any exception (including KeyboardInterrupt) the temporary directory is removed and `out`
+    is left exactly as it was. An existing `out` is refused unless `force`, and then replaced
+    only after the writer succeeded (and only if it is an empty directory or a previous
+    conversion / export, never an arbitrary directory or a file).
+
+    Raises:
+      FileExistsError: `out` exists and `force` is off, or it cannot be replaced safely.
+    """
+    out = Path(out).absolute()
+    check_output_dir(out, force=force)
+    created = []
+    parent = out.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary dir
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for directory in created:  # deepest first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
