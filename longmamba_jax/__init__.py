@@ -15,6 +15,7 @@ from longmamba_jax.calibrate import calibrate
 from longmamba_jax.calibration import Calibration
 from longmamba_jax.checkpoint import CheckpointError
 from longmamba_jax.config import ConfigError, Mamba2Config, MambaConfig
+from longmamba_jax.export import export_torch
 from longmamba_jax.generate import decode_step, generate, prefill
 from longmamba_jax.loading import load
 from longmamba_jax.methods import DeciMamba, LongMamba
@@ -27,7 +28,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "apply_model", "BACKENDS", "Cache", "calibrate", "Calibration", "CheckpointError",
-    "ConfigError", "DeciMamba", "decode_step", "empty_cache", "forward", "generate",
+    "ConfigError", "DeciMamba", "decode_step", "empty_cache", "export_torch", "forward", "generate",
     "init_params", "load", "LongMamba", "Mamba2Config", "MambaConfig", "Params", "prefill",
     "resolve_backend",
 ]

@@ -281,51 +281,53 @@ def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
     seen_dtypes = set()
     lm_head_tied = None
     bar = _progress(progress, files)
-    for path_file, key, array in iter_tensors(files):
-        bar.update(1)
-        hit = _match(rules, key)
-        if hit is None:
-            raise CheckpointError(f"{path_file}: unexpected key {key!r} (not part of a "
-                                  f"{config.arch} model in the {schema} layout)")
-        path, layer, transform = hit
-        if path == ("lm_head", "kernel") and config.tie_embeddings:
-            lm_head_tied = (path_file, array)  # mamba_ssm saves the tied head too; checked below
-            continue
-        if path not in shapes:
-            raise CheckpointError(f"{path_file}: unexpected key {key!r} for this config "
-                                  f"(e.g. a bias the config does not have)")
-        want = shapes[path]
-        if layer is not None:
-            if layer >= n_layer:
-                raise CheckpointError(f"{path_file}: key {key!r} is for layer {layer} but the "
-                                      f"config has n_layer={n_layer}")
-            want_one = want[1:]
-        else:
-            want_one = want
-        try:
-            value = transform(array)
-        except ValueError as exc:
-            raise CheckpointError(f"{path_file}: key {key!r}: {exc}") from None
-        if tuple(value.shape) != want_one:
-            raise CheckpointError(
-                f"{path_file}: key {key!r} has shape {tuple(array.shape)}, but the config "
-                f"({directory / CONFIG_FILE}) implies {_torch_shape(path, want_one)}"
-            )
-        seen_dtypes.add(np.dtype(array.dtype))
-        target = np.dtype(dtype) if dtype is not None else None
-        if path not in buffers:
-            buf_dtype = target or np.dtype(array.dtype)
-            buffers[path] = np.empty(want, buf_dtype)
-            filled[path] = np.zeros((n_layer if layer is not None else 1,), bool)
-        slot = layer if layer is not None else 0
-        if filled[path][slot]:
-            raise CheckpointError(f"{path_file}: key {key!r} appears twice")
-        if layer is not None:
-            buffers[path][layer] = value.astype(buffers[path].dtype, copy=False)
-        else:
-            buffers[path][...] = value.astype(buffers[path].dtype, copy=False)
-        filled[path][slot] = True
-    bar.close()
+    try:
+        for path_file, key, array in iter_tensors(files):
+            bar.update(1)
+            hit = _match(rules, key)
+            if hit is None:
+                raise CheckpointError(f"{path_file}: unexpected key {key!r} (not part of a "
+                                      f"{config.arch} model in the {schema} layout)")
+            path, layer, transform = hit
+            if path == ("lm_head", "kernel") and config.tie_embeddings:
+                lm_head_tied = (path_file, array)  # mamba_ssm saves tied heads too; checked below
+                continue
+            if path not in shapes:
+                raise CheckpointError(f"{path_file}: unexpected key {key!r} for this config "
+                                      f"(e.g. a bias the config does not have)")
+            want = shapes[path]
+            if layer is not None:
+                if layer >= n_layer:
+                    raise CheckpointError(f"{path_file}: key {key!r} is for layer {layer} but the "
+                                          f"config has n_layer={n_layer}")
+                want_one = want[1:]
+            else:
+                want_one = want
+            try:
+                value = transform(array)
+            except ValueError as exc:
+                raise CheckpointError(f"{path_file}: key {key!r}: {exc}") from None
+            if tuple(value.shape) != want_one:
+                raise CheckpointError(
+                    f"{path_file}: key {key!r} has shape {tuple(array.shape)}, but the config "
+                    f"({directory / CONFIG_FILE}) implies {_torch_shape(path, want_one)}"
+                )
+            seen_dtypes.add(np.dtype(array.dtype))
+            target = np.dtype(dtype) if dtype is not None else None
+            if path not in buffers:
+                buf_dtype = target or np.dtype(array.dtype)
+                buffers[path] = np.empty(want, buf_dtype)
+                filled[path] = np.zeros((n_layer if layer is not None else 1,), bool)
+            slot = layer if layer is not None else 0
+            if filled[path][slot]:
+                raise CheckpointError(f"{path_file}: key {key!r} appears twice")
+            if layer is not None:
+                buffers[path][layer] = value.astype(buffers[path].dtype, copy=False)
+            else:
+                buffers[path][...] = value.astype(buffers[path].dtype, copy=False)
+            filled[path][slot] = True
+    finally:
+        bar.close()
     missing = []
     for path in shapes:
         if path not in filled:

@@ -348,8 +348,11 @@ def from_dict(cfg: dict, source: str = "config.json") -> Config:
         unknown = set(cfg) - fields - {"arch"}
         if unknown:
             raise ConfigError(f"{source}: unknown keys {sorted(unknown)} for {cfg['arch']}")
-        return kind(**{k: (_limit(v, k, source) if k == "dt_limit" else v)
-                       for k, v in cfg.items() if k != "arch"})
+        try:
+            return kind(**{k: (_limit(v, k, source) if k == "dt_limit" else v)
+                           for k, v in cfg.items() if k != "arch"})
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     if "model_type" in cfg:
         return from_hf_config(cfg, source)
     if "d_model" in cfg and "n_layer" in cfg:
