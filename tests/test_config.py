@@ -1,0 +1,90 @@
+"""Configs from both checkpoint schemas, and the precision policy (SPEC §2, §5, §7)."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import longmamba_jax as lmj
+from longmamba_jax.config import ConfigError, from_dict
+from longmamba_jax.model import apply_model
+
+NATIVE_M2 = {"d_model": 2048, "d_intermediate": 0, "n_layer": 48, "vocab_size": 50277,
+             "ssm_cfg": {"layer": "Mamba2"}, "attn_layer_idx": [], "attn_cfg": {},
+             "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+             "pad_vocab_size_multiple": 16, "tie_embeddings": True}
+
+
+def test_native_mamba2_defaults_and_padding():
+    cfg = from_dict(NATIVE_M2)
+    assert isinstance(cfg, lmj.Mamba2Config)
+    assert (cfg.d_state, cfg.headdim, cfg.expand, cfg.ngroups, cfg.d_conv, cfg.chunk_size) == \
+        (128, 64, 2, 1, 4, 256)
+    assert cfg.padded_vocab_size == 50288 and cfg.nheads == 64 and cfg.channels == 64
+    assert cfg.dt_limit == (0.0, math.inf) and cfg.tie_embeddings
+
+
+def test_native_mamba1_defaults():
+    cfg = from_dict({"d_model": 768, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {},
+                     "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+                     "pad_vocab_size_multiple": 8})
+    assert isinstance(cfg, lmj.MambaConfig)
+    assert (cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank) == (16, 4, 2, 48)
+    assert cfg.padded_vocab_size == 50280 and cfg.channels == 1536
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"d_intermediate": 4096}, "d_intermediate"),
+    ({"attn_layer_idx": [3]}, "attention layers"),
+    ({"rms_norm": False}, "rms_norm"),
+    ({"ssm_cfg": {"layer": "Mamba2", "rmsnorm": False}}, "rmsnorm"),
+    ({"ssm_cfg": {"layer": "Mamba2", "norm_before_gate": True}}, "norm_before_gate"),
+    ({"ssm_cfg": {"layer": "Mamba2", "headdim": 48}}, "headdim"),
+    ({"ssm_cfg": {"layer": "Mamba3"}}, "Mamba3"),
+    ({"ssm_cfg": {"layer": "Mamba2", "flux": 1}}, "flux"),
+    ({"surprise": 1}, "surprise"),
+])
+def test_native_unsupported_or_invalid_fails_with_the_key(change, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict({**NATIVE_M2, **change}, source="ckpt/config.json")
+
+
+def test_transformers_schema_and_inf_encoding():
+    cfg = from_dict({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2,
+                     "vocab_size": 100, "state_size": 16, "head_dim": 32, "num_heads": 4,
+                     "n_groups": 2, "time_step_limit": [0.0, {"__float__": "Infinity"}],
+                     "tie_word_embeddings": False})
+    assert cfg.dt_limit == (0.0, math.inf) and cfg.ngroups == 2 and not cfg.tie_embeddings
+    assert cfg.padded_vocab_size == 100  # transformers stores the embedding at its final size
+    with pytest.raises(ConfigError, match="num_heads=5"):
+        from_dict({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2,
+                   "vocab_size": 100, "head_dim": 32, "num_heads": 5, "n_groups": 1})
+    with pytest.raises(ConfigError, match="model_type='llama'"):
+        from_dict({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
+                   "vocab_size": 10})
+    with pytest.raises(ConfigError, match="unknown config schema"):
+        from_dict({"hidden": 3})
+
+
+@pytest.mark.parametrize("cfg", [lmj.Mamba2Config.tiny(), lmj.MambaConfig.tiny(dt_rank=3)])
+def test_own_schema_round_trip(cfg):
+    back = from_dict(cfg.to_dict())
+    assert back == cfg and back.fingerprint == cfg.fingerprint
+
+
+@pytest.mark.parametrize("cfg", [lmj.Mamba2Config.tiny(ngroups=2, d_state=4, headdim=8),
+                                 lmj.MambaConfig.tiny()])
+def test_precision_policy_bf16_params(cfg):
+    """bf16 parameters; Δ, the SSM/conv state and logits are fp32; no NaN."""
+    params = lmj.init_params(cfg, seed=0, dtype=jnp.bfloat16)
+    leaves = [leaf.dtype for leaf in __import__("jax").tree.leaves(params.weights)]
+    assert set(leaves) == {jnp.dtype(jnp.bfloat16)}
+    tokens = np.arange(12)[None] % cfg.vocab_size
+    out = apply_model(params, tokens, return_cache=True, capture_dt=True)
+    assert out.logits.dtype == jnp.float32
+    assert out.dt.dtype == jnp.float32
+    assert out.cache.ssm.dtype == jnp.float32 and out.cache.conv.dtype == jnp.float32
+    assert np.isfinite(np.asarray(out.logits)).all()
