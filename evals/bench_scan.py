@@ -94,70 +94,58 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _measure(op, shape_fields, kernel, kernel_f, fallback, args, thr, length, bw,
+             fallback_max_len, rows):
+    """Times one op with and without the filter (and the jnp fallback when short enough) and
+    appends a row: kernel vs floor (each input read once, each output written once)."""
+    x, dt, A, B, C, D = args
+    y, state = kernel(*args)
+    floor_bytes = nbytes(x, dt, B, C) + nbytes(y, state)
+    t_k, _ = time_fn(kernel, *args)
+    t_f, _ = time_fn(kernel_f, *args, thr)
+    y_f, _ = kernel_f(*args, thr)
+    row = dict(
+        op=op, length=length, **shape_fields, dtype="bfloat16",
+        kernel_ms=t_k * 1e3, kernel_filtered_ms=t_f * 1e3,
+        filter_overhead_pct=(t_f / t_k - 1) * 100,
+        floor_ms=floor_bytes / bw * 1e3, floor_bytes=floor_bytes,
+        nan_free=bool(jnp.isfinite(y).all() and jnp.isfinite(y_f).all()),
+    )
+    if length <= fallback_max_len:
+        t_x, _ = time_fn(fallback, *args, reps=3, batches=3)
+        y_x, s_x = fallback(*args)
+        row.update(fallback_ms=t_x * 1e3, rel_err_y_vs_fallback=rel_err(y, y_x),
+                   rel_err_state_vs_fallback=rel_err(state, s_x))
+    rows.append(row)
+    print_row(row)
+
+
 def bench_ssd(lengths, bw, interpret, config, fallback_max_len, rows):
+    kernel = jax.jit(lambda *a: ssd_pallas(*a, interpret=interpret, config=config))
+    kernel_f = jax.jit(
+        lambda *a: ssd_pallas(*a[:6], threshold=a[6], interpret=interpret, config=config)
+    )
+    fallback = jax.jit(lambda *a: ssd_chunked(*a, chunk_size=256))
     for length in lengths:
         args, thr = ssd_inputs(length)
-        x, dt, A, B, C, D = args
-        kernel = jax.jit(lambda *a: ssd_pallas(*a, interpret=interpret, config=config))
-        kernel_f = jax.jit(
-            lambda *a: ssd_pallas(*a[:6], threshold=a[6], interpret=interpret, config=config)
-        )
-        fallback = jax.jit(lambda *a: ssd_chunked(*a, chunk_size=256))
-        y, s = kernel(*args)
-        floor_bytes = nbytes(x, dt, B, C) + nbytes(y, s)  # each input read once, outputs once
-        t_k, _ = time_fn(kernel, *args)
-        t_f, _ = time_fn(kernel_f, *args, thr)
-        y_f, _ = kernel_f(*args, thr)
-        row = dict(
-            op="ssd", length=length, h=64, p=64, n=128, g=1, dtype="bfloat16",
-            kernel_ms=t_k * 1e3, kernel_filtered_ms=t_f * 1e3,
-            filter_overhead_pct=(t_f / t_k - 1) * 100,
-            floor_ms=floor_bytes / bw * 1e3, floor_bytes=floor_bytes,
-            nan_free=bool(jnp.isfinite(y).all() and jnp.isfinite(y_f).all()),
-        )
-        if length <= fallback_max_len:
-            t_x, _ = time_fn(fallback, *args, reps=3, batches=3)
-            y_x, s_x = fallback(*args)
-            row.update(fallback_ms=t_x * 1e3, rel_err_y_vs_fallback=rel_err(y, y_x),
-                       rel_err_state_vs_fallback=rel_err(s, s_x))
-        rows.append(row)
-        print_row(row)
-        del args, y, s, y_f
+        _measure("ssd", dict(h=64, p=64, n=128, g=1), kernel, kernel_f, fallback, args, thr,
+                 length, bw, fallback_max_len, rows)
+        del args
 
 
 def bench_ss(lengths, bw, interpret, config, fallback_max_len, rows):
+    kernel = jax.jit(lambda *a: selective_scan_pallas(*a, interpret=interpret, config=config))
+    kernel_f = jax.jit(
+        lambda *a: selective_scan_pallas(
+            *a[:6], threshold=a[6], interpret=interpret, config=config
+        )
+    )
+    fallback = jax.jit(lambda *a: selective_scan_associative(*a))
     for length in lengths:
         args, thr = ss_inputs(length)
-        x, dt, A, B, C, D = args
-        kernel = jax.jit(
-            lambda *a: selective_scan_pallas(*a, interpret=interpret, config=config)
-        )
-        kernel_f = jax.jit(
-            lambda *a: selective_scan_pallas(
-                *a[:6], threshold=a[6], interpret=interpret, config=config
-            )
-        )
-        fallback = jax.jit(lambda *a: selective_scan_associative(*a))
-        y, h = kernel(*args)
-        floor_bytes = nbytes(x, dt, B, C) + nbytes(y, h)
-        t_k, _ = time_fn(kernel, *args)
-        t_f, _ = time_fn(kernel_f, *args, thr)
-        y_f, _ = kernel_f(*args, thr)
-        row = dict(
-            op="selective_scan", length=length, e=4096, n=16, dtype="bfloat16",
-            kernel_ms=t_k * 1e3, kernel_filtered_ms=t_f * 1e3,
-            filter_overhead_pct=(t_f / t_k - 1) * 100,
-            floor_ms=floor_bytes / bw * 1e3, floor_bytes=floor_bytes,
-            nan_free=bool(jnp.isfinite(y).all() and jnp.isfinite(y_f).all()),
-        )
-        if length <= fallback_max_len:
-            t_x, _ = time_fn(fallback, *args, reps=3, batches=3)
-            y_x, h_x = fallback(*args)
-            row.update(fallback_ms=t_x * 1e3, rel_err_y_vs_fallback=rel_err(y, y_x),
-                       rel_err_state_vs_fallback=rel_err(h, h_x))
-        rows.append(row)
-        print_row(row)
-        del args, y, h, y_f
+        _measure("selective_scan", dict(e=4096, n=16), kernel, kernel_f, fallback, args, thr,
+                 length, bw, fallback_max_len, rows)
+        del args
 
 
 def print_row(r):

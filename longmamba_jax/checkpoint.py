@@ -401,15 +401,20 @@ def _progress(enabled: bool, files):
 # ---------------------------------------------------------------------------------------------
 # Configs and sources.
 
+def read_json(path: Path):
+    """Parses a JSON file; a malformed one raises CheckpointError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
 def read_config(directory: Path) -> tuple[Config, str]:
     """(config, schema) from `directory/config.json`; schema is "native" or "transformers"."""
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    raw = read_json(path)
     try:
         config = from_dict(raw, source=str(path))
     except (ConfigError, TypeError) as exc:

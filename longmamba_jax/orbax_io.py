@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longmamba_jax.checkpoint import CheckpointError, expected_shapes
+from longmamba_jax.checkpoint import CheckpointError, expected_shapes, read_json
 from longmamba_jax.config import ConfigError, from_dict
 
 CONVERTED_CONFIG = "longmamba_config.json"
@@ -111,10 +111,7 @@ def read_converted_config(directory):
         raise FileNotFoundError(f"{directory}: no such directory")
     if not path.exists():
         raise CheckpointError(f"{directory}: not a converted checkpoint (no {CONVERTED_CONFIG})")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    raw = read_json(path)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a longmamba-jax converted config "
                               f"(expected \"format\": {FORMAT!r})")
