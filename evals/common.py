@@ -539,7 +539,7 @@ def summary_markdown(task: str, runs: Sequence[dict]) -> str:
             lookup = dict(zip(c["x"], c["y"], strict=True))
             rows.append([r["method"]] + [lookup.get(x, float("nan")) for x in xs])
         metric = runs[0].get("metric", "")
-        title = name if metric.startswith(name) else f"{name} ({metric})"
+        title = metric if metric.startswith(name) else f"{name} ({metric})"
         out.append(f"\n## {title}\n\n")
         out.append(markdown_table(["method"] + [str(x) for x in xs], rows))
     return "".join(out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from longmamba_jax._demo import demo_model
 from longmamba_jax.backends import BACKENDS, resolve_backend
 from longmamba_jax.calibrate import calibrate
 from longmamba_jax.calibration import Calibration
@@ -30,5 +31,5 @@ __all__ = [
     "apply_model", "BACKENDS", "Cache", "calibrate", "Calibration", "CheckpointError",
     "ConfigError", "DeciMamba", "decode_step", "empty_cache", "export_torch", "forward", "generate",
     "init_params", "load", "LongMamba", "Mamba2Config", "MambaConfig", "Params", "prefill",
-    "resolve_backend",
+    "resolve_backend", "demo_model",
 ]
