@@ -29,7 +29,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "apply_model", "BACKENDS", "Cache", "calibrate", "Calibration", "CheckpointError",
-    "ConfigError", "DeciMamba", "decode_step", "empty_cache", "export_torch", "forward", "generate",
-    "init_params", "load", "LongMamba", "Mamba2Config", "MambaConfig", "Params", "prefill",
-    "resolve_backend", "demo_model",
+    "ConfigError", "DeciMamba", "decode_step", "demo_model", "empty_cache", "export_torch",
+    "forward", "generate", "init_params", "load", "LongMamba", "Mamba2Config", "MambaConfig",
+    "Params", "prefill", "resolve_backend",
 ]

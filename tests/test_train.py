@@ -1,0 +1,180 @@
+"""Training script (evals/train.py) and the bundled demo (longmamba_jax/demo.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import longmamba_jax as lmj
+from longmamba_evals import train as T
+from longmamba_evals.common import DEFAULT_TEXT, Filler
+from longmamba_evals.passkey import INSTRUCTION, make_prompt
+from longmamba_jax.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    words = Path(DEFAULT_TEXT).read_text(encoding="utf-8").split()[:6000]
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(" ".join(words))
+    return str(path)
+
+
+def _tiny(text: str, **kw) -> T.TrainConfig:
+    base = dict(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=64, train_len=256,
+                bucket=256, tokens_per_step=512, steps=8, lr=1e-2, warmup_steps=1, log_every=1,
+                val_every=1000, ckpt_every=1000, val_prompts=4, text=text)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def _decode(ids) -> str:
+    return TOK.decode([int(i) for i in ids])
+
+
+def test_passkey_example_masks(small_text):
+    sampler = T.TaskSampler(_tiny(small_text), Path(small_text).read_text())
+    rng = np.random.default_rng(0)
+    for instruction in (True, False):
+        ex = sampler.passkey(rng, 60, instruction, key="12345", depth=0.5)
+        text = _decode(ex.tokens)
+        assert text.startswith(INSTRUCTION) == instruction
+        assert text.endswith("What is the pass key? The pass key is 12345.")
+        assert len(ex.tokens) == sampler.fixed[instruction] + 60
+        # position t is scored on token t + 1
+        ans = np.flatnonzero(ex.answer)
+        assert _decode(ex.tokens[ans + 1]) == "12345"
+        assert ans[-1] + 1 == len(ex.tokens) - 2  # the last digit, before the "."
+        sec = np.flatnonzero(ex.second)
+        assert _decode(ex.tokens[sec + 1]) == "12345"
+        needle_at = text.find(" The pass key is 12345. Remember it. ")
+        assert sec[0] + 1 == needle_at + len(" The pass key is 12345. Remember it. ")
+        assert ex.lm[:-1].all() and not ex.lm[-1]
+
+
+def test_batches_constant_tokens_and_curriculum(small_text):
+    tc = _tiny(small_text, train_len=512, bucket=256, tokens_per_step=2048, lm_frac=0.2)
+    sampler = T.TaskSampler(tc, Path(small_text).read_text())
+    seen = set()
+    for step in range(12):
+        b = sampler.batch(step, total_steps=100)
+        B, L = b.tokens.shape
+        assert B * L == tc.tokens_per_step and L in (256, 512)
+        seen.add(L)
+        # left padding only; no loss on padding
+        assert np.all(np.diff(b.mask, axis=1) >= 0)
+        for m in (b.answer, b.second, b.lm):
+            assert np.all(m <= b.mask)
+        # phase 1 (step < 20): filler at most phase1_filler tokens in passkey rows
+        pk = b.answer.sum(1) > 0
+        real = b.mask.sum(1)[pk]
+        instr = np.array([_decode(r[r_m > 0][:20]) == INSTRUCTION[:20]
+                          for r, r_m in zip(b.tokens[pk], b.mask[pk], strict=True)])
+        fixed = np.where(instr, sampler.fixed[True], sampler.fixed[False])
+        assert np.all(real - fixed <= tc.phase1_filler)
+    assert seen == {256, 512}
+    a, b2 = sampler.batch(5, 100), sampler.batch(5, 100)
+    np.testing.assert_array_equal(a.tokens, b2.tokens)  # a pure function of (seed, step)
+
+
+def test_train_reduces_loss_and_resumes_identically(small_text, tmp_path):
+    tc = _tiny(small_text)
+    full = T.train(tc, tmp_path / "full", quiet=True)
+    log = [json.loads(line)
+           for line in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == tc.steps
+    assert np.mean(losses[-2:]) < losses[0] - 0.1
+    assert any("val_passkey_acc" in r for r in log)
+
+    T.train(tc, tmp_path / "resumed", stop_after=4, quiet=True)
+    resumed = T.train(tc, tmp_path / "resumed", quiet=True)
+    events = [json.loads(line) for line in
+              (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "resume" and e["step"] == 4 for e in events)
+    for a, b in zip(jax.tree.leaves(full.weights), jax.tree.leaves(resumed.weights),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_resume_refuses_other_settings(small_text, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_config.json").write_text(
+        json.dumps({**json.loads(json.dumps(_tiny(small_text).__dict__)), "d_model": 64}))
+    with pytest.raises(ValueError, match="d_model"):
+        T.train(_tiny(small_text), tmp_path / "run", quiet=True)
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "mamba1"])
+def test_mamba_init(arch):
+    cfg = (lmj.Mamba2Config.tiny(vocab_size=257) if arch == "mamba2"
+           else lmj.MambaConfig.tiny(vocab_size=257))
+    weights = T.mamba_init(cfg, 0).weights
+    w = weights["layers"]["mixer"]
+    bias = w["dt_bias"] if arch == "mamba2" else w["dt_proj"]["bias"]
+    dt = np.log1p(np.exp(np.asarray(bias)))
+    assert dt.min() >= 1e-4 - 1e-9 and dt.max() <= 0.1 + 1e-6
+    if arch == "mamba2":
+        a = np.exp(np.asarray(w["A_log"]))
+        assert a.min() >= 1 and a.max() <= 16
+    mask = T.decay_mask(weights)
+    assert mask["layers"]["mixer"]["in_proj"]["kernel"]
+    assert not mask["layers"]["mixer"]["A_log"] and not mask["layers"]["norm"]["weight"]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="arch"):
+        T.TrainConfig(arch="transformer")
+    with pytest.raises(ValueError, match="multiple of bucket"):
+        T.TrainConfig(train_len=500, bucket=256)
+
+
+# ------------------------------------------------------------------------------ the demo
+
+@pytest.fixture(scope="module")
+def demo():
+    from longmamba_jax.demo import DEMO_DIR, demo_model
+
+    if not (DEMO_DIR / "model" / "config.json").exists():
+        pytest.skip("no bundled demo model")
+    return demo_model()
+
+
+def test_demo_model_loads(demo):
+    assert demo.train_len == 512
+    assert isinstance(demo.params, lmj.Params)
+    assert demo.tokenizer.decode(demo.tokenizer.encode("pass key 12345")) == "pass key 12345"
+    n_global = sum(int(g.sum()) for g in demo.calibration.global_channels(0.05))
+    assert n_global > 0
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_demo_passkey_prompt(demo, depth):
+    text = Path(DEFAULT_TEXT).read_text(encoding="utf-8")[:20_000]
+    n = 4 * demo.train_len + 37
+    ids = demo.passkey_prompt("40721", text, n, depth)
+    assert ids.shape == (n,) and ids.dtype == np.int32
+    s = _decode(ids)
+    assert s.startswith(INSTRUCTION) and s.endswith("What is the pass key? The pass key is")
+    at = s.find(" The pass key is 40721.")
+    filler_total = n - len(INSTRUCTION) - 59 - 38  # needle 59 bytes, question 38
+    actual = (at - len(INSTRUCTION)) / filler_total
+    assert abs(actual - depth) < 0.02  # the nearest word boundary
+    # the same prompt as the evaluation suite builds (the format the model was trained on)
+    ref = make_prompt(TOK, Filler.from_text(TOK, text), n, depth, "40721", 0)
+    np.testing.assert_array_equal(ids, ref.tokens)
+
+
+def test_demo_passkey_prompt_errors(demo):
+    with pytest.raises(ValueError, match="5 digits"):
+        demo.passkey_prompt("1234", "some text", 1000, 0.5)
+    with pytest.raises(ValueError, match="too short"):
+        demo.passkey_prompt("12345", "some text", 100, 0.5)
+    with pytest.raises(ValueError, match="depth"):
+        demo.passkey_prompt("12345", "some text", 1000, 1.5)
