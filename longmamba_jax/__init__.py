@@ -19,6 +19,7 @@ from longmamba_jax.config import ConfigError, Mamba2Config, MambaConfig
 from longmamba_jax.export import export_torch
 from longmamba_jax.generate import decode_step, generate, prefill
 from longmamba_jax.loading import load
+from longmamba_jax.longprompt import prefill_chunked
 from longmamba_jax.methods import DeciMamba, LongMamba
 from longmamba_jax.model import Cache, Params, apply_model, empty_cache, forward, init_params
 
@@ -31,5 +32,5 @@ __all__ = [
     "apply_model", "BACKENDS", "Cache", "calibrate", "Calibration", "CheckpointError",
     "ConfigError", "DeciMamba", "decode_step", "demo_model", "empty_cache", "export_torch",
     "forward", "generate", "init_params", "load", "LongMamba", "Mamba2Config", "MambaConfig",
-    "Params", "prefill", "resolve_backend",
+    "Params", "prefill", "prefill_chunked", "resolve_backend",
 ]

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longmamba_jax.backends import resolve_backend
+from longmamba_jax.decode_unrolled import DECODE_IMPLS, split_layers, step_unrolled
 from longmamba_jax.mixers import ScanBackend
 from longmamba_jax.model import (
     Cache,
@@ -127,8 +128,12 @@ def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None 
     return out.logits[:, -1], out.cache
 
 
-def _step_body(params: Params, cache: Cache, token, filters: LayerFilters | None, backend):
-    """One recurrent step: token int32 [b] -> (logits fp32 [b, V], new cache)."""
+def _step_body(params: Params, cache: Cache, token, filters: LayerFilters | None, backend,
+               layers=None):
+    """One recurrent step: token int32 [b] -> (logits fp32 [b, V], new cache); with `layers`
+    (`split_layers(params)`) the layers run unrolled (`decode_unrolled`)."""
+    if layers is not None:
+        return step_unrolled(params, layers, cache, token, filters, backend)
     out = apply_model(params, token[:, None], filters=filters, cache=cache, backend=backend,
                       return_cache=True, step=True)
     return out.logits[:, 0], out.cache
@@ -223,12 +228,12 @@ def _cache_shapes(config, batch: int):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sampler", "max_new_tokens", "backend", "return_logits"),
+    static_argnames=("sampler", "max_new_tokens", "backend", "return_logits", "decode_impl"),
     donate_argnames=("cache",),
 )
 def _decode_loop(params: Params, cache: Cache, logits0, key, filters, eos_ids, pad_id, *,
                  sampler: Sampler, max_new_tokens: int, backend: ScanBackend,
-                 return_logits: bool):
+                 return_logits: bool, decode_impl: str = "scan"):
     """Samples token 0 from the prefill logits, then runs up to max_new_tokens − 1 steps.
 
     logits0 fp32 [b, V]; eos_ids int32 [k] (k may be 0); pad_id int32 [].
@@ -250,6 +255,7 @@ def _decode_loop(params: Params, cache: Cache, logits0, key, filters, eos_ids, p
     scores = jnp.zeros((batch, n, v_pad), f32).at[:, 0].set(logits0) if return_logits else None
     done = is_eos(tok)
     lengths = jnp.ones((batch,), i32)
+    layers = split_layers(params) if decode_impl == "unrolled" else None  # once, outside the loop
 
     def cond(state):
         i, _, _, done, *_ = state
@@ -257,7 +263,7 @@ def _decode_loop(params: Params, cache: Cache, logits0, key, filters, eos_ids, p
 
     def body(state):
         i, tok, cache, done, tokens, lengths, scores = state
-        logits, cache = _step_body(params, cache, tok, filters, backend)  # [b, V]
+        logits, cache = _step_body(params, cache, tok, filters, backend, layers)  # [b, V]
         nxt = jnp.where(done, pad_id, pick(logits, i))
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, i))
         if scores is not None:
@@ -274,7 +280,7 @@ def generate(params: Params, tokens, *, max_new_tokens: int, temperature: float 
              top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              attention_mask=None, seed: int = 0, backend: str = "auto", method: Any = None,
-             return_logits: bool = False):
+             return_logits: bool = False, decode_impl: str = "scan"):
     """Generates `max_new_tokens` tokens after each prompt (greedy at temperature 0).
 
     Prefill runs once over the prompts; the decode loop is one jitted `lax.while_loop` on device
@@ -296,11 +302,15 @@ def generate(params: Params, tokens, *, max_new_tokens: int, temperature: float 
       backend: scan backend for the prefill ("auto", "reference", "associative", "pallas", ...).
       method: None, `LongMamba(...)` or `DeciMamba(...)` (see the module docstring).
       return_logits: also return the logits of every step (memory b × n × V fp32).
+      decode_impl: "scan" (the layers under one `lax.scan`) or "unrolled" (layers unrolled,
+        weights split once before the loop; see `longmamba_jax.decode_unrolled`). Same results.
 
     Returns:
       int32 [b, max_new_tokens], or a `GenerateOutput` when return_logits.
     """
     tokens = _check_tokens(params, tokens)
+    if decode_impl not in DECODE_IMPLS:
+        raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
     try:
         n_new = operator.index(max_new_tokens)
     except TypeError:
@@ -326,7 +336,7 @@ def generate(params: Params, tokens, *, max_new_tokens: int, temperature: float 
         params, cache, logits0, jax.random.PRNGKey(seed), filters,
         jnp.asarray(eos_ids, i32).reshape(-1), jnp.asarray(pad_token_id, i32),
         sampler=sampler, max_new_tokens=max_new_tokens, backend=resolve_backend(backend),
-        return_logits=return_logits,
+        return_logits=return_logits, decode_impl=decode_impl,
     )
     if return_logits:
         return GenerateOutput(out_tokens, scores, lengths, steps)
