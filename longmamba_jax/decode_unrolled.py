@@ -25,9 +25,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from longmamba_jax.layers import rms_norm
 from longmamba_jax.mixers import Block, ScanBackend
-from longmamba_jax.model import Cache, LayerFilters, Params
+from longmamba_jax.model import Cache, LayerFilters, Params, lm_head
 
 f32 = jnp.float32
 
@@ -63,13 +62,4 @@ def step_unrolled(params: Params, layers: tuple[dict, ...], cache: Cache, token,
                              ssm_state=cache.ssm[i], dt_filter=dt_filter, step=True)
         convs.append(aux.conv_state)
         ssms.append(aux.ssm_state)
-    # The head, as in `apply_model`.
-    h = rms_norm(h, w["norm_f"]["weight"], cfg.norm_eps)  # [b, 1, d] fp32
-    if cfg.tie_embeddings:
-        head = w["embedding"]["weight"]
-        logits = jnp.einsum("bld,vd->blv", h.astype(head.dtype), head, preferred_element_type=f32)
-    else:
-        head = w["lm_head"]["kernel"]
-        logits = jnp.einsum("bld,dv->blv", h.astype(head.dtype), head, preferred_element_type=f32)
-    logits = logits.astype(params.dtype).astype(f32)  # torch rounds logits to the head dtype
-    return logits[:, 0], Cache(jnp.stack(convs), jnp.stack(ssms))
+    return lm_head(params, h)[:, 0], Cache(jnp.stack(convs), jnp.stack(ssms))

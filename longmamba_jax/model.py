@@ -108,6 +108,20 @@ def init_params(config: Config, seed: int = 0, dtype=f32) -> Params:
     return Params(weights, config)
 
 
+def lm_head(params: Params, h):
+    """Final RMSNorm and the (tied or untied) head: h [b, l, d] fp32 -> fp32 logits [b, l, V].
+    The logits are rounded to the parameter dtype first, as torch computes them in it."""
+    cfg, w = params.config, params.weights
+    h = rms_norm(h, w["norm_f"]["weight"], cfg.norm_eps)  # fp32 in, fp32 out
+    if cfg.tie_embeddings:
+        head = w["embedding"]["weight"]
+        logits = jnp.einsum("bld,vd->blv", h.astype(head.dtype), head, preferred_element_type=f32)
+    else:
+        head = w["lm_head"]["kernel"]
+        logits = jnp.einsum("bld,dv->blv", h.astype(head.dtype), head, preferred_element_type=f32)
+    return logits.astype(params.dtype).astype(f32)
+
+
 def _segments(n_layer: int, decimating: tuple[int, ...]):
     """[0, n) cut into runs of ordinary layers and single decimating layers, in order."""
     out, start = [], 0
@@ -202,14 +216,7 @@ def apply_model(
             dts.append(dt)
     if last_n is not None:
         h, positions = h[:, -last_n:], positions[:, -last_n:]
-    h = rms_norm(h, w["norm_f"]["weight"], cfg.norm_eps)  # fp32 in, fp32 out
-    if cfg.tie_embeddings:
-        head = w["embedding"]["weight"]
-        logits = jnp.einsum("bld,vd->blv", h.astype(head.dtype), head, preferred_element_type=f32)
-    else:
-        head = w["lm_head"]["kernel"]
-        logits = jnp.einsum("bld,dv->blv", h.astype(head.dtype), head, preferred_element_type=f32)
-    logits = logits.astype(dtype).astype(f32)  # torch rounds logits to the head dtype first
+    logits = lm_head(params, h)
     out_cache = None
     if return_cache:
         out_cache = Cache(jnp.concatenate(new_conv), jnp.concatenate(new_ssm))
