@@ -295,3 +295,17 @@ def test_stacked_arrays_are_split_by_layer():
     for s in (11, 20):
         for x, y in zip(a.thresholds(s), b.thresholds(s), strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def test_auto_storage_keeps_few_window_calibrations_exact():
+    """Beyond 2**22 values, few windows still store the exact curves (the grid cannot follow
+    their staircase θ(S) within 1%), many windows use the grid."""
+    rng = np.random.default_rng(11)
+    L, C = 2000, 1100  # 2 windows x 1100 x 2000 = 4.4M values > 2**22
+    few = [np.exp(rng.normal(-3, 1.5, (2, L, C))).astype(np.float32)]
+    A = [-np.exp(rng.normal(-2, 1, C)).astype(np.float32)]
+    cal = Calibration.from_deltas(few, A, train_len=L)
+    assert cal.storage == "exact"
+    many = [np.exp(rng.normal(-3, 1.5, (8, L, 300))).astype(np.float32)]  # 4.8M values
+    cal = Calibration.from_deltas(many, [A[0][:300]], train_len=L)
+    assert cal.storage == "grid"
