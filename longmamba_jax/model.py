@@ -247,7 +247,7 @@ def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto"
       DeciMamba kept; with return_positions, (logits, positions).
     """
     tokens = _check_tokens(params, tokens)
-    kwargs = method_kwargs(method, params.config, tokens.shape[1]) if method is not None else {}
+    kwargs = method_kwargs(method, params.config, tokens.shape[1])
     if attention_mask is not None and "decimation" in kwargs:
         raise ValueError("attention_mask (left padding) is not supported with DeciMamba")
     out = apply_model(params, tokens, mask=_mask(attention_mask, tokens), last_n=last_n,
@@ -262,8 +262,9 @@ def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto"
 
 
 def method_kwargs(method, config: Config, seq_len: int) -> dict:
-    """What a context-extension method contributes to `apply_model` at prompt length seq_len."""
-    return method.model_kwargs(config, seq_len)
+    """What a context-extension method (None: vanilla) contributes to `apply_model` at prompt
+    length seq_len."""
+    return {} if method is None else method.model_kwargs(config, seq_len)
 
 
 def _check_tokens(params: Params, tokens):
