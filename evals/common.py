@@ -32,6 +32,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+# Prompt pieces live in the library (the bundled demo builds the same prompts); re-exported.
+from longmamba_jax.prompts import Filler, assemble, nearest_boundary
+
 __all__ = [
     "DATA_DIR",
     "DEFAULT_TEXT",
@@ -45,6 +48,7 @@ __all__ = [
     "decode_generated",
     "load_text",
     "markdown_table",
+    "nearest_boundary",
     "parse_lengths",
     "progress",
     "save_run",
@@ -314,105 +318,6 @@ def load_text(path: str | None = None) -> str:
     if not text.strip():
         raise ValueError(f"text file {path!r} is empty")
     return text
-
-
-class Filler:
-    """A token stream made of text units (words, or noise sentences), each encoded as " unit".
-
-    Units are encoded one by one (cached per distinct unit), which for byte tokenizers and
-    GPT-style BPE equals encoding the text itself, and gives the unit boundaries where cuts and
-    needles may go. `window(n, start_unit)` cycles through the units when `n` exceeds the text.
-    """
-
-    def __init__(self, tokenizer, units: Sequence[str]):
-        """Encodes `units`.
-
-        Args:
-            tokenizer: has `encode(str) -> list[int]`.
-            units: non-empty strings (e.g. `text.split()`).
-        """
-        if not units:
-            raise ValueError("Filler needs at least one text unit")
-        cache: dict[str, list[int]] = {}
-        pieces = []
-        for u in units:
-            ids = cache.get(u)
-            if ids is None:
-                ids = cache[u] = tokenizer.encode(" " + u)
-            pieces.append(ids)
-        lens = np.array([len(p) for p in pieces], dtype=np.int64)
-        if lens.min() < 1:
-            raise ValueError("a filler unit encodes to no tokens")
-        self.tokens = np.fromiter((t for p in pieces for t in p), dtype=np.int64,
-                                  count=int(lens.sum()))
-        self.starts = np.concatenate([[0], np.cumsum(lens)[:-1]])  # [units] token offsets
-        self.n_units = len(units)
-
-    @classmethod
-    def from_text(cls, tokenizer, text: str) -> Filler:
-        """Word units of `text` (split on whitespace)."""
-        return cls(tokenizer, text.split())
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def window(self, n: int, start_unit: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Returns `n` filler tokens from unit `start_unit` on, and the unit starts inside them.
-
-        Returns:
-            (tokens int [n], boundaries int [k]): boundaries are the offsets (0 <= b <= n) where
-            a unit starts, always including 0 and n (a cut happens only at n).
-        """
-        if n < 0:
-            raise ValueError(f"filler length must be >= 0, got {n}")
-        total = len(self.tokens)
-        begin = int(self.starts[start_unit % self.n_units])
-        idx = (begin + np.arange(n)) % total
-        tokens = self.tokens[idx]
-        reps = (begin + n) // total + 1
-        starts = (self.starts[None, :] + total * np.arange(reps + 1)[:, None]).ravel() - begin
-        bounds = starts[(starts >= 0) & (starts <= n)]
-        bounds = np.unique(np.concatenate([[0], bounds, [n]]))
-        return tokens, bounds
-
-
-def nearest_boundary(bounds: np.ndarray, position: float) -> int:
-    """The boundary in `bounds` closest to `position` (ties go to the earlier one)."""
-    i = int(np.argmin(np.abs(bounds.astype(np.float64) - position)))
-    return int(bounds[i])
-
-
-def assemble(prefix: Sequence[int], filler: np.ndarray,
-             inserts: Sequence[tuple[int, Sequence[int]]],
-             suffix: Sequence[int]) -> tuple[np.ndarray, list[int]]:
-    """prefix + filler with `inserts` placed at filler offsets + suffix.
-
-    Args:
-        prefix: token ids before the filler.
-        filler: filler tokens [n].
-        inserts: (offset into filler, token ids) pairs; offsets in 0..n, any order.
-        suffix: token ids after the filler.
-
-    Returns:
-        (tokens int [len], positions): positions[i] is where inserts[i] starts in the result.
-    """
-    order = sorted(range(len(inserts)), key=lambda i: inserts[i][0])
-    parts: list[np.ndarray] = [np.asarray(prefix, dtype=np.int64)]
-    positions = [0] * len(inserts)
-    cursor, length = 0, len(prefix)
-    for i in order:
-        offset, ids = inserts[i]
-        if not 0 <= offset <= len(filler):
-            raise ValueError(f"insert offset {offset} outside the filler (length {len(filler)})")
-        parts.append(filler[cursor:offset])
-        length += offset - cursor
-        positions[i] = length
-        parts.append(np.asarray(ids, dtype=np.int64))
-        length += len(ids)
-        cursor = offset
-    parts.append(filler[cursor:])
-    parts.append(np.asarray(suffix, dtype=np.int64))
-    return np.concatenate(parts), positions
 
 
 def fit_count(build: Callable[[int], int], target: int, lo: int = 0, hi: int = 64) -> int:

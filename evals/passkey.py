@@ -14,8 +14,6 @@ before the question). The answer is the first run of digits in the greedy contin
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,92 +23,25 @@ from longmamba_evals.common import (
     MethodSpec,
     Runner,
     as_runner,
-    assemble,
     decode_generated,
     generate_all,
     load_text,
-    nearest_boundary,
     progress,
 )
+from longmamba_jax.prompts import (  # the format lives in the library (the demo shares it)
+    INSTRUCTION,
+    NEEDLE,
+    QUESTION,
+    PasskeyPrompt,
+    parse_answer,
+)
+from longmamba_jax.prompts import make_passkey_prompt as make_prompt
 
-__all__ = ["INSTRUCTION", "PasskeyPrompt", "make_prompt", "parse_answer", "run_passkey"]
+__all__ = ["INSTRUCTION", "NEEDLE", "QUESTION", "PasskeyPrompt", "make_prompt", "parse_answer",
+           "run_passkey"]
 
-INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
-               "memorize it. I will quiz you about the important information there.")
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = " What is the pass key? The pass key is"
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_LENGTHS = (1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000)
-
-
-@dataclasses.dataclass(frozen=True)
-class PasskeyPrompt:
-    """One passkey prompt.
-
-    Attributes:
-        tokens: the prompt, int [length].
-        key: the 5-digit key (a string).
-        depth: requested depth in [0, 1].
-        needle_pos: token index where the needle starts.
-        needle_len: needle length in tokens.
-        filler_len: filler tokens in the prompt (both sides of the needle).
-        filler_before: filler tokens before the needle.
-        question_len: question length in tokens (DeciMamba keeps these).
-    """
-
-    tokens: np.ndarray
-    key: str
-    depth: float
-    needle_pos: int
-    needle_len: int
-    filler_len: int
-    filler_before: int
-    question_len: int
-
-    @property
-    def actual_depth(self) -> float:
-        """Where the needle really is: filler before it / all filler."""
-        return self.filler_before / self.filler_len if self.filler_len else 0.0
-
-
-def make_prompt(tokenizer, filler: Filler, length: int, depth: float, key: str | int,
-                start_unit: int = 0) -> PasskeyPrompt:
-    """Builds one passkey prompt of exactly `length` tokens.
-
-    Args:
-        tokenizer: has `encode`.
-        filler: the filler text stream.
-        length: target prompt length in tokens.
-        depth: where the needle goes, as a fraction of the filler (0..1).
-        key: the key (5 digits).
-        start_unit: first filler word (varies the filler between samples).
-
-    Raises:
-        ValueError: on a depth outside [0, 1], a malformed key, or a length too short to hold
-            the instruction, needle and question.
-    """
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
-    key = str(key)
-    if not re.fullmatch(r"\d{5}", key):
-        raise ValueError(f"passkey must be 5 digits, got {key!r}")
-    prefix = tokenizer.encode(INSTRUCTION)
-    needle = tokenizer.encode(NEEDLE.format(key=key))
-    question = tokenizer.encode(QUESTION)
-    n = length - len(prefix) - len(needle) - len(question)
-    if n < 0:
-        raise ValueError(f"passkey length {length} is too short: instruction, needle and question "
-                         f"alone take {length - n} tokens")
-    tokens, bounds = filler.window(n, start_unit)
-    at = nearest_boundary(bounds, depth * n)
-    prompt, (pos,) = assemble(prefix, tokens, [(at, needle)], question)
-    return PasskeyPrompt(prompt, key, float(depth), pos, len(needle), n, at, len(question))
-
-
-def parse_answer(text: str) -> str:
-    """The first run of digits in `text`, cut to 5 digits ("" when there is none)."""
-    m = re.search(r"\d+", text)
-    return m.group(0)[:5] if m else ""
 
 
 def run_passkey(runner: Runner, tokenizer, method: MethodSpec | None = None, *,

@@ -17,56 +17,24 @@ In code:
     demo.answer(ids)                          # vanilla
     demo.answer(ids, method=demo.longmamba()) # LongMamba
 
-Prompt format (the one the model was trained on; identical to `evals/passkey.py`):
-
-    INSTRUCTION + filler[:a] + " The pass key is NNNNN. Remember it. NNNNN is the pass key."
-                + filler[a:] + " What is the pass key? The pass key is"
-
-The answer is the first 5 digits of the greedy continuation.
+Prompt format: `longmamba_jax.prompts` (the one the model was trained on, and the one the
+evaluation suite uses). The answer is the first 5 digits of the greedy continuation.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 
+from longmamba_jax.prompts import Filler, make_passkey_prompt, parse_answer
+
 __all__ = ["DEMO_DIR", "DemoModel", "demo_model", "main"]
 
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
-
-# Same strings as longmamba_evals.passkey (a test checks that the prompts are identical).
-INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
-               "memorize it. I will quiz you about the important information there.")
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = " What is the pass key? The pass key is"
-
-
-def _filler_tokens(tokenizer, text: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """`n` tokens of `text`'s words (each encoded as " word", cycling), and the word starts
-    within them (always including 0 and n)."""
-    words = text.split()
-    if not words:
-        raise ValueError("filler text is empty")
-    pieces, starts, total = [], [], 0
-    cache: dict[str, list[int]] = {}
-    i = 0
-    while total < n:
-        w = words[i % len(words)]
-        ids = cache.get(w)
-        if ids is None:
-            ids = cache[w] = tokenizer.encode(" " + w)
-        starts.append(total)
-        pieces.append(ids)
-        total += len(ids)
-        i += 1
-    tokens = np.fromiter((t for p in pieces for t in p), dtype=np.int64, count=total)[:n]
-    bounds = np.unique(np.asarray([0, *[s for s in starts if s <= n], n], np.int64))
-    return tokens, bounds
 
 
 @dataclasses.dataclass
@@ -95,21 +63,9 @@ class DemoModel:
           depth: where the needle goes, as a fraction of the filler, in [0, 1]; it is placed at
             the word boundary nearest to depth · (number of filler tokens).
         """
-        key = str(key)
-        if not re.fullmatch(r"\d{5}", key):
-            raise ValueError(f"key must be 5 digits, got {key!r}")
-        if not 0.0 <= float(depth) <= 1.0:
-            raise ValueError(f"depth must be in [0, 1], got {depth}")
-        enc = self.tokenizer.encode
-        prefix, needle, question = enc(INSTRUCTION), enc(NEEDLE.format(key=key)), enc(QUESTION)
-        n = int(n_tokens) - len(prefix) - len(needle) - len(question)
-        if n < 0:
-            raise ValueError(f"n_tokens={n_tokens} is too short: the instruction, needle and "
-                             f"question alone take {int(n_tokens) - n} tokens")
-        tokens, bounds = _filler_tokens(self.tokenizer, filler, n)
-        at = int(bounds[np.argmin(np.abs(bounds - float(depth) * n))])
-        out = np.concatenate([prefix, tokens[:at], needle, tokens[at:], question])
-        return out.astype(np.int32)
+        prompt = make_passkey_prompt(self.tokenizer, Filler.from_text(self.tokenizer, filler),
+                                     int(n_tokens), float(depth), key)
+        return prompt.tokens.astype(np.int32)
 
     def longmamba(self, **kwargs):
         """`LongMamba` with this model's calibration (kwargs: channel_threshold, scale, ...)."""
@@ -125,8 +81,7 @@ class DemoModel:
 
         ids = jnp.asarray(np.asarray(prompt_ids, np.int32)[None])
         out = generate(self.params, ids, max_new_tokens=8, method=method, backend=backend)
-        m = re.search(r"\d+", self.tokenizer.decode(np.asarray(out[0]).tolist()))
-        return m.group(0)[:5] if m else ""
+        return parse_answer(self.tokenizer.decode(np.asarray(out[0]).tolist()))
 
 
 def demo_model(path: str | Path | None = None) -> DemoModel:
