@@ -1,6 +1,6 @@
 """LongMamba calibration, recording side (SPEC §3.1): run the model on windows of `train_len`
-tokens taken evenly across a token stream, record Δ of every layer (after softplus), and hand
-them to `Calibration.from_deltas` (the pure math).
+tokens taken evenly across a token stream, record Δ of every layer (after softplus), and stream
+them batch by batch into a `CalibrationBuilder` (the pure math, `calibration.py`).
 
 CLI:
     python -m longmamba_jax.calibrate --model SRC --text FILE --tokenizer NAME_OR_DIR|bytes \\
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longmamba_jax.backends import resolve_backend
-from longmamba_jax.calibration import Calibration
+from longmamba_jax.calibration import Calibration, CalibrationBuilder
 from longmamba_jax.config import Mamba2Config
 from longmamba_jax.model import Params, apply_model
 
@@ -38,29 +38,42 @@ def layer_A(params: Params) -> list[np.ndarray]:
     return [-np.exp(a) for a in a_log]
 
 
+def _delta_batches(params: Params, tokens, *, train_len: int, num_windows: int, backend: str,
+                   batch_size: int, progress: bool):
+    """Yields Δ of every layer for successive batches of windows: [n_layer, w, l, channels]."""
+    stream = np.asarray(tokens).reshape(-1)
+    starts = window_starts(stream.shape[0], train_len, num_windows)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    impl = resolve_backend(backend)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=num_windows, desc="calibration windows", unit="window",
+              disable=not progress) as bar:
+        for i in range(0, num_windows, batch_size):
+            batch = np.stack([stream[s : s + train_len] for s in starts[i : i + batch_size]])
+            dt = apply_model(params, jnp.asarray(batch, jnp.int32), backend=impl,
+                             capture_dt=True, last_n=1).dt  # [n_layer, w, l, C]
+            yield np.asarray(jax.device_get(dt))
+            bar.update(len(batch))
+
+
 def record_deltas(params: Params, tokens, *, train_len: int, num_windows: int = 100,
                   backend: str = "auto", batch_size: int = 4,
                   progress: bool = True) -> list[np.ndarray]:
-    """Δ of every layer on each window: a list over layers of [windows, train_len, channels]."""
-    stream = np.asarray(tokens).reshape(-1)
-    starts = window_starts(stream.shape[0], train_len, num_windows)
-    impl = resolve_backend(backend)
+    """Δ of every layer on each window: a list over layers of [windows, train_len, channels].
+
+    This holds every window in memory (windows × train_len × channels floats per layer);
+    `calibrate` streams them instead."""
     cfg = params.config
     out = [np.empty((num_windows, train_len, cfg.channels), np.float32)
            for _ in range(cfg.n_layer)]
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=num_windows, desc="calibration windows", unit="window",
-               disable=not progress)
-    for i in range(0, num_windows, batch_size):
-        batch = np.stack([stream[s : s + train_len] for s in starts[i : i + batch_size]])
-        dt = apply_model(params, jnp.asarray(batch, jnp.int32), backend=impl, capture_dt=True,
-                         last_n=1).dt  # [n_layer, w, l, C]
-        dt = np.asarray(jax.device_get(dt))
+    i = 0
+    for dt in _delta_batches(params, tokens, train_len=train_len, num_windows=num_windows,
+                             backend=backend, batch_size=batch_size, progress=progress):
         for layer in range(cfg.n_layer):
-            out[layer][i : i + len(batch)] = dt[layer]
-        bar.update(len(batch))
-    bar.close()
+            out[layer][i : i + dt.shape[1]] = dt[layer]
+        i += dt.shape[1]
     return out
 
 
@@ -68,6 +81,11 @@ def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
               clamp_top: float = 0.10, aggregate: str = "mean", backend: str = "auto",
               batch_size: int = 4, progress: bool = True) -> Calibration:
     """LongMamba calibration of `params` on a 1-D token stream (SPEC §3.1).
+
+    Windows are streamed through a `CalibrationBuilder` batch by batch, so host memory is one
+    batch of Δ plus the per-channel result, whatever `num_windows` (a 48-layer, 4096-channel
+    Mamba-1 with 100 windows of 2,000 tokens would otherwise need 157 GB); lower `batch_size`
+    to bound the batch (n_layer × batch_size × train_len × channels floats).
 
     Args:
       params: the model.
@@ -78,15 +96,19 @@ def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
       aggregate: "mean" (published `avg`) or "max" over windows.
       backend: scan backend for the recording runs.
       batch_size: windows per forward pass.
+      progress: show a progress bar over the windows.
 
     Returns:
       a `Calibration` matched to this model's config (fingerprint, layers, channels).
     """
-    deltas = record_deltas(params, tokens, train_len=train_len, num_windows=num_windows,
-                           backend=backend, batch_size=batch_size, progress=progress)
     cfg = params.config
-    return Calibration.from_deltas(
-        deltas, layer_A(params), train_len=train_len, clamp_top=clamp_top, aggregate=aggregate,
+    window_starts(np.asarray(tokens).size, train_len, num_windows)  # fail before any work
+    builder = CalibrationBuilder(layer_A(params), train_len=train_len, num_windows=num_windows,
+                                 clamp_top=clamp_top, aggregate=aggregate)
+    for dt in _delta_batches(params, tokens, train_len=train_len, num_windows=num_windows,
+                             backend=backend, batch_size=batch_size, progress=progress):
+        builder.add(list(dt))
+    return builder.finish(
         fingerprint=cfg.fingerprint,
         model_info={"arch": cfg.arch, "n_layer": cfg.n_layer, "channels": cfg.channels,
                     "kind": "heads" if isinstance(cfg, Mamba2Config) else "channels"},

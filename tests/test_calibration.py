@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from longmamba_jax.calibration import FORMAT_VERSION, Calibration
+from longmamba_jax.calibration import FORMAT_VERSION, Calibration, CalibrationBuilder
 
 # ----------------------------------------------------------------------------- hand-built case
 # Two windows of L = 10 tokens, two channels; clamp_top = 0.2 -> k = 2.
@@ -309,3 +309,47 @@ def test_auto_storage_keeps_few_window_calibrations_exact():
     many = [np.exp(rng.normal(-3, 1.5, (8, L, 300))).astype(np.float32)]  # 4.8M values
     cal = Calibration.from_deltas(many, [A[0][:300]], train_len=L)
     assert cal.storage == "grid"
+
+
+# ------------------------------------------------------------------------ streamed building
+@pytest.mark.parametrize("storage", ["exact", "grid"])
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+def test_builder_in_batches_equals_from_deltas(realistic, storage, aggregate):
+    deltas, _, _ = realistic
+    rng = np.random.default_rng(3)
+    A = [-np.exp(rng.normal(size=(3, 4))), -np.exp(rng.normal(size=(2, 4)))]  # Mamba-1 style
+    whole = Calibration.from_deltas(deltas, A, train_len=L_TRAIN, storage=storage,
+                                    aggregate=aggregate)
+    b = CalibrationBuilder(A, train_len=L_TRAIN, num_windows=24, storage=storage,
+                           aggregate=aggregate)
+    for lo, hi in [(0, 5), (5, 10), (10, 11), (11, 24)]:
+        b.add([d[lo:hi] for d in deltas])
+    streamed = b.finish()
+    assert streamed.storage == storage and streamed.header["num_windows"] == 24
+    for x, y in zip(whole.decay_fraction + whole.decay, streamed.decay_fraction + streamed.decay,
+                    strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6)  # float32 storage of float64 sums
+    # exact: the same curves; grid: the same θ up to summation order, i.e. at most one uint16
+    # code step (relative 1e-3) where the rounding of -log(θ/θ_asym) flips.
+    rtol = 1e-12 if storage == "exact" else 1.001e-3
+    for s in _lengths_between():
+        for x, y in zip(whole.thresholds(s), streamed.thresholds(s), strict=True):
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=0)
+
+
+def test_builder_refuses_wrong_window_counts_and_layers():
+    d = _hand_deltas()
+    b = CalibrationBuilder([A_HAND], train_len=10, num_windows=3)
+    b.add([d])
+    with pytest.raises(ValueError, match="more than num_windows=3"):
+        b.add([d])
+    with pytest.raises(ValueError, match="2 windows added, expected num_windows=3"):
+        b.finish()
+    with pytest.raises(ValueError, match="for 2 layers, the model has 1"):
+        b.add([d[:1], d[:1]])
+    b.add([d[:1]])
+    assert b.finish().header["num_windows"] == 3
+    with pytest.raises(ValueError, match="already finished"):
+        b.add([d[:1]])
+    with pytest.raises(ValueError, match="num_windows"):
+        CalibrationBuilder([A_HAND], train_len=10, num_windows=0)

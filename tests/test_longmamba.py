@@ -106,13 +106,17 @@ def test_recorded_deltas_are_the_models_softplus_dt(tmp_path):
                                     capture_dt=True).dt)
     np.testing.assert_allclose(np.stack(deltas), direct, rtol=1e-6)
     assert (direct > 0).all()
-    # And from_deltas on them is what calibrate() returns.
+    # And from_deltas on them is what calibrate() returns (which streams them, 2 + 1 windows).
     cal = Calibration.from_deltas(deltas, layer_A(params), train_len=10,
                                   fingerprint=cfg.fingerprint)
     via = calibrate(params, stream, train_len=10, num_windows=3, backend="reference",
-                    progress=False)
+                    batch_size=2, progress=False)
+    assert via.fingerprint == cfg.fingerprint and via.storage == cal.storage
     for a, b in zip(cal.decay_fraction, via.decay_fraction, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+    for s in (11, 15, 40):
+        for a, b in zip(cal.thresholds(s), via.thresholds(s), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_calibration_round_trip_and_mismatched_model_refused(tmp_path):
