@@ -4,6 +4,11 @@ memory floor (fewest bytes read + written / measured device copy bandwidth).
     python -m longmamba_evals.bench_scan --out scan.json            # on the GPU machine
     python evals/bench_scan.py --quick --interpret                  # smoke run on CPU
 
+Each SSD row also times the official mamba_ssm Triton SSD (`mamba_chunk_scan_combined`,
+chunk_size 256 as mamba2 uses, torch) on the same inputs (shared through DLPack), the same way,
+when torch, triton and the mamba_ssm sources (`--official-src`, default `.official`; see
+`evals/official_mamba.py`) are there; otherwise the official column is skipped with the reason.
+
 Shapes: one mamba2-1.3b layer for SSD (h=64, p=64, n=128, g=1, bf16 x/B/C, fp32 Δ, batch 1,
 l = 4K, 16K, 64K, 256K) and one mamba-1.4b layer for the selective scan (e=4096, n=16). The
 filtered kernel runs with half the channels global and a threshold at Δ's median, to measure the
@@ -15,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +42,16 @@ from longmamba_kernels.ssd_pallas import SSDPallasConfig, ssd_pallas
 K = 1024
 
 
-def time_fn(fn, *args, reps=20, batches=5, min_batch_s=0.05):
-    """Median seconds per call: `batches` batches of `reps` async launches, one sync each."""
-    out = fn(*args)
-    jax.block_until_ready(out)  # compile + warm up
+def time_fn(fn, *args, reps=20, batches=5, min_batch_s=0.05, sync=jax.block_until_ready):
+    """Median seconds per call: `batches` batches of `reps` async launches, one sync each.
+
+    `sync(out)` waits for the device (JAX: block_until_ready; torch: cuda.synchronize), so the
+    official torch kernel is timed exactly like ours.
+    """
+    sync(fn(*args))  # compile (or autotune) + warm up
+    sync(fn(*args))
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    sync(fn(*args))
     one = time.perf_counter() - t0
     reps = max(1, min(reps, int(min_batch_s / max(one, 1e-6)) + 1))
     times = []
@@ -48,7 +59,7 @@ def time_fn(fn, *args, reps=20, batches=5, min_batch_s=0.05):
         t0 = time.perf_counter()
         for _ in range(reps):
             out = fn(*args)
-        jax.block_until_ready(out)
+        sync(out)
         times.append((time.perf_counter() - t0) / reps)
     return statistics.median(times), times
 
@@ -85,6 +96,69 @@ def ss_inputs(length, e=4096, n=16, b=1, seed=0):
     return (x, dt, A, B, C, D), thr
 
 
+class Official:
+    """The official mamba_ssm Triton SSD, on the same (DLPack-shared) inputs as ours."""
+
+    def __init__(self, src):
+        self.fn, self.reason = None, None
+        try:
+            from longmamba_evals.official_mamba import import_mamba_ssm
+
+            try:
+                import_mamba_ssm(src)
+            except ImportError:
+                raise
+            except Exception as err:  # the package's __init__ (models, Mamba3...) failed:
+                print(f"import mamba_ssm failed ({type(err).__name__}: {err}); importing only "
+                      "its ops package", flush=True)  # the SSD ops need none of it
+                pkg = types.ModuleType("mamba_ssm")
+                pkg.__path__ = [os.path.join(os.path.abspath(src), "mamba_ssm")]
+                sys.modules["mamba_ssm"] = pkg
+            import torch
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        except Exception as err:  # ImportError, or the official package failing to import
+            self.reason = f"{type(err).__name__}: {err}"
+            return
+        if not torch.cuda.is_available():
+            self.reason = "torch sees no CUDA device"
+            return
+        self.torch, self.fn = torch, mamba_chunk_scan_combined
+
+    def to_torch(self, a):
+        try:
+            return self.torch.from_dlpack(a)
+        except Exception:  # no DLPack path: copy through the host (exact, bf16 via fp32)
+            t = self.torch.from_numpy(np.asarray(a.astype(jnp.float32)).copy()).cuda()
+            return t.to(self.torch.bfloat16 if a.dtype == jnp.bfloat16 else t.dtype)
+
+    def run(self, args, chunk_size=256):
+        """(median ms timed like ours, median ms of triton's do_bench, y, final_state) of
+        mamba_chunk_scan_combined on `args` (jax arrays)."""
+        torch = self.torch
+        x, dt, A, B, C, D = (self.to_torch(a) for a in args)
+        sync = lambda _: torch.cuda.synchronize()
+
+        def fn():
+            with torch.inference_mode():
+                return self.fn(x, dt, A, B, C, chunk_size=chunk_size, D=D,
+                               return_final_states=True)
+
+        t, _ = time_fn(fn, sync=sync)
+        y, state = fn()
+        try:  # the number the official repo's own benchmarks report (events, L2 flushed)
+            import triton.testing
+
+            t_db = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        except Exception:  # do_bench missing or changed: the main number still stands
+            t_db = None
+        return t * 1e3, t_db, y, state
+
+    def rel_err(self, ours, theirs):
+        torch = self.torch
+        a, b = self.to_torch(ours).double(), theirs.double()
+        return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
 def nbytes(*arrays):
     return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in arrays)
 
@@ -95,11 +169,28 @@ def rel_err(a, b):
 
 
 def _measure(op, shape_fields, kernel, kernel_f, fallback, args, thr, length, bw,
-             fallback_max_len, rows):
-    """Times one op with and without the filter (and the jnp fallback when short enough) and
-    appends a row: kernel vs floor (each input read once, each output written once)."""
+             fallback_max_len, rows, official=None):
+    """Times one op with and without the filter (and the jnp fallback when short enough, and
+    the official kernel when given) and appends a row: kernel vs floor (each input read once,
+    each output written once)."""
     x, dt, A, B, C, D = args
+    extra = {}
+    if official is not None and official.fn is not None:
+        try:
+            t_o, t_db, y_o, s_o = official.run(args)
+            extra.update(official_ms=t_o, official_do_bench_ms=t_db)
+        except Exception as err:  # reported in the row, never fatal to our numbers
+            extra.update(official_error=f"{type(err).__name__}: {str(err)[:300]}")
+            y_o = None
+    elif official is not None:
+        extra.update(official_skipped=official.reason)
     y, state = kernel(*args)
+    if extra.get("official_ms") is not None and length <= 64 * K:
+        extra.update(rel_err_y_vs_official=official.rel_err(y, y_o),
+                     rel_err_state_vs_official=official.rel_err(state, s_o))
+    if official is not None and official.fn is not None:
+        y_o = s_o = None
+        official.torch.cuda.empty_cache()
     floor_bytes = nbytes(x, dt, B, C) + nbytes(y, state)
     t_k, _ = time_fn(kernel, *args)
     t_f, _ = time_fn(kernel_f, *args, thr)
@@ -109,7 +200,7 @@ def _measure(op, shape_fields, kernel, kernel_f, fallback, args, thr, length, bw
         kernel_ms=t_k * 1e3, kernel_filtered_ms=t_f * 1e3,
         filter_overhead_pct=(t_f / t_k - 1) * 100,
         floor_ms=floor_bytes / bw * 1e3, floor_bytes=floor_bytes,
-        nan_free=bool(jnp.isfinite(y).all() and jnp.isfinite(y_f).all()),
+        nan_free=bool(jnp.isfinite(y).all() and jnp.isfinite(y_f).all()), **extra,
     )
     if length <= fallback_max_len:
         t_x, _ = time_fn(fallback, *args, reps=3, batches=3)
@@ -120,7 +211,7 @@ def _measure(op, shape_fields, kernel, kernel_f, fallback, args, thr, length, bw
     print_row(row)
 
 
-def bench_ssd(lengths, bw, interpret, config, fallback_max_len, rows):
+def bench_ssd(lengths, bw, interpret, config, fallback_max_len, rows, official=None):
     kernel = jax.jit(lambda *a: ssd_pallas(*a, interpret=interpret, config=config))
     kernel_f = jax.jit(
         lambda *a: ssd_pallas(*a[:6], threshold=a[6], interpret=interpret, config=config)
@@ -129,7 +220,7 @@ def bench_ssd(lengths, bw, interpret, config, fallback_max_len, rows):
     for length in lengths:
         args, thr = ssd_inputs(length)
         _measure("ssd", dict(h=64, p=64, n=128, g=1), kernel, kernel_f, fallback, args, thr,
-                 length, bw, fallback_max_len, rows)
+                 length, bw, fallback_max_len, rows, official)
         del args
 
 
@@ -151,54 +242,90 @@ def bench_ss(lengths, bw, interpret, config, fallback_max_len, rows):
 def print_row(r):
     fb = f"{r['fallback_ms']:9.3f}" if "fallback_ms" in r else "        -"
     err = f"{r['rel_err_y_vs_fallback']:.1e}" if "rel_err_y_vs_fallback" in r else "      -"
+    off = f"{r['official_ms']:8.3f}" if "official_ms" in r else "       -"
     print(
         f"{r['op']:>15} {r['length']:>8} | kernel {r['kernel_ms']:8.3f} ms | filtered "
-        f"{r['kernel_filtered_ms']:8.3f} ({r['filter_overhead_pct']:+5.1f}%) | fallback {fb} | "
+        f"{r['kernel_filtered_ms']:8.3f} ({r['filter_overhead_pct']:+5.1f}%) | official {off} | "
+        f"fallback {fb} | "
         f"floor {r['floor_ms']:7.3f} | x floor {r['kernel_ms'] / r['floor_ms']:5.2f} | "
-        f"err {err} | nan-free {r['nan_free']}",
+        f"err {err} | nan-free {r['nan_free']}"
+        + (f" | official do_bench {r['official_do_bench_ms'] or float('nan'):.3f} ms, "
+           f"err vs official {r.get('rel_err_y_vs_official', float('nan')):.1e}"
+           if "official_ms" in r else "")
+        + (f" | official: {r.get('official_error') or r.get('official_skipped')}"
+           if "official_error" in r or "official_skipped" in r else ""),
         flush=True,
     )
 
 
-SSD_SWEEP = [  # (chunk, block_p, num_warps, num_stages, precompute_cb)
-    (64, 32, 4, 3, True), (64, 32, 4, 4, True), (64, 32, 4, 3, False), (32, 32, 4, 3, True),
-    (64, 64, 4, 3, True), (64, 32, 8, 3, True),
+# SSD candidates (SSDPallasConfig fields; the first one is the baseline the others are checked
+# against). `segments` splits the sequence: a states pass, then the scan (see ssd_pallas.py).
+SSD_SWEEP = [
+    dict(),  # v3 default: chunk 64, block_p 32, 4 warps, 3 stages, one segment
+    dict(num_stages=2, segments=4),
+    dict(segments=4),
+    dict(block_p=64, num_warps=8, num_stages=2, segments=4),
+    dict(num_stages=2, segments=2),
+    dict(num_stages=2, segments=8),
+    dict(chunk=32, segments=4),
+    dict(block_p=64, num_warps=8, num_stages=3, segments=2),
+    dict(block_p=16),
+    dict(num_stages=2),
 ]
 SS_SWEEP = [  # (block_e, block_t, num_warps, num_stages)
     (8, 16, 1, 2), (8, 32, 1, 2), (16, 16, 2, 2), (4, 16, 1, 2), (8, 16, 1, 3), (32, 16, 4, 2),
 ]
 
 
-def _sweep_one(name, length, c, run, args, thr, rows):
+def _sweep_one(name, length, c, run, args, thr, rows, ref=None, filtered=True, interpret=False):
+    """Times one config (and checks its output against `ref`); returns its output."""
     try:
-        plain = jax.jit(lambda *a: run(*a, config=c))
-        filt = jax.jit(lambda *a: run(*a[:6], threshold=a[6], config=c))
+        plain = jax.jit(lambda *a: run(*a, config=c, interpret=interpret))
+        filt = jax.jit(lambda *a: run(*a[:6], threshold=a[6], config=c, interpret=interpret))
         t_p, _ = time_fn(plain, *args)
-        t_f, _ = time_fn(filt, *args, thr)
-        print(f"sweep {name} l={length} {c}: {t_p * 1e3:.3f} ms, filtered {t_f * 1e3:.3f} ms",
-              flush=True)
+        t_f = time_fn(filt, *args, thr)[0] if filtered else float("nan")
+        out = plain(*args)
+        err = rel_err(out[0], ref[0]) if ref is not None else 0.0
+        print(f"sweep {name} l={length} {c}: {t_p * 1e3:.3f} ms, filtered {t_f * 1e3:.3f} ms, "
+              f"rel err vs baseline {err:.1e}", flush=True)
         rows.append(dict(op=f"sweep_{name}", length=length, config=str(c), ms=t_p * 1e3,
-                         filtered_ms=t_f * 1e3))
+                         filtered_ms=t_f * 1e3, rel_err_y_vs_baseline=err))
+        return out
     except Exception as err:  # a config that does not compile is reported, not fatal
         print(f"sweep {name} {c}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
+        rows.append(dict(op=f"sweep_{name}", length=length, config=str(c),
+                         error=f"{type(err).__name__}: {str(err)[:300]}"))
+        return None
 
 
-def sweep(length, rows):
-    """Times each block-size candidate on one length, unfiltered and filtered."""
-    args, thr = ssd_inputs(length)
-    for chunk, block_p, warps, stages, pre in SSD_SWEEP:
-        c = SSDPallasConfig(chunk=chunk, block_p=block_p, num_warps=warps, num_stages=stages,
-                            precompute_cb=pre)
-        _sweep_one("ssd", length, c, ssd_pallas, args, thr, rows)
-    del args
-    args, thr = ss_inputs(length)
-    for block_e, block_t, warps, stages in SS_SWEEP:
-        c = SelectiveScanPallasConfig(block_e=block_e, block_t=block_t, num_warps=warps,
-                                      num_stages=stages)
-        _sweep_one("selective_scan", length, c, selective_scan_pallas, args, thr, rows)
+def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered=False):
+    """Times each block-size candidate per length (with `filtered`, the filtered kernel too at
+    the first length: the compare always runs, so it compiles to the same kernel)."""
+    if "ssd" in ops:
+        for i, length in enumerate(lengths):
+            args, thr = ssd_inputs(length)
+            ref = None
+            for fields in SSD_SWEEP:
+                out = _sweep_one("ssd", length, SSDPallasConfig(**fields), ssd_pallas, args, thr,
+                                 rows, ref=ref, filtered=filtered and i == 0,
+                                 interpret=interpret)
+                if ref is None:
+                    ref = out
+                del out
+                checkpoint()
+            del args, ref
+    if "selective_scan" in ops:
+        args, thr = ss_inputs(lengths[0])
+        for block_e, block_t, warps, stages in SS_SWEEP:
+            c = SelectiveScanPallasConfig(block_e=block_e, block_t=block_t, num_warps=warps,
+                                          num_stages=stages)
+            _sweep_one("selective_scan", lengths[0], c, selective_scan_pallas, args, thr, rows,
+                       interpret=interpret)
 
 
 def parse_lengths(text):
+    if not text:
+        return []
     return [int(float(v[:-1]) * K) if v.endswith("K") else int(v) for v in text.split(",")]
 
 
@@ -211,8 +338,14 @@ def main(argv=None):
                     help="time the jnp fallback only up to this length (it is slow)")
     ap.add_argument("--million", action="store_true",
                     help="also run one SSD layer on 1M tokens (filtered) and check for NaN")
-    ap.add_argument("--sweep", type=int, default=0, metavar="L",
-                    help="first time the block-size candidates at length L")
+    ap.add_argument("--sweep", default="", metavar="L[,L...]",
+                    help="first time the block-size candidates at these lengths")
+    ap.add_argument("--sweep-ops", default="ssd,selective_scan",
+                    help="which ops the sweep covers")
+    ap.add_argument("--official-src", default=os.environ.get("MAMBA_SSM_SRC", ".official"),
+                    help="directory holding the official mamba_ssm sources")
+    ap.add_argument("--no-official", action="store_true", help="skip the official SSD column")
+    ap.add_argument("--skip-main", action="store_true", help="only the sweep")
     ap.add_argument("--ssd-config", default="",
                     help="SSDPallasConfig fields, e.g. chunk=64,block_p=32")
     ap.add_argument("--ss-config", default="", help="SelectiveScanPallasConfig fields")
@@ -229,18 +362,31 @@ def main(argv=None):
     ss_cfg = cfg(SelectiveScanPallasConfig, args.ss_config)
     if args.quick:
         args.ssd_lengths, args.ss_lengths = "256", "64"
+    if not args.no_official:
+        # torch shares the GPU: JAX must not grab 75% of it up front (set before JAX starts).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     dev = jax.devices()[0]
     bw = copy_bandwidth(2 * K**3 if dev.platform == "gpu" else 64 * K**2)
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}; "
           f"copy bandwidth {bw / 1e12:.3f} TB/s (read + write)")
     print(f"ssd config {ssd_cfg}; selective-scan config {ss_cfg}", flush=True)
+    official = None
+    if not args.no_official:
+        official = Official(args.official_src)
+        print("official mamba_ssm SSD: " + (
+            "mamba_chunk_scan_combined (chunk_size 256)" if official.fn is not None
+            else f"skipped ({official.reason})"), flush=True)
     rows = []
     if args.sweep:
-        sweep(args.sweep, rows)
-    bench_ssd(parse_lengths(args.ssd_lengths), bw, args.interpret, ssd_cfg,
-              args.fallback_max_len, rows)
-    bench_ss(parse_lengths(args.ss_lengths), bw, args.interpret, ss_cfg,
-             args.fallback_max_len, rows)
+        sweep(parse_lengths(args.sweep), args.sweep_ops.split(","), rows, args.interpret,
+              checkpoint=lambda: save(args.out, dev, bw, ssd_cfg, ss_cfg, rows))
+        save(args.out, dev, bw, ssd_cfg, ss_cfg, rows)
+    if not args.skip_main:
+        bench_ssd(parse_lengths(args.ssd_lengths), bw, args.interpret, ssd_cfg,
+                  args.fallback_max_len, rows, official)
+        save(args.out, dev, bw, ssd_cfg, ss_cfg, rows)
+        bench_ss(parse_lengths(args.ss_lengths), bw, args.interpret, ss_cfg,
+                 args.fallback_max_len, rows)
     if args.million:
         length = 1024 * K
         (x, dt, A, B, C, D), thr = ssd_inputs(length)
@@ -251,16 +397,28 @@ def main(argv=None):
         rows.append(dict(op="ssd_1M_filtered", length=length, kernel_filtered_ms=t * 1e3,
                          nan_free=ok))
         print(f"ssd 1M tokens, filtered: {t * 1e3:.2f} ms, nan-free {ok}", flush=True)
+    result = save(args.out, dev, bw, ssd_cfg, ss_cfg, rows)
+    if args.out:
+        print(f"wrote {args.out}")
+    return result
+
+
+def save(out, dev, bw, ssd_cfg, ss_cfg, rows):
+    """The JSON record (written after each stage, so a run cut short keeps what it measured)."""
     result = dict(
         device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
         python=platform.python_version(), copy_bandwidth_bytes_per_s=bw,
         ssd_config=str(ssd_cfg), selective_scan_config=str(ss_cfg),
         command=" ".join(sys.argv), rows=rows,
     )
-    if args.out:
-        with open(args.out, "w") as fh:
+    versions = {}
+    for mod in ("torch", "triton"):
+        if mod in sys.modules:
+            versions[mod] = getattr(sys.modules[mod], "__version__", "?")
+    result.update(versions)
+    if out:
+        with open(out, "w") as fh:
             json.dump(result, fh, indent=1)
-        print(f"wrote {args.out}")
     return result
 
 

@@ -6,6 +6,11 @@
 #   bash evals/run_gpu_kernel_tests.sh            # tests + benchmark
 #   SWEEP=16384 bash evals/run_gpu_kernel_tests.sh   # also time block-size candidates first
 #   PYTEST_MARK="" bash evals/run_gpu_kernel_tests.sh  # whole suite (interpret tests too)
+#   SKIP_TESTS=1 / SKIP_BENCH=1                      # only one of the two parts
+#
+# The benchmark also times the official mamba_ssm Triton SSD in the same run when its sources
+# are unpacked in .official/ (git-ignored; see evals/official_mamba.py): name `.official` in the
+# device tool's `carry`. Without them the official column is skipped with the reason.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -14,6 +19,7 @@ mkdir -p "$OUT" /tmp/pp
 ln -sfn "$PWD/kernels" /tmp/pp/longmamba_kernels
 ln -sfn "$PWD/longmamba_jax" /tmp/pp/longmamba_jax
 ln -sfn "$PWD/evals" /tmp/pp/longmamba_evals
+ln -sfn "$PWD/convert" /tmp/pp/longmamba_convert
 export PYTHONPATH="/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PY:-python3}"
 

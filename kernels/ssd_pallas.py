@@ -14,12 +14,17 @@ in-chunk cumsum (the chunked SSD of `ssd_chunked`, as three matmuls):
     y      = ((C Bᵀ) ⊙ exp(A⁺_i − A⁺_j) [j <= i]) (Δ x)  +  exp(A⁺) ⊙ (C Sᵀ)  +  D x
     S_next = exp(A⁺_last) S + ((Δ x) ⊙ exp(A⁺_last − A⁺))ᵀ B
 
+Optional sequence segments (`SSDPallasConfig.segments`, off by default: measured no faster on
+the H100 at batch 1, evals/NOTES_kernels.md): a first kernel computes each segment's local final
+state (from zero) and total decay, and each segment's scan program folds the earlier segments
+in, S_in[k + 1] = exp(Σ_k Δ A) S_in[k] + S_loc[k], before walking its own chunks.
+
 C Bᵀ depends only on the group, so by default it is computed once per (chunk, group) by one
 batched XLA matmul ([b, c, g, s, s], l·s values per group) and read by every head's program.
 Matmul operands are in the input dtype (bf16 inputs: bf16 operands, fp32 accumulation; fp32
 inputs: IEEE fp32 dots); Δ, A, the cumsum, the decays and the carried state stay fp32.
-Any length is accepted: time is zero-padded to a multiple of s (Δ = 0 leaves the state exact),
-p and n to powers of two >= 16 (Triton tile shapes), only when needed.
+Any length is accepted: time is zero-padded to a multiple of s (s·segments with segments; Δ = 0
+leaves the state exact), p and n to powers of two >= 16 (Triton tile shapes), only when needed.
 """
 
 from __future__ import annotations
@@ -30,8 +35,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-
-from longmamba_kernels.common import pad_time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,11 @@ class SSDPallasConfig:
       precompute_cb: compute the per-group chunk Gram matrices C Bᵀ [b, c, g, s, s] once with
         one batched XLA matmul (tiny: l·s values per group) instead of in every program (each
         head and p-block would recompute it).
+      segments: k, sequence segments per batch row (at batch 1; ⌈k / b⌉ for batch b), scanned
+        by separate programs: b·h·(p/block_p) programs alone leave most of the GPU idle. With
+        k > 1 a first, cheaper kernel computes each segment's local final state and decay,
+        and the scan kernel folds the earlier segments' states into its initial state.
+      min_segment_chunks: fewest chunks per segment (short inputs use fewer segments).
     """
 
     chunk: int = 64
@@ -53,12 +61,17 @@ class SSDPallasConfig:
     num_warps: int = 4
     num_stages: int = 3
     precompute_cb: bool = True
+    segments: int = 1
+    min_segment_chunks: int = 16
 
     def __post_init__(self):
         for name in ("chunk", "block_p"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"SSDPallasConfig.{name} must be a power of two >= 16, got {v}")
+        for name in ("segments", "min_segment_chunks", "num_warps", "num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SSDPallasConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 def _pow2_at_least_16(v: int) -> int:
@@ -66,12 +79,21 @@ def _pow2_at_least_16(v: int) -> int:
 
 
 def _ssd_kernel(
-    x_ref, dt_ref, a_ref, b_ref, c_ref, cb_ref, d_ref, thr_ref, s0_ref,  # inputs
-    y_ref, s_ref,  # outputs
-    *, chunk, block_p, n_chunks, heads_per_group, has_d, has_init, dot_dtype, precompute_cb,
+    x_ref, dt_ref, a_ref, b_ref, c_ref, cb_ref, d_ref, thr_ref, s0_ref, sl_ref, dec_ref,  # in
+    *out_refs,
+    chunk, block_p, seg_chunks, n_seg, heads_per_group, has_d, has_init, dot_dtype,
+    precompute_cb, states_only,
 ):
+    """One program: (batch row, segment) × head × block of p, over `seg_chunks` chunks.
+
+    states_only: the first pass of a segmented scan (segments 0..k-2): no y, no C; writes the
+    segment's local final state (from zero) and its total decay exp(Σ Δ A).
+    Otherwise: the scan; its initial state is s0 folded through the earlier segments' local
+    states, S_in[j + 1] = dec[j] S_in[j] + S_loc[j] (a static loop, masked to j < segment).
+    """
     f32 = jnp.float32
-    bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    pid0, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, ki = pid0 // n_seg, pid0 % n_seg
     gi = hi // heads_per_group
     p_sl = pl.ds(pi * block_p, block_p)
     n = b_ref.shape[-1]
@@ -83,24 +105,50 @@ def _ssd_kernel(
     thr = thr_ref[hi]  # scalar fp32
     idx = jnp.arange(chunk)
     causal = idx[:, None] >= idx[None, :]  # [i, j]: j <= i
-    if has_init:
+    if has_init and not states_only:
         s = s0_ref[bi, hi, p_sl, :].astype(f32)  # [p_blk, n]
     else:
         s = jnp.zeros((block_p, n), f32)
+    if not states_only:
+        prev_seg = n_seg - 1
+        for j in range(prev_seg):  # fold in the earlier segments (unrolled; n_seg is small)
+            s_loc = sl_ref[bi * prev_seg + j, hi, p_sl, :]  # [p_blk, n]
+            dec = dec_ref[bi * prev_seg + j, hi, p_sl]  # [p_blk] (one value, broadcast)
+            s = jnp.where(j < ki, dec[:, None] * s + s_loc, s)
 
-    def body(ci, s):
-        t_sl = pl.ds(ci * chunk, chunk)
+    def chunk_inputs(ci):
+        t_sl = pl.ds((ki * seg_chunks + ci) * chunk, chunk)
         x = x_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
         dt = dt_ref[bi, t_sl, hi].astype(f32)  # [s]
         dt = jnp.where(dt <= thr, 0.0, dt)  # LongMamba filter (thr = -inf: unfiltered)
-        bm = b_ref[bi, t_sl, gi, :]  # [s, n]
-        cm = c_ref[bi, t_sl, gi, :]  # [s, n]
         da = dt * a  # [s]
         a_cum = jnp.cumsum(da)  # [s]
         a_last = jnp.sum(da)  # A⁺ at the chunk's last token
+        bm = b_ref[bi, t_sl, gi, :]  # [s, n]
+        return t_sl, x, dt, a_cum, a_last, bm
+
+    def state_update(s, xdt, a_cum, a_last, bm):
+        w = (xdt * jnp.exp(a_last - a_cum)[:, None]).astype(dot_dtype)  # [s, p_blk]
+        return jnp.exp(a_last) * s + dot(w.T, bm.astype(dot_dtype))  # [p_blk, n]
+
+    if states_only:
+        def body_states(ci, carry):
+            s, a_tot = carry
+            _, x, dt, a_cum, a_last, bm = chunk_inputs(ci)
+            return state_update(s, x * dt[:, None], a_cum, a_last, bm), a_tot + a_last
+
+        s, a_tot = jax.lax.fori_loop(0, seg_chunks, body_states, (s, jnp.zeros((), f32)))
+        sl_out, dec_out = out_refs
+        sl_out[pid0, hi, p_sl, :] = s
+        dec_out[pid0, hi, p_sl] = jnp.full((block_p,), jnp.exp(a_tot), f32)
+        return
+
+    def body(ci, s):
+        t_sl, x, dt, a_cum, a_last, bm = chunk_inputs(ci)
+        cm = c_ref[bi, t_sl, gi, :]  # [s, n]
         seg = jnp.where(causal, a_cum[:, None] - a_cum[None, :], -jnp.inf)  # [i, j]
         if precompute_cb:
-            cb = cb_ref[bi, ci, gi].astype(f32)  # [s, s]
+            cb = cb_ref[bi, ki * seg_chunks + ci, gi].astype(f32)  # [s, s]
         else:
             cb = dot(cm.astype(dot_dtype), bm.astype(dot_dtype).T)  # [s, s]
         m = (cb * jnp.exp(seg)).astype(dot_dtype)
@@ -111,11 +159,11 @@ def _ssd_kernel(
         if has_d:
             y = y + d_ref[hi] * x
         y_ref[bi, t_sl, hi, p_sl] = y
-        w = (xdt * jnp.exp(a_last - a_cum)[:, None]).astype(dot_dtype)  # [s, p_blk]
-        return jnp.exp(a_last) * s + dot(w.T, bm.astype(dot_dtype))  # [p_blk, n]
+        return state_update(s, xdt, a_cum, a_last, bm)
 
-    s = jax.lax.fori_loop(0, n_chunks, body, s)
-    s_ref[bi, hi, p_sl, :] = s
+    y_ref, s_ref = out_refs
+    s = jax.lax.fori_loop(0, seg_chunks, body, s)
+    s_ref[pid0, hi, p_sl, :] = s
 
 
 def ssd_pallas(
@@ -139,6 +187,13 @@ def ssd_pallas(
     )
 
 
+def ssd_segments(batch: int, length: int, config: SSDPallasConfig) -> int:
+    """Number of sequence segments the kernel uses for this batch size and length."""
+    n_chunks = -(-length // config.chunk)
+    per_row = -(-config.segments // max(batch, 1))
+    return max(1, min(per_row, n_chunks // config.min_segment_chunks))
+
+
 @functools.partial(jax.jit, static_argnames=("interpret", "config"))
 def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, config):
     f32 = jnp.float32
@@ -156,16 +211,21 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
     chunk = config.chunk
     pp, np_ = _pow2_at_least_16(p), _pow2_at_least_16(n)
     block_p = min(config.block_p, pp)
+    n_seg = ssd_segments(b, length, config)
+    n_chunks = -(-length // chunk)
+    seg_chunks = -(-n_chunks // n_seg)  # chunks per segment (the last may be partly padding)
+    padded_len = seg_chunks * n_seg * chunk
 
-    xs = pad_time(x, chunk)  # [b, l', h, p]
+    pad_t = lambda a: jnp.pad(a, [(0, padded_len - length if i == 1 else 0)
+                                  for i in range(a.ndim)]) if padded_len != length else a
+    xs = pad_t(x)  # [b, l', h, p]
     if pp != p:
         xs = jnp.pad(xs, ((0, 0), (0, 0), (0, 0), (0, pp - p)))
-    dts = pad_time(dt.astype(f32), chunk)  # [b, l', h]; Δ = 0 on padding
-    Bs, Cs = (pad_time(a, chunk) for a in (B, C))  # [b, l', g, n]
+    dts = pad_t(dt.astype(f32))  # [b, l', h]; Δ = 0 on padding leaves the state exact
+    Bs, Cs = pad_t(B), pad_t(C)  # [b, l', g, n]
     if np_ != n:
         pad_n = ((0, 0), (0, 0), (0, 0), (0, np_ - n))
         Bs, Cs = jnp.pad(Bs, pad_n), jnp.pad(Cs, pad_n)  # [b, l', g, n']
-    padded_len = xs.shape[1]
     has_d, has_init = D is not None, initial_state is not None
     d = (D if has_d else jnp.zeros((h,))).astype(f32)
     # The compare always runs (no filter: -inf, never true): one code path for both, and on
@@ -189,21 +249,41 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         cb = jnp.zeros((1, 1, 1, 1, 1), dot_dtype)  # unused placeholder
     kernel = functools.partial(
         _ssd_kernel,
-        chunk=chunk, block_p=block_p, n_chunks=padded_len // chunk, heads_per_group=h // g,
+        chunk=chunk, block_p=block_p, seg_chunks=seg_chunks, heads_per_group=h // g,
         has_d=has_d, has_init=has_init, dot_dtype=dot_dtype,
         precompute_cb=config.precompute_cb,
     )
+    params = _compiler_params(config.num_warps, config.num_stages)
+    grid = lambda rows: (rows, h, pp // block_p)
+    inputs = (xs, dts, A.astype(f32), Bs, Cs, cb, d, thr, s0)
+    if n_seg > 1:
+        # Pass 1: local final state (from zero) and total decay of segments 0..k-2.
+        rows = b * (n_seg - 1)
+        s_loc, dec = pl.pallas_call(
+            functools.partial(kernel, n_seg=n_seg - 1, states_only=True),
+            grid=grid(rows),
+            out_shape=[
+                jax.ShapeDtypeStruct((rows, h, pp, np_), f32),
+                jax.ShapeDtypeStruct((rows, h, pp), f32),
+            ],
+            compiler_params=params,
+            interpret=interpret,
+            name="ssd_segment_states",
+        )(*inputs, jnp.zeros((1, 1, 1, 1), f32), jnp.zeros((1, 1, 1), f32))
+    else:
+        s_loc, dec = jnp.zeros((1, 1, 1, 1), f32), jnp.zeros((1, 1, 1), f32)  # unused
     y, s = pl.pallas_call(
-        kernel,
-        grid=(b, h, pp // block_p),
+        functools.partial(kernel, n_seg=n_seg, states_only=False),
+        grid=grid(b * n_seg),
         out_shape=[
             jax.ShapeDtypeStruct((b, padded_len, h, pp), f32),
-            jax.ShapeDtypeStruct((b, h, pp, np_), f32),
+            jax.ShapeDtypeStruct((b * n_seg, h, pp, np_), f32),
         ],
-        compiler_params=_compiler_params(config.num_warps, config.num_stages),
+        compiler_params=params,
         interpret=interpret,
         name="ssd_chunk_scan",
-    )(xs, dts, A.astype(f32), Bs, Cs, cb, d, thr, s0)
+    )(*inputs, s_loc, dec)
+    s = s.reshape(b, n_seg, h, pp, np_)[:, -1]  # the last segment's final state
     return y[:, :length, :, :p], s[:, :, :p, :n]
 
 

@@ -25,7 +25,7 @@ from longmamba_kernels.selective_scan_pallas import (
     selective_scan_pallas,
 )
 from longmamba_kernels.ssd import ssd
-from longmamba_kernels.ssd_pallas import SSDPallasConfig, ssd_pallas
+from longmamba_kernels.ssd_pallas import SSDPallasConfig, ssd_pallas, ssd_segments
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 gpu_only = pytest.mark.skipif(not HAS_GPU, reason="compiled Pallas kernels need a CUDA GPU")
@@ -254,6 +254,42 @@ def test_ssd_pallas_in_kernel_gram_matches_reference():
 def test_ssd_pallas_config_rejects_bad_blocks():
     with pytest.raises(ValueError, match="chunk"):
         SSDPallasConfig(chunk=48)
+    with pytest.raises(ValueError, match="segments"):
+        SSDPallasConfig(segments=0)
+
+
+# Sequence segments (a states pass, then the scan folding earlier segments in): one chunk per
+# segment at least, so that the short test shapes split into several (uneven, padded) segments.
+SSD_SEG_CONFIG = dataclasses.replace(SSD_TEST_CONFIG, segments=3, min_segment_chunks=1)
+SEG_SHAPES = {
+    "T100_b1": SSDShape(b=1, l=100, h=4, p=16, g=1, n=16),  # 7 chunks -> 3 segments of 3
+    "T63_groups2_p8_n16": SSD_SHAPES["T63_groups2_p8_n16"],  # b=2: ceil(3 / 2) = 2 segments
+}
+
+
+@pytest.mark.parametrize("with_filter,with_init", [(True, True), (False, False)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", SEG_SHAPES, ids=str)
+@pytest.mark.parametrize("impl", IMPLS[1:])
+def test_ssd_pallas_segments_match_reference(impl, shape, dtype, with_filter, with_init):
+    args, s0, filt = ssd_inputs(SEG_SHAPES[shape], dtype, seed=7, with_filter=with_filter,
+                                with_init=with_init)
+    y_ref, s_ref = run_ssd("reference", args, s0, filt)
+    thr = filter_threshold(filt.get("dt_global"), filt.get("dt_threshold"), args[0].shape[2])
+    y, s = ssd_pallas(*args, initial_state=s0, threshold=thr, interpret=(impl == "pallas"),
+                      config=SSD_SEG_CONFIG)
+    assert y.shape == y_ref.shape and s.shape == s_ref.shape
+    assert_close(y, y_ref, dtype, f"ssd {impl} (segments) y")
+    assert_close(s, s_ref, dtype, f"ssd {impl} (segments) final state")
+
+
+def test_ssd_segments_count():
+    c = SSDPallasConfig(chunk=64, segments=4, min_segment_chunks=16)
+    assert ssd_segments(1, 16384, c) == 4  # 256 chunks
+    assert ssd_segments(1, 2048, c) == 2  # 32 chunks: at least 16 per segment
+    assert ssd_segments(1, 1000, c) == 1
+    assert ssd_segments(2, 16384, c) == 2  # the batch supplies programs too
+    assert ssd_segments(8, 16384, c) == 1
 
 
 # --------------------------------------------------------------------- selective-scan tests
@@ -325,6 +361,21 @@ def test_ssd_pallas_gpu_default_blocks(dtype):
     y, s = ssd_pallas(*args, initial_state=s0, threshold=thr)
     assert_close(y, y_ref, dtype, "ssd pallas-gpu y")
     assert_close(s, s_ref, dtype, "ssd pallas-gpu final state")
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_ssd_pallas_gpu_default_blocks_segmented(dtype):
+    """Default blocks split into 4 sequence segments of 4 chunks (the last one padded)."""
+    args, s0, filt = ssd_inputs(SSDShape(b=1, l=1000, h=8, p=64, g=1, n=128), dtype, seed=8)
+    y_ref, s_ref = run_ssd("reference", args, s0, filt)
+    thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], 8)
+    config = dataclasses.replace(SSDPallasConfig(), segments=4, min_segment_chunks=2)
+    assert ssd_segments(1, 1000, config) == 4
+    y, s = ssd_pallas(*args, initial_state=s0, threshold=thr, config=config)
+    assert_close(y, y_ref, dtype, "ssd pallas-gpu (segments) y")
+    assert_close(s, s_ref, dtype, "ssd pallas-gpu (segments) final state")
 
 
 @pytest.mark.gpu
