@@ -214,6 +214,18 @@ def _decode_once(params, cache, logits0, *, new_tokens, impl, backend):
         return_logits=False, decode_impl=impl)
 
 
+def _one_step_logits(params, cache, tok, impl, backend):
+    from longmamba_jax.decode_unrolled import prepare_fused, split_layers
+    from longmamba_jax.generate import _step_body
+
+    layers = {"unrolled": split_layers, "fused": lambda p: prepare_fused(p, None)}.get(
+        impl, lambda p: None)(params)
+    return _step_body(params, cache, tok, None, backend, layers, impl)[0]
+
+
+_one_step = jax.jit(_one_step_logits, static_argnames=("impl", "backend"))
+
+
 def sec_decode(args, arch: str) -> dict:
     params = _params(arch, args.small)
     backend = lmj.resolve_backend(args.backend)
@@ -246,32 +258,188 @@ def sec_decode(args, arch: str) -> dict:
                    "xla_flags": os.environ.get("XLA_FLAGS", "")}
             if args.hlo_stats:
                 row["hlo"] = _hlo_stats(params, cache, logits0, impl, backend, args, batch, hlo)
+                st = row["hlo"].get("step", {})
+                print(f"  census {impl} b={batch}: {st.get('kernels')} kernels/step "
+                      f"({st.get('kernels_per_layer', 0):.1f}/layer), fp32 temps >= 1M: "
+                      f"{st.get('big_f32_fusions')}", flush=True)
             rows.append(row)
             _print_rows(rows[-1:])
+        # one teacher-forced step from the same cache: logits vs the scan step (greedy
+        # agreement over 127 steps of a random bf16 model is no correctness signal: one early
+        # near-tie flips the rest, as unrolled vs scan shows)
+        tok = jnp.argmax(logits0, axis=-1).astype(jnp.int32)
+        step = {impl: np.asarray(_one_step(params, cache, tok, impl=impl, backend=backend))
+                for impl in args.impls}
+        for impl in args.impls:
+            if "scan" in step and impl != "scan":
+                err = _rel(step[impl], step["scan"])
+                next(r for r in rows if r["batch"] == batch and r["impl"] == impl)[
+                    "step_logits_rel_err_vs_scan"] = err
+                print(f"  {impl} b={batch}: one-step logits rel. err vs scan {err:.1e}",
+                      flush=True)
         ref = outs.get("scan")
         for impl, toks in outs.items():
             if ref is not None and impl != "scan":
                 agree = float(np.mean(toks == ref))
                 next(r for r in rows if r["batch"] == batch and r["impl"] == impl)[
                     "tokens_agree_with_scan"] = agree
+                print(f"  {impl} b={batch}: greedy tokens agree with scan: {agree:.3f}",
+                      flush=True)
     return {"rows": rows, "costs": model_costs(params)}
 
 
 def _hlo_stats(params, cache, logits0, impl, backend, args, batch, texts) -> dict:
-    """Counts in the optimized HLO of the decode loop: loops, copies, slices, kernels."""
+    """Counts in the optimized HLO of the decode loop: loops, copies, slices, kernels; and the
+    kernel census of the decode loop's body (one step): launches by kind, per layer, and
+    the fp32 temporaries of at least 1M elements (e.g. a materialized matmul product)."""
     lowered = _decode_loop.lower(
         params, cache, logits0, jax.random.PRNGKey(0), None, jnp.zeros((0,), jnp.int32),
         jnp.int32(0), sampler=Greedy(), max_new_tokens=args.new_tokens, backend=backend,
         return_logits=False, decode_impl=impl)
     text = lowered.compile().as_text()
     if args.dump_dir:
-        path = os.path.join(args.dump_dir, f"decode_{impl}_b{batch}.hlo.txt")
+        path = os.path.join(args.dump_dir, f"decode_{params.config.arch}_{impl}_b{batch}.hlo.txt")
         with open(path, "w") as f:
             f.write(text)
     keys = {"while": " while(", "copy": " copy(", "copy_start": "copy-start(",
             "dynamic_slice": "dynamic-slice(", "dynamic_update_slice": "dynamic-update-slice(",
             "fusion": " fusion(", "custom_call": "custom-call(", "command_buffer": "command_buffer"}
-    return {k: text.count(v) for k, v in keys.items()}
+    out = {k: text.count(v) for k, v in keys.items()}
+    out["step"] = step_census(text, params.config.n_layer)
+    return out
+
+
+def step_census(text: str, n_layer: int) -> dict:
+    """Kernel launches in the body of the outermost decode `while` (one step) of an optimized
+    HLO text: every fusion, custom call (Pallas / cuBLAS), copy and dynamic-update-slice."""
+    import re
+
+    whiles = re.findall(r" while\(.*?body=%([\w.\-]+)", text)
+    if not whiles:
+        return {}
+    body = whiles[-1]  # the entry computation comes last: its while is the decode loop
+    start = text.find(f"\n%{body} ")
+    if start < 0:
+        return {}
+    end = text.find("\n}\n", start)
+    kinds: dict[str, int] = {}
+    big_f32 = 0
+    for line in text[start:end].splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(", line)
+        if not m or m.group(3) not in ("fusion", "custom-call", "copy", "dynamic-update-slice",
+                                       "fusion-start", "while", "conditional"):
+            continue
+        name = re.sub(r"\.\d+$", "", m.group(1))
+        kinds[name] = kinds.get(name, 0) + 1
+        for dims in re.findall(r"f32\[([\d,]+)\]", m.group(2)):
+            if np.prod([int(d) for d in dims.split(",")]) >= 1 << 20 and m.group(3) == "fusion":
+                big_f32 += 1
+                break
+    total = sum(v for k, v in kinds.items() if k != "fusion-start")
+    return {"kernels": total, "kernels_per_layer": total / n_layer, "by_name": kinds,
+            "big_f32_fusions": big_f32}
+
+
+def sec_stepcheck(args) -> dict:
+    """The Mamba2 decode-step kernel (`longmamba_kernels.ssd_step`) compiled on this device
+    against its jnp reference at mamba2-1.3b's shapes (batch 1 and 8, LongMamba filter off and
+    on), then the parts of a decode step timed alone, each as a chain of n_layer calls with
+    the real per-layer shapes (so that one call's time ≈ one step's share of that part):
+    the step kernel vs the reference step, the in_proj GEMV, the out_proj GEMV as written
+    (one row: XLA rewrites it into multiply + reduce) and with the row padded to two."""
+    from longmamba_kernels.ssd_step import ssd_decode_step
+
+    cfg = _config("mamba2", args.small)
+    L, h, p, n, G = cfg.n_layer, cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups
+    E, conv_dim, d, K = cfg.d_inner, cfg.conv_dim, cfg.d_model, cfg.d_conv
+    bf16 = jnp.float32 if args.small else jnp.bfloat16
+    keys = iter(jax.random.split(jax.random.PRNGKey(5), 32))
+
+    def rnd(shape, scale=1.0, dtype=jnp.float32):
+        return (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    w = dict(conv_weight=rnd((K, conv_dim), 0.5, bf16), conv_bias=rnd((conv_dim,), 0.1, bf16),
+             dt_bias=rnd((h,), 1.0, bf16), A=-jnp.exp(rnd((h,))), D=rnd((h,), 1.0, bf16))
+    kw = dict(ngroups=G, headdim=p, d_state=n)
+    out = {"checks": [], "timings": []}
+    for batch in args.batches:
+        zx = rnd((batch, cfg.in_proj_dim), 1.0, bf16)
+        conv = rnd((L, batch, K - 1, conv_dim))
+        ssm = rnd((L, batch, h, p, n))
+        # bf16 inputs: x, B, C are rounded to bf16 after the conv, so an ulp of difference in
+        # the fp32 conv sum can flip a rounding (~4e-3 on that element); fp32 inputs show the
+        # kernel's own error.
+        for filtered, dtype in ((False, bf16), (True, bf16), (False, jnp.float32),
+                                (True, jnp.float32)):
+            thr = jnp.where(jnp.arange(h) % 2 == 0, 0.7, -jnp.inf) if filtered else None
+            wd = {k: (v.astype(dtype) if v.dtype == bf16 else v) for k, v in w.items()}
+            res = {}
+            for impl in ("reference", "pallas"):
+                f = jax.jit(lambda zx, conv, ssm, thr, impl=impl, wd=wd: ssd_decode_step(
+                    zx, conv, ssm, threshold=thr, layer=L // 2, implementation=impl,
+                    interpret=args.small and impl == "pallas", **wd, **kw))
+                res[impl] = [np.asarray(a, np.float64)
+                             for a in f(zx.astype(dtype), conv, ssm, thr)]
+            row = {"batch": batch, "filtered": filtered, "dtype": str(jnp.dtype(dtype))}
+            pairs = zip(("g", "conv", "ssm"), res["pallas"], res["reference"], strict=True)
+            for name, a, b in pairs:
+                row[f"rel_err_{name}"] = _rel(a, b)
+                row[f"finite_{name}"] = bool(np.isfinite(a).all())
+            out["checks"].append(row)
+            print(f"step kernel vs reference b={batch} {row['dtype']} filter={filtered}: "
+                  + ", ".join(
+                f"{k} {v:.1e}" for k, v in row.items() if k.startswith("rel")), flush=True)
+
+        def chain_time(fn, *xs, donate=()):
+            f = jax.jit(fn, donate_argnums=donate)
+            state = [jnp.copy(a) if i in donate else a for i, a in enumerate(xs)]
+            res = jax.block_until_ready(f(*state))
+            times = []
+            for _ in range(args.decode_repeats * 5):
+                if donate:
+                    state[donate[0]] = res[-1]
+                t0 = time.perf_counter()
+                res = jax.block_until_ready(f(*state))
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+
+        for impl in ("reference", "pallas"):
+            def steps(zx, conv, ssm, impl=impl):
+                gs = []
+                for i in range(L):
+                    g, _, ssm = ssd_decode_step(zx, conv, ssm, layer=i, implementation=impl,
+                                                interpret=args.small and impl == "pallas",
+                                                **w, **kw)
+                    gs.append(g)
+                return jnp.stack(gs), ssm
+            t = chain_time(steps, zx, conv, ssm, donate=(2,))
+            out["timings"].append({"part": f"ssm_step_{impl}", "batch": batch, "chain_s": t,
+                                   "us_per_layer": 1e6 * t / L})
+        w_in = rnd((L, d, cfg.in_proj_dim), 0.02, bf16)
+        w_out = rnd((L, E, d), 0.02, bf16)
+
+        def gemv(x, ws, pad):
+            for i in range(ws.shape[0]):
+                xp = jnp.pad(x, ((0, 1), (0, 0))) if pad and x.shape[0] == 1 else x
+                y = jnp.einsum("bi,io->bo", xp, ws[i],
+                               preferred_element_type=jnp.float32)[:x.shape[0]].astype(bf16)
+                x = jnp.concatenate([y] * (x.shape[1] // y.shape[1]), axis=1) \
+                    if y.shape[1] < x.shape[1] else y[:, :x.shape[1]]
+            return (x,)
+        for part, ws, pad in (("in_proj", w_in, False), ("out_proj_1row", w_out, False),
+                              ("out_proj_2rows", w_out, True)):
+            x0 = rnd((batch, ws.shape[1]), 1.0, bf16)
+            t = chain_time(lambda x, ws, pad=pad: gemv(x, ws, pad), x0, ws)
+            nbytes = ws.size * ws.dtype.itemsize
+            out["timings"].append({"part": part, "batch": batch, "chain_s": t,
+                                   "us_per_layer": 1e6 * t / L, "weight_GBps": nbytes / t / 1e9})
+        del w_in, w_out
+        for r in out["timings"]:
+            if r["batch"] == batch:
+                extra = f", {r['weight_GBps']:,.0f} GB/s" if "weight_GBps" in r else ""
+                print(f"  part {r['part']:18s} b={batch}: {r['us_per_layer']:7.1f} us/layer"
+                      f"{extra}", flush=True)
+    return out
 
 
 def sec_longprompt(args) -> dict:
@@ -324,10 +492,20 @@ def sec_longprompt(args) -> dict:
 
 
 def sec_mamba_ssm(args) -> dict:
-    """The official stack on the same shapes (prefill at each length, decode at batch 1 with CUDA
-    graphs), when it is importable on this machine."""
+    """The official stack on the same shapes, in the same run: mamba_ssm's `MambaLMHeadModel`
+    (random weights, bf16, CUDA) from the unpacked sources in `--official-src`
+    (`official_mamba.import_mamba_ssm`). Prefill at each length (batch 1, `num_last_tokens=1`)
+    and decode at each batch after a `--prompt-len` prompt with its CUDA-graph decoding
+    (`generate(..., cg=True)`). Without the causal_conv1d extension its Mamba2 blocks run with
+    `use_mem_eff_path=False` (the fused path calls causal_conv1d): torch conv1d, Triton SSD
+    (`mamba_chunk_scan_combined`), Triton gated RMSNorm and `selective_state_update`. Mamba-1
+    needs the `selective_scan_cuda` extension: skipped without it."""
     try:
         import torch
+
+        from longmamba_evals.official_mamba import has_causal_conv1d, import_mamba_ssm
+
+        mamba_ssm = import_mamba_ssm(args.official_src)
         from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available here"
@@ -336,10 +514,21 @@ def sec_mamba_ssm(args) -> dict:
         return {"skipped": msg}
     if not torch.cuda.is_available():
         return {"skipped": "torch sees no CUDA device; section skipped"}
-    out = {"mamba_ssm_version": getattr(__import__("mamba_ssm"), "__version__", "?"),
-           "torch": torch.__version__, "rows": []}
+    conv_ext = has_causal_conv1d()
+    out = {"mamba_ssm_version": getattr(mamba_ssm, "__version__", "?"),
+           "torch": torch.__version__, "device": torch.cuda.get_device_name(),
+           "causal_conv1d": conv_ext, "use_mem_eff_path": conv_ext, "rows": []}
+    print(f"mamba_ssm {out}", flush=True)
     for arch in args.archs:
-        out["rows"] += _mamba_ssm_arch(args, arch, torch, SsmConfig, MambaLMHeadModel)
+        if arch == "mamba1":
+            try:
+                import selective_scan_cuda
+
+                selective_scan_cuda.fwd  # noqa: B018 - the stand-in module has no attribute
+            except (ImportError, AttributeError):
+                out["rows"].append({"arch": arch, "skipped": "selective_scan_cuda not built"})
+                continue
+        out["rows"] += _mamba_ssm_arch(args, arch, torch, SsmConfig, MambaLMHeadModel, conv_ext)
         torch.cuda.empty_cache()
     return out
 
@@ -356,8 +545,9 @@ def _torch_timed(torch, fn, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def _mamba_ssm_arch(args, arch, torch, SsmConfig, MambaLMHeadModel) -> list[dict]:  # noqa: N803
-    ssm_cfg = {"layer": "Mamba2"} if arch == "mamba2" else {"layer": "Mamba1"}
+def _mamba_ssm_arch(args, arch, torch, SsmConfig, MambaLMHeadModel, conv_ext) -> list[dict]:  # noqa: N803
+    ssm_cfg = {"layer": "Mamba2", "use_mem_eff_path": conv_ext} if arch == "mamba2" \
+        else {"layer": "Mamba1"}
     cfg = SsmConfig(d_model=2048, n_layer=48, vocab_size=50277, ssm_cfg=ssm_cfg, rms_norm=True,
                     residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=16,
                     tie_embeddings=True)
@@ -367,28 +557,39 @@ def _mamba_ssm_arch(args, arch, torch, SsmConfig, MambaLMHeadModel) -> list[dict
     for length in args.lengths:
         ids = torch.randint(0, 50277, (1, length), device="cuda")
         try:
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
             with torch.inference_mode():
                 t = _torch_timed(torch, lambda i=ids: model(i, num_last_tokens=1), args.repeats)
-            row = {"kind": "prefill", "arch": arch, "length": length, "median_s": t,
-                   "tokens_per_s": length / t}
+            row = {"kind": "prefill", "arch": arch, "length": length, "batch": 1, "median_s": t,
+                   "tokens_per_s": length / t,
+                   "compile_s": max(time.perf_counter() - t0 - (args.repeats + 1) * t, 0.0),
+                   "peak_bytes": torch.cuda.max_memory_allocated()}
         except Exception as exc:  # noqa: BLE001 - record and go on (e.g. index overflow)
-            row = {"kind": "prefill", "arch": arch, "length": length, "error": repr(exc)}
+            row = {"kind": "prefill", "arch": arch, "length": length, "error": repr(exc)[:500]}
         rows.append(row)
         print(f"mamba_ssm {row}", flush=True)
-    ids = torch.randint(0, 50277, (1, args.prompt_len), device="cuda")
     n = args.new_tokens
+    for batch in args.batches:
+        ids = torch.randint(0, 50277, (batch, args.prompt_len), device="cuda")
 
-    def gen(m):
-        return model.generate(input_ids=ids, max_length=args.prompt_len + m, cg=True)
+        def gen(m, ids=ids):
+            return model.generate(input_ids=ids, max_length=args.prompt_len + m, cg=True)
 
-    with torch.inference_mode():
-        t_full = _torch_timed(torch, lambda: gen(n), 3)
-        t_one = _torch_timed(torch, lambda: gen(1), 3)
-    steps = n - 1
-    rows.append({"kind": "decode", "arch": arch, "batch": 1, "new_tokens": n,
-                 "step_ms": 1e3 * (t_full - t_one) / steps,
-                 "tokens_per_s": steps / (t_full - t_one)})
-    print(f"mamba_ssm {rows[-1]}", flush=True)
+        try:
+            with torch.inference_mode():
+                # step time = (n tokens − 1 token) / (n − 1): prefill and graph capture cancel
+                # (gen(1) reuses the graphs captured for the longer max_length)
+                t_full = _torch_timed(torch, lambda: gen(n), 3)
+                t_one = _torch_timed(torch, lambda: gen(1), 3)
+            steps = n - 1
+            row = {"kind": "decode", "arch": arch, "batch": batch, "prompt_len": args.prompt_len,
+                   "new_tokens": n, "step_ms": 1e3 * (t_full - t_one) / steps,
+                   "tokens_per_s": batch * steps / (t_full - t_one), "cuda_graphs": True}
+        except Exception as exc:  # noqa: BLE001
+            row = {"kind": "decode", "arch": arch, "batch": batch, "error": repr(exc)[:500]}
+        rows.append(row)
+        print(f"mamba_ssm {row}", flush=True)
     return rows
 
 
@@ -415,33 +616,43 @@ def _print_rows(rows):
 
 
 def table(result: dict) -> str:
-    """The markdown summary: each number with its physical limit."""
-    ceil = result.get("sections", {}).get("ceilings", {})
+    """The markdown summary: each number with its physical limit (the official stack's rows
+    use our model's costs: same shapes)."""
+    secs = result.get("sections", {})
+    ceil = secs.get("ceilings", {})
     bw, mm = ceil.get("copy_bytes_per_s"), ceil.get("matmul_flops_per_s")
+    costs_by_arch = {k.split(":")[1]: v["costs"] for k, v in secs.items()
+                     if ":" in k and "@" not in k and "costs" in v}
     lines = ["| arch | what | variant | batch | length | tokens/s | ms | limit tok/s | % of limit "
              "| compile s | program mem |", "|" + "---|" * 11]
-    for key, sec in result.get("sections", {}).items():
+    for key, sec in secs.items():
         kind, _, rest = key.partition(":")
-        if kind not in ("prefill", "decode") or "rows" not in sec:
+        if kind not in ("prefill", "decode", "mamba_ssm") or "rows" not in sec:
             continue
-        costs = sec.get("costs")
         for r in sec["rows"]:
+            if "tokens_per_s" not in r:
+                continue
+            costs = sec.get("costs") or costs_by_arch.get(r["arch"])
             limit = None
             if costs and r["kind"] == "prefill" and mm:
                 limit = mm / costs["flops_per_token"]
             elif costs and r["kind"] == "decode" and bw:
                 step_bytes = costs["weight_bytes"] + 2 * r["batch"] * costs["cache_bytes_per_seq"]
                 limit = r["batch"] * bw / step_bytes
-            variant = r.get("method") or (r["impl"] + (f" [{key.split('@')[1]}]" if "@" in key
-                                                       else ""))
+            if kind == "mamba_ssm":
+                variant = "mamba_ssm" + (" (cuda graphs)" if r["kind"] == "decode" else "")
+            else:
+                variant = r.get("method") or (r["impl"] + (f" [{key.split('@')[1]}]"
+                                                           if "@" in key else ""))
             ms = 1e3 * r["median_s"] if r["kind"] == "prefill" else r["step_ms"]
             length = r.get("length", f"{r.get('prompt_len')}+{r.get('new_tokens')}")
             lim = f"{limit:,.0f}" if limit else ""
             pct = f"{100 * r['tokens_per_s'] / limit:.0f}%" if limit else ""
             extra = f" ({r['overhead_pct']:+.2f}%)" if "overhead_pct" in r else ""
+            comp = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
             lines.append(f"| {r['arch']} | {r['kind']} | {variant}{extra} | {r['batch']} | "
                          f"{length} | {r['tokens_per_s']:,.0f} | {ms:.2f} | {lim} | {pct} | "
-                         f"{r['compile_s']:.1f} | {_gib(r.get('program_bytes'))} |")
+                         f"{comp} | {_gib(r.get('program_bytes'))} |")
     return "\n".join(lines)
 
 
@@ -457,7 +668,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=lmj.BACKENDS)
     p.add_argument("--lengths", default="4096,16384,65536")
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--impls", default="scan,unrolled", help="decode implementations")
+    p.add_argument("--impls", default="scan,unrolled,fused", help="decode implementations")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5, help="timed prefill runs per variant")
@@ -469,8 +680,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flag-variants", default=",".join(FLAG_VARIANTS),
                    help=f"comma-separated names from {sorted(FLAG_VARIANTS)} ('' for none)")
     p.add_argument("--sections", default="ceilings,prefill,decode,longprompt,flags",
-                   help="which sections to run, in this order per arch")
-    p.add_argument("--compare-mamba-ssm", action="store_true")
+                   help="sections to run, in this order (prefill/decode once per arch, or "
+                        "prefill:ARCH / decode:ARCH for one; "
+                        "stepcheck, longprompt, flags for mamba2; mamba_ssm: the official "
+                        "stack, also added by --compare-mamba-ssm)")
+    p.add_argument("--compare-mamba-ssm", action="store_true",
+                   help="add the 'mamba_ssm' section (the official stack, same shapes)")
+    p.add_argument("--official-src", default=".official",
+                   help="folder holding the unpacked mamba_ssm sources (official_mamba.py)")
     p.add_argument("--hlo-stats", action="store_true",
                    help="count loops/copies/slices in the optimized decode HLO (+ --dump-dir)")
     p.add_argument("--dump-dir", default=None, help="write the optimized decode HLO here")
@@ -509,6 +726,8 @@ def _worker(args) -> dict:
         return sec_longprompt(args)
     if kind == "mamba_ssm":
         return sec_mamba_ssm(args)
+    if kind == "stepcheck":
+        return sec_stepcheck(args)
     raise ValueError(f"unknown worker section {args.worker!r}")
 
 
@@ -562,19 +781,24 @@ def main(argv=None) -> dict:
               "backend": args.backend, "resolved_backend": str(lmj.resolve_backend(args.backend)),
               "configs": {a: _config(a, args.small).to_dict() for a in args.archs},
               "argv": argv, "sections": {}}
-    plan: list[tuple[str, str]] = []  # (section name, extra XLA flags)
-    wanted = args.sections.split(",")
-    if "ceilings" in wanted:
-        plan.append(("ceilings", ""))
-    for arch in args.archs:
-        plan += [(f"{s}:{arch}", "") for s in ("prefill", "decode") if s in wanted]
-        if arch == "mamba2" and "longprompt" in wanted:
-            plan.append(("longprompt", ""))
-    if "flags" in wanted and "mamba2" in args.archs:
-        for v in (v for v in args.flag_variants.split(",") if v):
-            plan.append((f"decode:mamba2@{v}", FLAG_VARIANTS[v]))
-    if args.compare_mamba_ssm:
-        plan.append(("mamba_ssm", ""))
+    plan: list[tuple[str, str]] = []  # (section name, extra XLA flags), in --sections order
+    wanted = [w for w in args.sections.split(",") if w]
+    if args.compare_mamba_ssm and "mamba_ssm" not in wanted:
+        wanted.append("mamba_ssm")
+    for sec in wanted:
+        if sec in ("ceilings", "mamba_ssm"):
+            plan.append((sec, ""))
+        elif sec in ("prefill", "decode"):
+            plan += [(f"{sec}:{arch}", "") for arch in args.archs]
+        elif sec.partition(":")[0] in ("prefill", "decode") and sec.partition(":")[2] in CONFIGS:
+            plan.append((sec, ""))  # one arch at this place in the order
+        elif sec in ("stepcheck", "longprompt") and "mamba2" in args.archs:
+            plan.append((sec, ""))
+        elif sec == "flags" and "mamba2" in args.archs:
+            for v in (v for v in args.flag_variants.split(",") if v):
+                plan.append((f"decode:mamba2@{v}", FLAG_VARIANTS[v]))
+        elif sec not in ("stepcheck", "longprompt", "flags"):
+            raise ValueError(f"unknown section {sec!r} in --sections")
 
     for name, flags in plan:
         elapsed = time.perf_counter() - t_start

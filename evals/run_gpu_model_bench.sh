@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Issue 7 in one device call (≤ 9.5 min): evals/bench_model.py on the mamba2-1.3b- and
-# mamba-1.4b-shaped random models — prefill 4K/16K/64K vanilla vs LongMamba, decode b=1/8 for
-# each decode implementation, the 1,048,576-token chunked prefill and chunked == one-shot at
-# 128K, decode under XLA flag variants, mamba_ssm if importable — then the table.
+# mamba-1.4b-shaped random models — the decode-step kernel checked against its reference, decode
+# b=1/8 for each decode implementation (with the per-step kernel census), the official
+# mamba_ssm stack on the same shapes in the same run (sources in .official/, name it in the
+# device call's `carry`), prefill 4K/16K/64K vanilla vs LongMamba, the 1,048,576-token chunked
+# prefill and chunked == one-shot at 128K — then the table.
 # Everything lands under $OUT: model_h100.json (rewritten after every section), bench.log,
-# device.txt, hlo/ (optimized decode HLO, gzipped).
+# device.txt, decode_hlo.tar.gz (optimized decode HLO of every decode variant).
 #
 #   OUT=... bash evals/run_gpu_model_bench.sh           # from the repo root, on the device
-# Knobs (environment): BUDGET_S (bench's own budget, default 500), BENCH_ARGS (extra flags),
-# PY.
+# Knobs (environment): BUDGET_S (bench's own budget, default 500), SECTIONS (default
+# ceilings,stepcheck,decode:mamba2,mamba_ssm,prefill:mamba2,longprompt,decode:mamba1,prefill:mamba1; add "flags" for the XLA flag
+# variants), BENCH_ARGS (extra flags), PY.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -23,13 +26,14 @@ export PYTHONPATH="/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
   2>&1 | tee "$OUT/device.txt"
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/device.txt"
-$PY -c "import mamba_ssm, torch; print('mamba_ssm', mamba_ssm.__version__, 'torch', torch.__version__)" \
+$PY -c "from longmamba_evals.official_mamba import import_mamba_ssm, has_causal_conv1d as h; import torch; m = import_mamba_ssm('.official'); print('mamba_ssm', m.__version__, 'torch', torch.__version__, 'causal_conv1d', h())" \
   >> "$OUT/device.txt" 2>&1 || echo "mamba_ssm: not importable" >> "$OUT/device.txt"
 
 timeout $((BUDGET_S + 60)) $PY evals/bench_model.py --out "$OUT/model_h100.json" \
-  --budget-s "$BUDGET_S" --compare-mamba-ssm --hlo-stats --dump-dir "$OUT/hlo" \
+  --budget-s "$BUDGET_S" --hlo-stats --dump-dir "$OUT/hlo" \
+  --sections "${SECTIONS:-ceilings,stepcheck,decode:mamba2,mamba_ssm,prefill:mamba2,longprompt,decode:mamba1,prefill:mamba1}" \
   ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
-gzip -f "$OUT"/hlo/*.txt 2>/dev/null
+tar czf "$OUT/decode_hlo.tar.gz" -C "$OUT" hlo 2>/dev/null && rm -rf "$OUT/hlo"
 echo "bench exit code: $rc"
 exit "$rc"

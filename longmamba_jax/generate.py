@@ -35,7 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from longmamba_jax.backends import resolve_backend
-from longmamba_jax.decode_unrolled import DECODE_IMPLS, split_layers, step_unrolled
+from longmamba_jax.decode_unrolled import (
+    DECODE_IMPLS,
+    prepare_fused,
+    split_layers,
+    step_fused,
+    step_unrolled,
+)
 from longmamba_jax.mixers import ScanBackend
 from longmamba_jax.model import (
     Cache,
@@ -129,9 +135,12 @@ def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None 
 
 
 def _step_body(params: Params, cache: Cache, token, filters: LayerFilters | None, backend,
-               layers=None):
+               layers=None, impl: str = "scan"):
     """One recurrent step: token int32 [b] -> (logits fp32 [b, V], new cache); with `layers`
-    (`split_layers(params)`) the layers run unrolled (`decode_unrolled`)."""
+    (`split_layers(params)`, or `prepare_fused(params, filters)` for impl="fused") the layers
+    run unrolled (`decode_unrolled`)."""
+    if impl == "fused":
+        return step_fused(params, layers, cache, token, backend)
     if layers is not None:
         return step_unrolled(params, layers, cache, token, filters, backend)
     out = apply_model(params, token[:, None], filters=filters, cache=cache, backend=backend,
@@ -255,7 +264,11 @@ def _decode_loop(params: Params, cache: Cache, logits0, key, filters, eos_ids, p
     scores = jnp.zeros((batch, n, v_pad), f32).at[:, 0].set(logits0) if return_logits else None
     done = is_eos(tok)
     lengths = jnp.ones((batch,), i32)
-    layers = split_layers(params) if decode_impl == "unrolled" else None  # once, outside the loop
+    layers = None  # per-layer weights, split once outside the loop
+    if decode_impl == "unrolled":
+        layers = split_layers(params)
+    elif decode_impl == "fused":
+        layers = prepare_fused(params, filters)
 
     def cond(state):
         i, _, _, done, *_ = state
@@ -263,7 +276,8 @@ def _decode_loop(params: Params, cache: Cache, logits0, key, filters, eos_ids, p
 
     def body(state):
         i, tok, cache, done, tokens, lengths, scores = state
-        logits, cache = _step_body(params, cache, tok, filters, backend, layers)  # [b, V]
+        logits, cache = _step_body(params, cache, tok, filters, backend, layers,
+                                   decode_impl)  # [b, V]
         nxt = jnp.where(done, pad_id, pick(logits, i))
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, i))
         if scores is not None:
@@ -302,8 +316,10 @@ def generate(params: Params, tokens, *, max_new_tokens: int, temperature: float 
       backend: scan backend for the prefill ("auto", "reference", "associative", "pallas", ...).
       method: None, `LongMamba(...)` or `DeciMamba(...)` (see the module docstring).
       return_logits: also return the logits of every step (memory b × n × V fp32).
-      decode_impl: "scan" (the layers under one `lax.scan`) or "unrolled" (layers unrolled,
-        weights split once before the loop; see `longmamba_jax.decode_unrolled`). Same results.
+      decode_impl: "scan" (the layers under one `lax.scan`), "unrolled" (layers unrolled,
+        weights split once before the loop) or "fused" (unrolled, Mamba2's conv + SSM + gate
+        as one Pallas kernel per layer on the "pallas" backend, projections kept GEMMs at
+        batch 1); see `longmamba_jax.decode_unrolled`. Same results up to fp32 rounding.
 
     Returns:
       int32 [b, max_new_tokens], or a `GenerateOutput` when return_logits.
