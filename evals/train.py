@@ -62,6 +62,7 @@ __all__ = ["TrainConfig", "Batch", "TaskSampler", "build_model_config", "mamba_i
 
 TRAIN_TEXT = os.path.join(DATA_DIR, "lambada_train.txt")
 ANSWER = " {key}."
+BUCKET_STREAM = 0xB0C  # seeds the per-step bucket choice, shared by all seeds
 f32, bf16 = jnp.float32, jnp.bfloat16
 
 
@@ -92,6 +93,8 @@ class TrainConfig:
     w_second: float = 0.5
     w_lm: float = 0.1
     compute_dtype: str = "bfloat16"
+    scan_backend: str = "associative"
+    micro_batches: int = 1
     seed: int = 0
     val_frac: float = 0.05
     val_prompts: int = 128
@@ -114,6 +117,14 @@ class TrainConfig:
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"compute_dtype must be bfloat16 or float32, got "
                              f"{self.compute_dtype!r}")
+        if self.scan_backend not in ("associative", "reference"):
+            raise ValueError(f"scan_backend must be 'associative' or 'reference' (the ones "
+                             f"with gradients), got {self.scan_backend!r}")
+        rows = [self.tokens_per_step // b for b in range(self.bucket, self.train_len + 1,
+                                                          self.bucket)]
+        if self.micro_batches < 1 or any(r % self.micro_batches for r in rows):
+            raise ValueError(f"micro_batches {self.micro_batches} must divide the rows of every "
+                             f"bucket ({rows})")
         if not 0 <= self.instruction_prob <= 1 or not 0 <= self.lm_frac < 1:
             raise ValueError("instruction_prob must be in [0, 1] and lm_frac in [0, 1)")
 
@@ -290,16 +301,23 @@ class TaskSampler:
         n = int(rng.integers(0, fmax + 1))
         return ("passkey", instr, n, self.fixed[instr] + n)
 
+    def step_bucket(self, step: int, total_steps: int) -> int:
+        """The padded length of step `step`: the bucket of one row drawn from a stream that is
+        the same for every seed, so the runs of several seeds have equal shapes at each step
+        and train together under `vmap`. (The bucket has the distribution it would have if the
+        seed's own first row chose it.)"""
+        phase1 = step < self.tc.curriculum_frac * total_steps
+        return self.bucket_of(self._draw(np.random.default_rng([BUCKET_STREAM, step]),
+                                         phase1)[3])
+
     def batch(self, step: int, total_steps: int) -> Batch:
         """The rows of training step `step` (a pure function of (seed, step, total_steps))."""
         tc = self.tc
-        rng = np.random.default_rng([tc.seed, step])
         phase1 = step < tc.curriculum_frac * total_steps
-        first = self._draw(rng, phase1)
-        bucket = self.bucket_of(first[3])
-        rows = [first]
-        rows_wanted = tc.tokens_per_step // bucket
-        while len(rows) < rows_wanted:
+        bucket = self.step_bucket(step, total_steps)
+        rng = np.random.default_rng([tc.seed, step])
+        rows, rows_wanted = [], tc.tokens_per_step // bucket
+        while len(rows) < rows_wanted:  # rows drawn conditionally on the step's bucket
             d = self._draw(rng, phase1)
             if self.bucket_of(d[3]) == bucket:
                 rows.append(d)
@@ -343,11 +361,11 @@ def pad_rows(examples: list[Example], length: int) -> Batch:
 # Loss and steps
 
 
-def _forward(weights, config, batch, compute_dtype):
-    params = Params(jax.tree.map(lambda a: a.astype(compute_dtype), weights), config)
+def _forward(weights, config, batch, tc: TrainConfig):
+    params = Params(jax.tree.map(lambda a: a.astype(tc.compute_dtype), weights), config)
     logits = apply_model(params, batch["tokens"], mask=batch["mask"],
-                         backend=lmj.resolve_backend("associative")).logits  # [B, L, V] fp32
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+                         backend=lmj.resolve_backend(tc.scan_backend)).logits
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # [B, L-1, V] fp32
     labels = batch["tokens"][:, 1:]
     ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]  # [B, L-1]
     pred = jnp.argmax(logits[:, :-1], axis=-1)
@@ -358,11 +376,19 @@ def _mean(x, m):
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def loss_terms(weights, config, batch, tc: TrainConfig):
-    """(total loss, {term: value}); masks are per position t (predicting t + 1)."""
-    ce, _ = _forward(weights, config, batch, jnp.dtype(tc.compute_dtype))
-    m = {k: batch[k][:, :-1] for k in ("answer", "second", "lm")}
-    terms = {k: _mean(ce, m[k]) for k in m}
+LOSS_TERMS = ("answer", "second", "lm")
+
+
+def loss_terms(weights, config, batch, tc: TrainConfig, counts: dict | None = None):
+    """(total loss, {term: value}); masks are per position t (predicting t + 1).
+
+    Each term is Σ ce·mask / count, count = the term's positions in the whole step's batch
+    (`counts`, default: this batch's), so the losses of micro-batches add up to the step's."""
+    ce, _ = _forward(weights, config, batch, tc)
+    m = {k: batch[k][:, :-1] for k in LOSS_TERMS}
+    if counts is None:
+        counts = {k: jnp.maximum(jnp.sum(m[k]), 1.0) for k in m}
+    terms = {k: jnp.sum(ce * m[k]) / counts[k] for k in m}
     loss = tc.w_answer * terms["answer"] + tc.w_second * terms["second"] + tc.w_lm * terms["lm"]
     return loss, terms
 
@@ -384,22 +410,53 @@ def lr_at(tc: TrainConfig, step: int, total: int) -> float:
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-@functools.lru_cache(maxsize=8)
+def _step_key(tc: TrainConfig) -> TrainConfig:
+    """tc without the fields the compiled steps do not depend on (one compile for all seeds)."""
+    return dataclasses.replace(tc, seed=0, steps=0, time_budget_s=None)
+
+
 def make_steps(tc: TrainConfig, config):
-    """(jitted train_step, jitted eval_step, optimizer); cached, so runs with equal settings in
-    one process (a resume, the tests) compile once."""
+    """(train_step, eval_step, optimizer), jitted and vmapped over a leading seed axis S:
+
+        train_step(weights [S, ...], opt_state [S, ...], batch {k: [S, B, L]}, lr)
+            -> (weights, opt_state, metrics {k: [S]})
+        eval_step(weights [S, ...], batch {k: [B, L]}) -> metrics {k: [S]}
+
+    Cached, so runs with equal settings in one process (a resume, the tests) compile once."""
+    return _make_steps(_step_key(tc), config)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_steps(tc: TrainConfig, config):
     optimizer = make_optimizer(tc)
+    k = tc.micro_batches
+
+    def grads(weights, batch):
+        vg = jax.value_and_grad(loss_terms, has_aux=True)
+        if k == 1:
+            (loss, terms), g = vg(weights, config, batch, tc)
+            return loss, terms, g
+        counts = {n: jnp.maximum(jnp.sum(batch[n][:, :-1]), 1.0) for n in LOSS_TERMS}
+        # [B, L] -> [k, B/k, L]: one micro-batch per scan step, gradients summed
+        micro = jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), batch)
+
+        def body(acc, mb):
+            (loss, terms), g = vg(weights, config, mb, tc, counts)
+            return jax.tree.map(jnp.add, acc, (loss, terms, g)), None
+
+        zero = (jnp.zeros((), f32), {n: jnp.zeros((), f32) for n in LOSS_TERMS},
+                jax.tree.map(jnp.zeros_like, weights))
+        (loss, terms, g), _ = jax.lax.scan(body, zero, micro)
+        return loss, terms, g
 
     def train_step(weights, opt_state, batch, lr):
-        (loss, terms), grads = jax.value_and_grad(loss_terms, has_aux=True)(
-            weights, config, batch, tc)
-        updates, opt_state = optimizer.update(grads, opt_state, weights)
+        loss, terms, g = grads(weights, batch)
+        updates, opt_state = optimizer.update(g, opt_state, weights)
         weights = jax.tree.map(lambda w, u: w - lr * u, weights, updates)
-        return weights, opt_state, {"loss": loss, **terms,
-                                    "grad_norm": optax.global_norm(grads)}
+        return weights, opt_state, {"loss": loss, **terms, "grad_norm": optax.global_norm(g)}
 
     def eval_step(weights, batch):
-        ce, hit = _forward(weights, config, batch, jnp.dtype(tc.compute_dtype))
+        ce, hit = _forward(weights, config, batch, tc)
         # exact match = the " " and all 5 digits right (positions P-1 .. P+4)
         ans = batch["answer"][:, :-1]
         span = jnp.maximum(ans, jnp.pad(ans[:, 1:], ((0, 0), (0, 1))))
@@ -407,7 +464,8 @@ def make_steps(tc: TrainConfig, config):
         return {"passkey_acc": jnp.mean(correct.astype(f32)),
                 "answer_loss": _mean(ce, ans), "lm_loss": _mean(ce, batch["lm"][:, :-1])}
 
-    return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step), optimizer
+    return (jax.jit(jax.vmap(train_step, in_axes=(0, 0, 0, None)), donate_argnums=(0, 1)),
+            jax.jit(jax.vmap(eval_step, in_axes=(0, None))), optimizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,104 +516,273 @@ def _log(out: Path | None, record: dict, quiet: bool = False) -> None:
         print(line, flush=True)
 
 
+def _stack(trees):
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _unstack(tree, i: int):
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def _check_or_write_config(tc: TrainConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "train_config.json"
+    mine = json.loads(json.dumps(dataclasses.asdict(tc)))
+    if cfg_path.exists():
+        saved = json.loads(cfg_path.read_text())
+        free = ("time_budget_s", "steps", "micro_batches")  # may change on resume
+        defaults = dataclasses.asdict(TrainConfig())  # fields older runs did not record
+        diff = {k for k in mine if k not in free and saved.get(k, defaults[k]) != mine[k]}
+        if diff:
+            raise ValueError(f"{out} holds a run with different settings: {sorted(diff)}")
+    cfg_path.write_text(json.dumps(mine, indent=2))
+
+
+_WORKER_SAMPLERS: dict = {}
+
+
+def _worker_init(configs: list[dict], text: str) -> None:
+    os.environ["JAX_PLATFORMS"] = "cpu"  # data workers never touch the accelerator
+    for c in configs:
+        _WORKER_SAMPLERS[c["seed"]] = TaskSampler(TrainConfig(**c), text)
+
+
+def _worker_batch(seed: int, step: int, total: int) -> Batch:
+    return _WORKER_SAMPLERS[seed].batch(step, total)
+
+
+class _BatchSource:
+    """Each step's batch of every seed, stacked: {k: [S, B, L]}. With `workers` > 0 the rows
+    are built ahead in worker processes (the same pure function of (seed, step, total))."""
+
+    def __init__(self, tcs: list[TrainConfig], text: str, workers: int):
+        self.tcs = tcs
+        self.samplers = [TaskSampler(t, text) for t in tcs]
+        self.pool = None
+        self.pending: dict[int, tuple[int, list]] = {}
+        if workers > 0:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # The workers must never open the accelerator (JAX would preallocate its memory in
+            # each): they are all started now, under an environment that hides it.
+            saved = {k: os.environ.get(k) for k in ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES")}
+            os.environ.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+            try:
+                self.pool = ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_worker_init,
+                    initargs=([dataclasses.asdict(t) for t in tcs], text))
+                started = [self.pool.submit(os.getpid) for _ in range(workers)]
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            for f in started:  # up and running
+                f.result()
+            self.ahead = max(2, 2 * workers // len(tcs))
+
+    def prefetch(self, step: int, total: int) -> None:
+        """Submits the batches of steps step .. step + ahead (a no-op without workers)."""
+        if self.pool is None:
+            return
+        for ahead in range(step, min(step + self.ahead, total)):
+            made = self.pending.get(ahead)
+            if made is None or made[0] != total:  # (re)submit when the schedule changed
+                self.pending[ahead] = (total, [
+                    self.pool.submit(_worker_batch, t.seed, ahead, total) for t in self.tcs])
+
+    def get(self, step: int, total: int) -> dict:
+        if self.pool is None:
+            batches = [s.batch(step, total) for s in self.samplers]
+        else:
+            self.prefetch(step, total)
+            batches = [f.result() for f in self.pending.pop(step)[1]]
+        fields = [dataclasses.asdict(b) for b in batches]
+        return {k: jnp.asarray(np.stack([f[k] for f in fields])) for k in fields[0]}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for _, futures in self.pending.values():
+                for f in futures:
+                    f.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _fit_budget(tc: TrainConfig, sampler: TaskSampler, train_step, eval_step, weights,
+                opt_state, val_batches, n_seeds: int, t0: float, log) -> int:
+    """The step count that fits `tc.time_budget_s` (counted from t0), at most `tc.steps`.
+
+    Compiles the step of every bucket and the validation, times each (on throwaway copies of
+    the state), then takes the largest n whose steps (each step's bucket is known in advance:
+    `step_bucket(step, n)`) and validations add up to 97% of the time left."""
+    copy = lambda t: jax.tree.map(jnp.copy, t)
+    step_time = {}
+    for b in sampler.buckets:
+        if b < sampler.fixed[False] and b < tc.train_len:
+            continue  # no row is that short
+        rows = [sampler.text_window(np.random.default_rng(0), b)] * (tc.tokens_per_step // b)
+        one = pad_rows(rows, b).as_jax()
+        batch = {k: jnp.stack([v] * n_seeds) for k, v in one.items()}
+        times = []
+        for _ in range(4):  # the first one compiles
+            w, o = copy(weights), copy(opt_state)
+            jax.block_until_ready((w, o))
+            t = time.time()
+            jax.block_until_ready(train_step(w, o, batch, jnp.float32(0.0)))
+            times.append(time.time() - t)
+        step_time[b] = float(np.median(times[1:]))
+    for _ in range(2):  # compile, then time
+        t = time.time()
+        jax.block_until_ready([eval_step(weights, v) for v in val_batches])
+        val_time = time.time() - t
+    remaining = 0.97 * (tc.time_budget_s - (time.time() - t0))
+
+    def cost(n):
+        steps = sum(step_time.get(sampler.step_bucket(s, n), max(step_time.values()))
+                    for s in range(n))
+        return steps + val_time * sum(1 for s in range(1, n + 1)
+                                      if s % tc.val_every == 0 or s == n)
+
+    lo, hi = 1, tc.steps
+    if cost(hi) <= remaining:
+        lo = hi
+    while lo < hi:  # the largest n with cost(n) <= remaining
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= remaining else (lo, mid - 1)
+    log({"event": "budget", "step_time_s": {str(b): round(t, 4) for b, t in step_time.items()},
+         "val_time_s": round(val_time, 3), "seeds_in_process": n_seeds,
+         "compile_and_timing_s": round(time.time() - t0, 1), "total_steps": lo,
+         "predicted_train_s": round(cost(lo), 1)})
+    return lo
+
+
 def train(tc: TrainConfig, out: str | os.PathLike, *, stop_after: int | None = None,
-          quiet: bool = False) -> Params:
-    """Trains (or resumes) a run in `out`; returns the fp32 `Params`.
+          quiet: bool = False, data_workers: int = 0) -> Params:
+    """Trains (or resumes) the run of seed `tc.seed` in `out`; returns the fp32 `Params`.
 
     Args:
       tc: the run's settings.
       out: run directory (checkpoints, logs, config).
       stop_after: stop (and checkpoint) after this many steps in total, as if interrupted.
       quiet: no printing (logs still go to OUT/train_log.jsonl).
+      data_workers: processes that build batches ahead (0: built inline).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    return train_seeds(tc, [tc.seed], [out], stop_after=stop_after, quiet=quiet,
+                       data_workers=data_workers)[0]
+
+
+def train_seeds(tc: TrainConfig, seeds, outs, *, stop_after: int | None = None,
+                quiet: bool = False, data_workers: int = 0) -> list[Params]:
+    """Trains the runs of several seeds together: parameters and optimizer states stacked on a
+    leading axis, one `vmap`ped step. Run i is exactly the single-seed run of `seeds[i]` (its
+    init, its batches, the shared schedule) and lives in `outs[i]` (resumable one by one or
+    together). Returns the fp32 `Params` of each run.
+
+    With `tc.time_budget_s`, the step count is fixed from the step time measured on the
+    vmapped step, the same for every seed.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(seeds) != len(outs):
+        raise ValueError(f"need one output directory per seed, got seeds {seeds} and "
+                         f"{len(outs)} directories")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}")
+    outs = [Path(o) for o in outs]
+    if len({o.resolve() for o in outs}) != len(outs):
+        raise ValueError(f"output directories must be distinct, got {[str(o) for o in outs]}")
+    tcs = [dataclasses.replace(tc, seed=s) for s in seeds]
     config = build_model_config(tc)
-    cfg_path = out / "train_config.json"
-    if cfg_path.exists():
-        saved = json.loads(cfg_path.read_text())
-        mine = json.loads(json.dumps(dataclasses.asdict(tc)))
-        diff = {k for k in mine if k not in ("time_budget_s", "steps") and saved.get(k) != mine[k]}
-        if diff:
-            raise ValueError(f"{out} holds a run with different settings: {sorted(diff)}")
-    cfg_path.write_text(json.dumps(dataclasses.asdict(tc), indent=2))
+    for t, o in zip(tcs, outs, strict=True):
+        _check_or_write_config(t, o)
     with open(tc.text, encoding="utf-8") as f:
         train_text, val_text = split_text(f.read(), tc.val_frac)
-    sampler = TaskSampler(tc, train_text)
     val_sampler = TaskSampler(tc, val_text)
     val_batch = val_sampler.validation(tc.val_prompts).as_jax()
     lm_rows = [val_sampler.text_window(np.random.default_rng(i), tc.train_len)
                for i in range(32)]
     val_lm = pad_rows(lm_rows, tc.train_len).as_jax()
 
-    params = mamba_init(config, tc.seed)
-    weights = params.weights
+    inits = [mamba_init(config, s).weights for s in seeds]
     train_step, eval_step, optimizer = make_steps(tc, config)
-    opt_state = optimizer.init(weights)
-    n_params = sum(int(x.size) for x in jax.tree.leaves(weights))
+    opt_inits = [optimizer.init(w) for w in inits]
+    n_params = sum(int(x.size) for x in jax.tree.leaves(inits[0]))
 
-    mgr = _manager(out)
-    total = tc.steps
-    start = 0
-    restored = _restore(mgr, weights, opt_state)
-    if restored is not None:
-        start, weights, opt_state = restored
-        meta = json.loads((out / "ckpt" / "meta.json").read_text())
-        total = int(meta["total_steps"])
-        _log(out, {"event": "resume", "step": start, "total_steps": total}, quiet)
+    mgrs = [_manager(o) for o in outs]
+    restored = [_restore(m, w, s) for m, w, s in zip(mgrs, inits, opt_inits, strict=True)]
+    total, start = tc.steps, 0
+    if any(r is not None for r in restored):
+        steps_done = {None if r is None else r[0] for r in restored}
+        if len(steps_done) != 1:
+            raise ValueError(f"cannot resume seeds {seeds} together: their checkpoints are at "
+                             f"steps {[None if r is None else r[0] for r in restored]}")
+        start = steps_done.pop()
+        weights, opt_state = _stack([r[1] for r in restored]), _stack([r[2] for r in restored])
+        totals = {int(json.loads((o / "ckpt" / "meta.json").read_text())["total_steps"])
+                  for o in outs}
+        if len(totals) != 1:
+            raise ValueError(f"cannot resume seeds {seeds} together: total steps {totals}")
+        total = totals.pop()
+        for o in outs:
+            _log(o, {"event": "resume", "step": start, "total_steps": total}, quiet)
     else:
-        _log(out, {"event": "start", "params": n_params, "arch": tc.arch,
-                   "device": str(jax.devices()[0]), "config": config.to_dict()}, quiet)
-    budget_fixed = restored is not None or tc.time_budget_s is None
+        weights, opt_state = _stack(inits), _stack(opt_inits)
+        for s, o in zip(seeds, outs, strict=True):
+            _log(o, {"event": "start", "params": n_params, "arch": tc.arch, "seed": s,
+                     "seeds_in_process": seeds, "device": str(jax.devices()[0]),
+                     "config": config.to_dict()}, quiet)
+    del inits, opt_inits, restored
+    source = _BatchSource(tcs, train_text, data_workers)
+    source.prefetch(start, total)  # workers start while the steps compile
+
+    def log_all(records):  # one record per seed; printed for the first seed only
+        for i, (o, r) in enumerate(zip(outs, records, strict=True)):
+            _log(o, r, quiet=quiet or i > 0)
+
+    S = range(len(seeds))
+
     t0 = time.time()
-    if not budget_fixed:
-        # Compile every bucket's step now (on throwaway copies), so no compile lands inside the
-        # window that times a step.
-        for b in sampler.buckets:
-            if b < sampler.fixed[False] and b < tc.train_len:
-                continue
-            rows = [sampler.text_window(np.random.default_rng(0), b)] * (tc.tokens_per_step // b)
-            copy = lambda t: jax.tree.map(jnp.copy, t)
-            jax.block_until_ready(train_step(copy(weights), copy(opt_state),
-                                             pad_rows(rows, b).as_jax(), jnp.float32(0.0)))
-        _log(out, {"event": "compiled", "buckets": sampler.buckets,
-                   "elapsed_s": round(time.time() - t0, 1)}, quiet)
-    t_mark = None
-    last = stop_after if stop_after is not None else None
+    if start == 0 and tc.time_budget_s is not None:
+        total = _fit_budget(tc, source.samplers[0], train_step, eval_step, weights, opt_state,
+                            [val_batch, val_lm], len(seeds), t0, lambda r: log_all([r for _ in S]))
     step = start
-    metrics = None
-    while step < total and (last is None or step < last):
-        batch = sampler.batch(step, total).as_jax()
-        lr = lr_at(tc, step, total)
-        weights, opt_state, metrics = train_step(weights, opt_state, batch, jnp.float32(lr))
-        step += 1
-        if not budget_fixed and step == start + 10:
-            jax.block_until_ready(weights)
-            t_mark = time.time()
-        if not budget_fixed and step == start + 40:
-            jax.block_until_ready(weights)
-            per_step = (time.time() - t_mark) / 30
-            remaining = tc.time_budget_s - (time.time() - t0)
-            total = max(step + 1, min(tc.steps, step + int(0.97 * remaining / per_step)))
-            budget_fixed = True
-            _log(out, {"event": "budget", "step_time_s": round(per_step, 4),
-                       "total_steps": total}, quiet)
-        if step % tc.log_every == 0 or step == total:
-            m = {k: round(float(v), 4) for k, v in metrics.items()}
-            _log(out, {"step": step, "lr": round(lr, 6), "elapsed_s": round(time.time() - t0, 1),
-                       **m}, quiet)
-        if step % tc.val_every == 0 or step == total:
-            v = eval_step(weights, val_batch)
-            v_lm = eval_step(weights, val_lm)
-            _log(out, {"step": step, "val_passkey_acc": round(float(v["passkey_acc"]), 4),
-                       "val_answer_loss": round(float(v["answer_loss"]), 4),
-                       "val_lm_bpb": round(float(v_lm["lm_loss"]) / math.log(2), 4)}, quiet)
-        if step % tc.ckpt_every == 0 or step == total or (last is not None and step == last):
-            _save(mgr, step, weights, opt_state, {"total_steps": total, "step": step}, out)
-    mgr.close()
-    _log(out, {"event": "done", "step": step, "total_steps": total,
-               "train_time_s": round(time.time() - t0, 1)}, quiet)
-    return Params(weights, config)
+    try:
+        while step < total and (stop_after is None or step < stop_after):
+            batch = source.get(step, total)
+            lr = lr_at(tc, step, total)
+            weights, opt_state, metrics = train_step(weights, opt_state, batch,
+                                                     jnp.float32(lr))
+            step += 1
+            if step % tc.log_every == 0 or step == total:
+                m = {k: np.asarray(v) for k, v in metrics.items()}
+                el = round(time.time() - t0, 1)
+                log_all([{"step": step, "seed": seeds[i], "lr": round(lr, 6), "elapsed_s": el,
+                          **{k: round(float(v[i]), 4) for k, v in m.items()}} for i in S])
+            if step % tc.val_every == 0 or step == total:
+                v = {k: np.asarray(x) for k, x in eval_step(weights, val_batch).items()}
+                v_lm = {k: np.asarray(x) for k, x in eval_step(weights, val_lm).items()}
+                log_all([{"step": step, "seed": seeds[i],
+                          "val_passkey_acc": round(float(v["passkey_acc"][i]), 4),
+                          "val_answer_loss": round(float(v["answer_loss"][i]), 4),
+                          "val_lm_bpb": round(float(v_lm["lm_loss"][i]) / math.log(2), 4)}
+                         for i in S])
+            if step % tc.ckpt_every == 0 or step == total or step == stop_after:
+                for i, (m, o) in enumerate(zip(mgrs, outs, strict=True)):
+                    _save(m, step, _unstack(weights, i), _unstack(opt_state, i),
+                          {"total_steps": total, "step": step}, o)
+    finally:
+        source.close()
+        for m in mgrs:
+            m.close()
+    el = round(time.time() - t0, 1)
+    for o in outs:
+        _log(o, {"event": "done", "step": step, "total_steps": total, "train_time_s": el},
+             quiet=True)
+    _log(None, {"event": "done", "seeds": seeds, "step": step, "total_steps": total,
+                "train_time_s": el}, quiet)
+    return [Params(_unstack(weights, i), config) for i in range(len(seeds))]
 
 
 def export_and_calibrate(params: Params, tc: TrainConfig, out: str | os.PathLike, *,
@@ -642,7 +869,13 @@ def _parser() -> argparse.ArgumentParser:
         default = getattr(d, f.name)
         kind = {int: int, float: float, str: str}.get(type(default), float)
         p.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", required=True,
+                   help="run directory; with several --seeds a pattern holding {seed}")
+    p.add_argument("--seeds", default=None,
+                   help="comma list: train these seeds together in one process (vmap over "
+                        "seeds); overrides --seed")
+    p.add_argument("--data-workers", type=int, default=0,
+                   help="processes that build batches ahead (default 0: inline)")
     p.add_argument("--no-export", action="store_true", help="skip export and calibration")
     p.add_argument("--calib-backend", default="associative")
     p.add_argument("--diagnose", action="store_true",
@@ -668,9 +901,17 @@ def main(argv=None) -> int:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in r.items()))
             return 0
-        params = train(tc, args.out)
+        seeds = ([int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds
+                 else [tc.seed])
+        if len(seeds) > 1 and "{seed}" not in args.out:
+            raise ValueError(f"--out {args.out!r} must contain {{seed}} when training several "
+                             "seeds")
+        outs = [args.out.format(seed=s) for s in seeds]
+        runs = train_seeds(tc, seeds, outs, data_workers=args.data_workers)
         if not args.no_export:
-            export_and_calibrate(params, tc, args.out, backend=args.calib_backend)
+            for s, out, params in zip(seeds, outs, runs, strict=True):
+                export_and_calibrate(params, dataclasses.replace(tc, seed=s), out,
+                                     backend=args.calib_backend)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

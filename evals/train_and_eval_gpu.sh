@@ -1,68 +1,114 @@
 #!/usr/bin/env bash
-# Issue 9 in one device call: train a byte-level model at L_train, export it (mamba_ssm native
-# torch layout, bf16), calibrate LongMamba on training-format text, then passkey retrieval at
-# 1x..32x L_train for vanilla / LongMamba / DeciMamba. Everything worth keeping lands in $OUT:
+# Issue 9 in one device call: train several seeds of one architecture together (one process,
+# `vmap` over seeds), export each (mamba_ssm native torch layout, bf16), calibrate LongMamba on
+# training-format text, then evaluate every seed, one process per seed in parallel
+# (`longmamba_evals.train_eval`: passkey at 1x..32x L_train for vanilla / LongMamba / DeciMamba,
+# the LongMamba diagnostics, perplexity vs context on held-out text, optional LongMamba levers).
+# What is worth keeping lands in $OUT, re-packed every 20 s, so a call cut short keeps what
+# finished:
 #
-#   $OUT/model/{config.json,model.safetensors}  the exported checkpoint
-#   $OUT/calibration.npz                        LongMamba calibration
-#   $OUT/train_log.txt                          training + eval log (stdout/stderr)
-#   $OUT/passkey.md                             the comparison table
-#   $OUT/results.tar.gz                         eval JSON/markdown/plot, train_log.jsonl, config,
-#                                               needle_deltas.json (Δ of key vs filler)
+#   $OUT/log.txt                       the whole call's log
+#   $OUT/results.tar.gz                per seed (seed{S}/): eval/, levers/, needle_deltas.json,
+#                                      train_log.jsonl, train_config.json, calibration.npz,
+#                                      model/config.json, eval logs
+#   $OUT/model_seed{S}.safetensors     each seed's exported weights (bf16)
 #
-# Results are saved after each method, so a run cut short still returns what finished.
 # On the device machine (package not installed), from the repo root:
-#   OUT=... bash evals/train_and_eval_gpu.sh
-# Knobs (environment): TRAIN_ARGS, TRAIN_LEN, LENGTHS, SAMPLES (per depth), BATCH, BACKEND,
-# METHODS, PY, RUN.
+#   OUT=... ARCH=mamba2 SEEDS=0,1,2 bash evals/train_and_eval_gpu.sh
+# Knobs (environment): ARCH, SEEDS, TRAIN_ARGS, TRAIN_LEN, CALL_LIMIT, SAMPLES, MULTIPLES, BATCH,
+# BACKEND, LEVERS, EXTRA_EVAL, DATA_WORKERS, TRAIN_MEM_FRACTION, PY, RUN.
 set -uo pipefail
 OUT=${OUT:?set OUT to the output directory}
-RUN=${RUN:-/tmp/lm_run}
+ARCH=${ARCH:-mamba2}
+RUN=${RUN:-/tmp/lm_runs_$ARCH}  # a warm machine may still hold an earlier call's runs
 PY=${PY:-python3}
+SEEDS=${SEEDS:-0,1,2}
 TRAIN_LEN=${TRAIN_LEN:-512}
-TRAIN_ARGS=${TRAIN_ARGS:-"--arch mamba2 --steps 8000 --time-budget-s 210 --val-every 500 --ckpt-every 100000"}
-LENGTHS=${LENGTHS:-$((TRAIN_LEN)),$((2*TRAIN_LEN)),$((4*TRAIN_LEN)),$((8*TRAIN_LEN)),$((16*TRAIN_LEN)),$((32*TRAIN_LEN))}
-SAMPLES=${SAMPLES:-10}
+TRAIN_ARGS=${TRAIN_ARGS:-"--steps 1569 --time-budget-s 360 --val-every 500 --ckpt-every 100000"}
+CALL_LIMIT=${CALL_LIMIT:-570}  # seconds this script may take in all (evals stop starting jobs
+                               # 30 s before, and are killed 12 s before)
+SAMPLES=${SAMPLES:-20}         # keys per (length, depth): x 5 depths = 100 prompts per length
+MULTIPLES=${MULTIPLES:-1,2,4,8,16,32}  # passkey / perplexity lengths, x L_train
 BATCH=${BATCH:-50}
 BACKEND=${BACKEND:-associative}
-METHODS=${METHODS:-"vanilla longmamba decimamba"}
+LEVERS=${LEVERS:-}            # e.g. "c0.5:c=0.5;b0.5:b=0.5;rho0.2:rho=0.2" (train_eval --levers)
+EXTRA_EVAL=${EXTRA_EVAL:-}    # other model dirs (model/ + calibration.npz) to evaluate beside,
+                              # passkey only (e.g. longmamba_jax/data/demo)
+DATA_WORKERS=${DATA_WORKERS:-6}
 
-mkdir -p /tmp/pp "$OUT"
+T0=$(date +%s)
+mkdir -p /tmp/pp "$OUT" "$RUN"
 ln -sfn "$PWD/kernels" /tmp/pp/longmamba_kernels
 ln -sfn "$PWD/evals" /tmp/pp/longmamba_evals
 ln -sfn "$PWD/convert" /tmp/pp/longmamba_convert
 export PYTHONPATH=/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-# The eval processes share compiled code (decode loops) through JAX's persistent cache.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/train_log.txt"; }
+LOG="$OUT/log.txt"
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+pack() {  # atomically, so a kill mid-way leaves the previous archive
+    tar czf "$OUT/results.tar.gz.part" -C "$RUN" --exclude=ckpt --exclude='*.safetensors' \
+        --exclude='*.tmp' . 2>/dev/null && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+}
 
-(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
- $PY -c "import jax; print('jax', jax.__version__, jax.devices())") 2>&1 | tee "$OUT/train_log.txt"
-stamp "train: $TRAIN_ARGS --train-len $TRAIN_LEN"
+(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+     --format=csv,noheader
+ $PY -c "import jax; print('jax', jax.__version__, jax.devices())") 2>&1 | tee "$LOG"
+( while sleep 20; do pack; done ) &
+PACKER=$!
+trap 'kill $PACKER 2>/dev/null' EXIT
+
+stamp "train: --arch $ARCH --seeds $SEEDS $TRAIN_ARGS --train-len $TRAIN_LEN"
+# The vmapped step of several seeds needs more than JAX's default 75% of the GPU.
 # shellcheck disable=SC2086
-$PY -m longmamba_evals.train $TRAIN_ARGS --train-len "$TRAIN_LEN" --out "$RUN" 2>&1 \
-    | tee -a "$OUT/train_log.txt"
-[ -f "$RUN/calibration.npz" ] || { stamp "training failed"; exit 1; }
-mkdir -p "$OUT/model"
-cp "$RUN/model/config.json" "$RUN/model/model.safetensors" "$OUT/model/"
-cp "$RUN/calibration.npz" "$OUT/"
-pack() { tar czf "$OUT/results.tar.gz" -C "$RUN" eval train_log.jsonl train_config.json \
-             $(cd "$RUN" && ls needle_deltas.json 2>/dev/null)
-         [ -f "$RUN/eval/passkey.md" ] && cp "$RUN/eval/passkey.md" "$OUT/"; true; }
-mkdir -p "$RUN/eval"
-for m in $METHODS; do
-    stamp "passkey $m: lengths $LENGTHS, $SAMPLES per depth"
-    $PY -m longmamba_evals passkey --model "$RUN/model" --tokenizer bytes --method "$m" \
-        --calibration "$RUN/calibration.npz" --lengths "$LENGTHS" --samples "$SAMPLES" \
-        --batch-size "$BATCH" --backend "$BACKEND" --decimamba-L-base "$TRAIN_LEN" \
-        --out "$RUN/eval" --no-progress > "$RUN/eval/$m.log" 2>&1
-    tail -n 12 "$RUN/eval/$m.log" | tee -a "$OUT/train_log.txt"
-    pack
+XLA_PYTHON_CLIENT_MEM_FRACTION=${TRAIN_MEM_FRACTION:-0.92} \
+    $PY -m longmamba_evals.train --arch "$ARCH" --seeds "$SEEDS" $TRAIN_ARGS \
+    --train-len "$TRAIN_LEN" --data-workers "$DATA_WORKERS" --out "$RUN/seed{seed}" 2>&1 \
+    | tee -a "$LOG"
+TRAIN_RC=${PIPESTATUS[0]}
+[ "$TRAIN_RC" -eq 0 ] || { stamp "training failed (exit $TRAIN_RC)"; pack; exit 1; }
+IFS=, read -r -a SEED_LIST <<< "$SEEDS"
+RUNS=()
+for s in "${SEED_LIST[@]}"; do
+    d="$RUN/seed$s"
+    if [ -f "$d/calibration.npz" ]; then
+        RUNS+=("$d")
+        cp "$d/model/model.safetensors" "$OUT/model_seed$s.safetensors"
+    else
+        stamp "seed $s: no calibrated model"
+    fi
 done
-stamp "diagnose: Δ of key vs filler per global channel"
-$PY -m longmamba_evals.train --diagnose --out "$RUN" > "$RUN/needle_deltas.txt" 2>&1; pack
-tail -n 40 "$RUN/needle_deltas.txt"
+pack
+[ ${#RUNS[@]} -gt 0 ] || { stamp "training failed"; exit 1; }
+
+NOW=$(date +%s)
+DEADLINE=$(( T0 + CALL_LIMIT - 30 ))
+HARD=$(( T0 + CALL_LIMIT - 12 - NOW ))
+stamp "evaluate ${#RUNS[@]} runs in parallel: $SAMPLES keys per (length, depth), levers '$LEVERS'"
+PIDS=()
+for d in "${RUNS[@]}"; do
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$HARD" \
+        $PY -m longmamba_evals.train_eval "$d" --samples "$SAMPLES" --multiples "$MULTIPLES" \
+        --batch-size "$BATCH" --backend "$BACKEND" --levers "$LEVERS" --deadline "$DEADLINE" \
+        > "$d/eval.log" 2>&1 &
+    PIDS+=($!)
+done
+for e in $EXTRA_EVAL; do
+    d="$RUN/$(basename "$e")"
+    cp -r "$e" "$d"
+    RUNS+=("$d")
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$HARD" \
+        $PY -m longmamba_evals.train_eval "$d" --samples "$SAMPLES" --multiples "$MULTIPLES" \
+        --batch-size "$BATCH" --backend "$BACKEND" --no-perplexity --diagnose-prompts 0 --deadline "$DEADLINE" \
+        > "$d/eval.log" 2>&1 &
+    PIDS+=($!)
+done
+for p in "${PIDS[@]}"; do wait "$p"; done
+for d in "${RUNS[@]}"; do
+    echo "== $d" >> "$LOG"; grep -v "^\s*$" "$d/eval.log" | tail -n 30 >> "$LOG"
+done
+grep -h "passkey\|lever\|perplexity\|skipped\|rror" "${RUNS[@]/%//eval.log}" | tail -n 60
+kill $PACKER 2>/dev/null
+pack
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name --format=csv,noheader >> "$LOG"
 stamp "done"
-[ -f "$OUT/passkey.md" ] && cat "$OUT/passkey.md"

@@ -81,6 +81,12 @@ def test_batches_constant_tokens_and_curriculum(small_text):
     assert seen == {256, 512}
     a, b2 = sampler.batch(5, 100), sampler.batch(5, 100)
     np.testing.assert_array_equal(a.tokens, b2.tokens)  # a pure function of (seed, step)
+    # another seed: other rows, but the same bucket at every step (so seeds train under vmap)
+    other = T.TaskSampler(T.dataclasses.replace(tc, seed=7), Path(small_text).read_text())
+    for step in range(30):
+        x, y = sampler.batch(step, 100), other.batch(step, 100)
+        assert x.tokens.shape == y.tokens.shape
+        assert not np.array_equal(x.tokens, y.tokens)
 
 
 def test_train_reduces_loss_and_resumes_identically(small_text, tmp_path):
@@ -101,6 +107,77 @@ def test_train_reduces_loss_and_resumes_identically(small_text, tmp_path):
     for a, b in zip(jax.tree.leaves(full.weights), jax.tree.leaves(resumed.weights),
                     strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def _assert_same_weights(a, b):
+    # Adam divides each gradient element by its own RMS, so float-order noise in an element whose
+    # gradient is ~0 can move it by a small fraction of lr (1e-2 here): 3e-5 is 0.3% of one step.
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=3e-5)
+
+
+def test_seeds_together_equal_seeds_apart(small_text, tmp_path):
+    """train_seeds([a, b]) (one vmapped step) gives each seed the weights of its own run."""
+    tc = _tiny(small_text, steps=5, compute_dtype="float32")
+    both = T.train_seeds(tc, [3, 5], [tmp_path / "s3", tmp_path / "s5"], quiet=True)
+    apart = [T.train(T.dataclasses.replace(tc, seed=s), tmp_path / f"one{s}", quiet=True)
+             for s in (3, 5)]
+    for together, alone in zip(both, apart, strict=True):
+        _assert_same_weights(together.weights, alone.weights)
+    assert _max_diff(both[0].weights, both[1].weights) > 1e-2  # and the seeds differ
+    for s in (3, 5):
+        logs = [json.loads(line) for line in
+                (tmp_path / f"s{s}" / "train_log.jsonl").read_text().splitlines()]
+        alone = [json.loads(line) for line in
+                 (tmp_path / f"one{s}" / "train_log.jsonl").read_text().splitlines()]
+        np.testing.assert_allclose([r["loss"] for r in logs if "loss" in r],
+                                   [r["loss"] for r in alone if "loss" in r], rtol=1e-5)
+        assert json.loads((tmp_path / f"s{s}" / "train_config.json").read_text())["seed"] == s
+    # resuming a seed on its own from the pair's checkpoint continues that seed's run
+    more = T.dataclasses.replace(tc, seed=5, steps=7)
+    T.train(more, tmp_path / "one5", quiet=True)
+    resumed = T.train(more, tmp_path / "s5", quiet=True)
+    _assert_same_weights(resumed.weights,
+                         T.train(more, tmp_path / "one5", quiet=True).weights)
+
+
+def test_micro_batches_give_the_same_step(small_text, tmp_path):
+    tc = _tiny(small_text, steps=3, compute_dtype="float32")
+    whole = T.train(tc, tmp_path / "k1", quiet=True)
+    split = T.train(T.dataclasses.replace(tc, micro_batches=2), tmp_path / "k2", quiet=True)
+    _assert_same_weights(whole.weights, split.weights)
+    with pytest.raises(ValueError, match="micro_batches"):
+        _tiny(small_text, micro_batches=3)
+
+
+def test_train_seeds_errors(small_text, tmp_path, capsys):
+    tc = _tiny(small_text)
+    with pytest.raises(ValueError, match="distinct"):
+        T.train_seeds(tc, [1, 1], [tmp_path / "a", tmp_path / "b"], quiet=True)
+    with pytest.raises(ValueError, match="one output directory per seed"):
+        T.train_seeds(tc, [1, 2], [tmp_path / "a"], quiet=True)
+    assert T.main(["--seeds", "1,2", "--out", str(tmp_path / "x"), "--text", small_text]) == 2
+    assert "must contain {seed}" in capsys.readouterr().err
+
+
+def test_time_budget_fixes_the_step_count(small_text, tmp_path):
+    tc = _tiny(small_text, steps=6, time_budget_s=1e6)
+    T.train(tc, tmp_path / "long", quiet=True)
+    log = [json.loads(x) for x in (tmp_path / "long" / "train_log.jsonl").read_text().split("\n")
+           if x]
+    budget = next(r for r in log if r.get("event") == "budget")
+    assert budget["total_steps"] == 6 and set(budget["step_time_s"]) == {"256"}
+    assert budget["predicted_train_s"] > 0
+    assert log[-1]["event"] == "done" and log[-1]["step"] == 6
+    T.train(T.dataclasses.replace(tc, time_budget_s=1e-3), tmp_path / "short", quiet=True)
+    log = [json.loads(x) for x in (tmp_path / "short" / "train_log.jsonl").read_text().split("\n")
+           if x]
+    assert log[-1]["event"] == "done" and log[-1]["total_steps"] == 1
 
 
 def test_resume_refuses_other_settings(small_text, tmp_path):
