@@ -3,6 +3,13 @@ across chunks (the chunking bounds memory at b·s·e·n per step instead of b·l
 
 Same recurrence as `selective_scan_reference`; pairs (a, u) compose as
 (a1, u1) ∘ (a2, u2) = (a1 a2, a2 u1 + u2), with a = exp(Δ A) and u = Δ x B.
+
+Under autodiff each chunk is rematerialised (`jax.checkpoint`): the backward pass keeps only the
+chunk-boundary states [b, e, n] and recomputes a chunk's internals, instead of storing every
+level of its associative scan ([b, s, e, n] each). For one layer at b=16, l=512, e=768, n=16 the
+gradient's XLA temporaries drop from 4.7 GB to 1.8 GB (chunk 128) or 0.48 GB (chunk 32), below
+the sequential reference's 1.3 GB (CPU memory analysis); this is what makes Mamba-1 trainable
+through this backend (`evals/train.py`). Without differentiation it changes nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ def selective_scan_associative(
         y = jnp.einsum("bsen,bsn->bse", hs, C_c, precision=HIGHEST)
         return hs[:, -1], y
 
+    chunk = jax.checkpoint(chunk, prevent_cse=False)  # see the module docstring
     h, ys = jax.lax.scan(chunk, h0, (xs, dts, Bs, Cs))
     y = jnp.moveaxis(ys, 0, 1).reshape(b, nc * s, e)[:, :length]
     if D is not None:

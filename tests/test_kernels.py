@@ -20,10 +20,12 @@ import pytest
 
 from longmamba_kernels.common import RTOL, filter_threshold
 from longmamba_kernels.selective_scan import selective_scan
+from longmamba_kernels.selective_scan_associative import selective_scan_associative
 from longmamba_kernels.selective_scan_pallas import (
     SelectiveScanPallasConfig,
     selective_scan_pallas,
 )
+from longmamba_kernels.selective_scan_reference import selective_scan_reference
 from longmamba_kernels.ssd import ssd
 from longmamba_kernels.ssd_pallas import SSDPallasConfig, ssd_pallas, ssd_segments
 
@@ -350,6 +352,43 @@ def test_selective_scan_public_entry_dispatches_to_pallas():
 
 
 # ------------------------------------------------------------ compiled, realistic tile sizes
+# ------------------------------------------------------------------ gradients (training)
+def _grads(fn, args, s0):
+    """Gradients of a fixed random functional of (y, final state) w.r.t. every input."""
+    def loss(args, s0):
+        y, s = fn(args, s0)
+        wy = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+        ws = jnp.sin(jnp.arange(s.size, dtype=jnp.float32)).reshape(s.shape)
+        return jnp.sum(wy * y) + jnp.sum(ws * s)
+    return jax.tree.leaves(jax.grad(loss, argnums=(0, 1))(args, s0))
+
+
+@pytest.mark.parametrize("with_filter", [False, True])
+def test_selective_scan_associative_gradients_match_reference(with_filter):
+    # 63 tokens in chunks of 16: four rematerialised chunks, the last one padded.
+    args, h0, filt = ss_inputs(SS_SHAPES["T63"], jnp.float32, seed=5, with_filter=with_filter)
+    thr = filter_threshold(filt.get("dt_global"), filt.get("dt_threshold"), args[0].shape[-1])
+    ref = _grads(lambda a, h: selective_scan_reference(*a, initial_state=h, threshold=thr),
+                 args, h0)
+    out = _grads(lambda a, h: selective_scan_associative(*a, initial_state=h, threshold=thr,
+                                                         chunk_size=16), args, h0)
+    assert len(out) == len(ref) == 7  # x, dt, A, B, C, D, initial state
+    for i, (o, r) in enumerate(zip(out, ref, strict=True)):
+        assert_close(o, r, jnp.float32, f"d input {i}")
+
+
+@pytest.mark.parametrize("with_filter", [False, True])
+def test_ssd_associative_gradients_match_reference(with_filter):
+    args, s0, filt = ssd_inputs(SSD_SHAPES["T63_groups2_p8_n16"], jnp.float32, seed=6,
+                                with_filter=with_filter)
+    grads = {impl: _grads(lambda a, s, impl=impl: ssd(*a, initial_state=s, implementation=impl,
+                                                      chunk_size=16, **filt), args, s0)
+             for impl in ("reference", "associative")}
+    assert len(grads["reference"]) == 7
+    for i, (o, r) in enumerate(zip(grads["associative"], grads["reference"], strict=True)):
+        assert_close(o, r, jnp.float32, f"d input {i}")
+
+
 @pytest.mark.gpu
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
