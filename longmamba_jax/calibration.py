@@ -367,7 +367,7 @@ class Calibration:
             aggregate=aggregate, slowest_state=slowest_state, storage=storage,
             grid_step=grid_step,
         )
-        builder.add(deltas)
+        builder._add_checked(deltas, windows)  # validated above: one pass over the data
         return builder.finish(fingerprint=fingerprint, model_info=model_info)
 
     # -------------------------------------------------------------------- accessors
@@ -716,7 +716,10 @@ class CalibrationBuilder:
         deltas = _as_layer_list("deltas", deltas, ndims=(4,))
         if len(deltas) != len(self.channels):
             raise ValueError(f"got Δ for {len(deltas)} layers, the model has {len(self.channels)}")
-        w = _check_deltas(deltas, self._A, self.train_len)
+        self._add_checked(deltas, _check_deltas(deltas, self._A, self.train_len))
+
+    def _add_checked(self, deltas: list[np.ndarray], w: int) -> None:
+        """`add` for a batch of `w` windows that `_check_deltas` has already validated."""
         if self._seen + w > self.num_windows:
             raise ValueError(f"{self._seen + w} windows added, more than num_windows="
                              f"{self.num_windows}")
