@@ -16,7 +16,13 @@
 # On the device machine (package not installed), from the repo root:
 #   OUT=... ARCH=mamba2 SEEDS=0,1,2 bash evals/train_and_eval_gpu.sh
 # Knobs (environment): ARCH, SEEDS, TRAIN_ARGS, TRAIN_LEN, CALL_LIMIT, SAMPLES, MULTIPLES, BATCH,
-# BACKEND, LEVERS, EXTRA_EVAL, DATA_WORKERS, TRAIN_MEM_FRACTION, PY, RUN.
+# BACKEND, LEVERS, EXTRA_EVAL, DATA_WORKERS, TRAIN_MEM_FRACTION, PY, RUN, EVAL, RUNS_FROM,
+# EVAL_JOBS.
+# Training and evaluation may take one call each (training alone can fill one):
+#   EVAL=0 ...                    train, export, calibrate; no evaluation
+#   RUNS_FROM=dir ...             no training: evaluate dir/seed{S} for S in SEEDS, each holding
+#                                 model/ (config.json, model.safetensors), calibration.npz and
+#                                 train_config.json (what EVAL=0 brings back, unpacked)
 set -uo pipefail
 OUT=${OUT:?set OUT to the output directory}
 ARCH=${ARCH:-mamba2}
@@ -35,6 +41,9 @@ LEVERS=${LEVERS:-}            # e.g. "c0.5:c=0.5;b0.5:b=0.5;rho0.2:rho=0.2" (tra
 EXTRA_EVAL=${EXTRA_EVAL:-}    # other model dirs (model/ + calibration.npz) to evaluate beside,
                               # passkey only (e.g. longmamba_jax/data/demo)
 DATA_WORKERS=${DATA_WORKERS:-6}
+EVAL=${EVAL:-1}
+RUNS_FROM=${RUNS_FROM:-}
+EVAL_JOBS=${EVAL_JOBS:-3}      # evaluation processes at once (each needs ~15 GB at BATCH=50)
 
 T0=$(date +%s)
 mkdir -p /tmp/pp "$OUT" "$RUN"
@@ -58,28 +67,36 @@ pack() {  # atomically, so a kill mid-way leaves the previous archive
 PACKER=$!
 trap 'kill $PACKER 2>/dev/null' EXIT
 
-stamp "train: --arch $ARCH --seeds $SEEDS $TRAIN_ARGS --train-len $TRAIN_LEN"
-# The vmapped step of several seeds needs more than JAX's default 75% of the GPU.
-# shellcheck disable=SC2086
-XLA_PYTHON_CLIENT_MEM_FRACTION=${TRAIN_MEM_FRACTION:-0.92} \
-    $PY -m longmamba_evals.train --arch "$ARCH" --seeds "$SEEDS" $TRAIN_ARGS \
-    --train-len "$TRAIN_LEN" --data-workers "$DATA_WORKERS" --out "$RUN/seed{seed}" 2>&1 \
-    | tee -a "$LOG"
-TRAIN_RC=${PIPESTATUS[0]}
-[ "$TRAIN_RC" -eq 0 ] || { stamp "training failed (exit $TRAIN_RC)"; pack; exit 1; }
 IFS=, read -r -a SEED_LIST <<< "$SEEDS"
+if [ -n "$RUNS_FROM" ]; then
+    stamp "no training: evaluating the runs in $RUNS_FROM"
+    for s in "${SEED_LIST[@]}"; do
+        [ -d "$RUNS_FROM/seed$s" ] && cp -r "$RUNS_FROM/seed$s" "$RUN/"
+    done
+else
+    stamp "train: --arch $ARCH --seeds $SEEDS $TRAIN_ARGS --train-len $TRAIN_LEN"
+    # The vmapped step of several seeds needs more than JAX's default 75% of the GPU.
+    # shellcheck disable=SC2086
+    XLA_PYTHON_CLIENT_MEM_FRACTION=${TRAIN_MEM_FRACTION:-0.92} \
+        $PY -m longmamba_evals.train --arch "$ARCH" --seeds "$SEEDS" $TRAIN_ARGS \
+        --train-len "$TRAIN_LEN" --data-workers "$DATA_WORKERS" --out "$RUN/seed{seed}" 2>&1 \
+        | tee -a "$LOG"
+    TRAIN_RC=${PIPESTATUS[0]}
+    [ "$TRAIN_RC" -eq 0 ] || { stamp "training failed (exit $TRAIN_RC)"; pack; exit 1; }
+fi
 RUNS=()
 for s in "${SEED_LIST[@]}"; do
     d="$RUN/seed$s"
     if [ -f "$d/calibration.npz" ]; then
         RUNS+=("$d")
-        cp "$d/model/model.safetensors" "$OUT/model_seed$s.safetensors"
+        [ -n "$RUNS_FROM" ] || cp "$d/model/model.safetensors" "$OUT/model_seed$s.safetensors"
     else
         stamp "seed $s: no calibrated model"
     fi
 done
 pack
 [ ${#RUNS[@]} -gt 0 ] || { stamp "training failed"; exit 1; }
+[ "$EVAL" = 1 ] || { stamp "done (EVAL=0: no evaluation)"; kill $PACKER 2>/dev/null; exit 0; }
 
 NOW=$(date +%s)
 DEADLINE=$(( T0 + CALL_LIMIT - 30 ))
@@ -87,6 +104,7 @@ HARD=$(( T0 + CALL_LIMIT - 12 - NOW ))
 stamp "evaluate ${#RUNS[@]} runs in parallel: $SAMPLES keys per (length, depth), levers '$LEVERS'"
 PIDS=()
 for d in "${RUNS[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -gt "$EVAL_JOBS" ]; do sleep 2; done  # the packer is one job
     XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$HARD" \
         $PY -m longmamba_evals.train_eval "$d" --samples "$SAMPLES" --multiples "$MULTIPLES" \
         --batch-size "$BATCH" --backend "$BACKEND" --levers "$LEVERS" --deadline "$DEADLINE" \
