@@ -260,35 +260,35 @@ def print_row(r):
 
 # SSD candidates (SSDPallasConfig fields; the first one is the baseline the others are checked
 # against). `segments` splits the sequence: a states pass, then the scan (see ssd_pallas.py).
-SSD_SWEEP = [
-    dict(),  # v3 default: chunk 64, block_p 32, 4 warps, 3 stages, one segment
-    dict(num_stages=2, segments=4),
-    dict(segments=4),
-    dict(block_p=64, num_warps=8, num_stages=2, segments=4),
-    dict(num_stages=2, segments=2),
-    dict(num_stages=2, segments=8),
-    dict(chunk=32, segments=4),
-    dict(block_p=64, num_warps=8, num_stages=3, segments=2),
-    dict(block_p=16),
-    dict(num_stages=2),
+SSD_SWEEP = [  # (session 3; the earlier sweeps are in evals/NOTES_kernels.md)
+    dict(),  # default: chunk 64, block_p 32, 4 warps, 3 stages, one segment
+    dict(y_dtype="bfloat16"),
+    dict(precompute_cb=False),
+    dict(precompute_cb=False, y_dtype="bfloat16"),
+    dict(num_stages=4, y_dtype="bfloat16"),
 ]
-SS_SWEEP = [  # (block_e, block_t, num_warps, num_stages)
-    (8, 16, 1, 2), (8, 32, 1, 2), (16, 16, 2, 2), (4, 16, 1, 2), (8, 16, 1, 3), (32, 16, 4, 2),
+SS_SWEEP = [  # SelectiveScanPallasConfig fields; the first one is the default
+    dict(), dict(block_t=32), dict(block_e=16, num_warps=2), dict(block_e=4),
+    dict(num_stages=3), dict(block_e=32, num_warps=4),
 ]
 
 
-def _sweep_one(name, length, c, run, args, thr, rows, ref=None, filtered=True, interpret=False):
-    """Times one config (and checks its output against `ref`); returns its output."""
+def _sweep_one(name, length, c, run, args, thr, rows, ref=None, filtered=True, interpret=False,
+               **kw):
+    """Times one config (and checks its output against `ref`); returns its output. `kw` go to
+    `run` (e.g. y_dtype) and are reported with the config."""
     try:
-        plain = jax.jit(lambda *a: run(*a, config=c, interpret=interpret))
-        filt = jax.jit(lambda *a: run(*a[:6], threshold=a[6], config=c, interpret=interpret))
+        plain = jax.jit(lambda *a: run(*a, config=c, interpret=interpret, **kw))
+        filt = jax.jit(
+            lambda *a: run(*a[:6], threshold=a[6], config=c, interpret=interpret, **kw))
         t_p, _ = time_fn(plain, *args)
         t_f = time_fn(filt, *args, thr)[0] if filtered else float("nan")
         out = plain(*args)
         err = rel_err(out[0], ref[0]) if ref is not None else 0.0
+        c = f"{c}" + "".join(f", {k}={v}" for k, v in kw.items())
         print(f"sweep {name} l={length} {c}: {t_p * 1e3:.3f} ms, filtered {t_f * 1e3:.3f} ms, "
               f"rel err vs baseline {err:.1e}", flush=True)
-        rows.append(dict(op=f"sweep_{name}", length=length, config=str(c), ms=t_p * 1e3,
+        rows.append(dict(op=f"sweep_{name}", length=length, config=c, ms=t_p * 1e3,
                          filtered_ms=t_f * 1e3, rel_err_y_vs_baseline=err))
         return out
     except Exception as err:  # a config that does not compile is reported, not fatal
@@ -306,9 +306,11 @@ def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered
             args, thr = ssd_inputs(length)
             ref = None
             for fields in SSD_SWEEP:
+                fields = dict(fields)
+                kw = {"y_dtype": fields.pop("y_dtype")} if "y_dtype" in fields else {}
                 out = _sweep_one("ssd", length, SSDPallasConfig(**fields), ssd_pallas, args, thr,
                                  rows, ref=ref, filtered=filtered and i == 0,
-                                 interpret=interpret)
+                                 interpret=interpret, **kw)
                 if ref is None:
                     ref = out
                 del out
@@ -316,11 +318,12 @@ def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered
             del args, ref
     if "selective_scan" in ops:
         args, thr = ss_inputs(lengths[0])
-        for block_e, block_t, warps, stages in SS_SWEEP:
-            c = SelectiveScanPallasConfig(block_e=block_e, block_t=block_t, num_warps=warps,
-                                          num_stages=stages)
-            _sweep_one("selective_scan", lengths[0], c, selective_scan_pallas, args, thr, rows,
-                       interpret=interpret)
+        ref = None
+        for fields in SS_SWEEP:
+            out = _sweep_one("selective_scan", lengths[0], SelectiveScanPallasConfig(**fields),
+                             selective_scan_pallas, args, thr, rows, ref=ref,
+                             interpret=interpret)
+            ref = out if ref is None else ref
 
 
 def parse_lengths(text):

@@ -158,7 +158,7 @@ def _ssd_kernel(
         y = y + jnp.exp(a_cum)[:, None] * y_off
         if has_d:
             y = y + d_ref[hi] * x
-        y_ref[bi, t_sl, hi, p_sl] = y
+        y_ref[bi, t_sl, hi, p_sl] = y.astype(y_ref.dtype)
         return state_update(s, xdt, a_cum, a_last, bm)
 
     y_ref, s_ref = out_refs
@@ -167,7 +167,8 @@ def _ssd_kernel(
 
 
 def ssd_pallas(
-    x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, interpret=False, config=None
+    x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, interpret=False, config=None,
+    y_dtype=None,
 ):
     """Mamba2 SSD scan, Pallas kernel. Same contract as `ssd_reference`.
 
@@ -177,13 +178,18 @@ def ssd_pallas(
       initial_state: [b, h, p, n] or None. threshold: [h] fp32 folded filter or None.
       interpret: run through the Pallas interpreter (any platform).
       config: `SSDPallasConfig` (block sizes); None for the defaults.
+      y_dtype: dtype y is written in (None: fp32). The accumulation is fp32 either way; bf16
+        halves y's bytes, the largest of the kernel's memory traffic (what the official
+        mamba_ssm kernel returns for bf16 inputs).
 
     Returns:
-      (y [b, l, h, p] fp32, final_state [b, h, p, n] fp32).
+      (y [b, l, h, p] in y_dtype, final_state [b, h, p, n] fp32).
     """
     config = SSDPallasConfig() if config is None else config
+    y_dtype = jnp.dtype(jnp.float32 if y_dtype is None else y_dtype)
     return _ssd_pallas(
-        x, dt, A, B, C, D, initial_state, threshold, interpret=interpret, config=config
+        x, dt, A, B, C, D, initial_state, threshold, interpret=interpret, config=config,
+        y_dtype=y_dtype,
     )
 
 
@@ -194,8 +200,8 @@ def ssd_segments(batch: int, length: int, config: SSDPallasConfig) -> int:
     return max(1, min(per_row, n_chunks // config.min_segment_chunks))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "config"))
-def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, config):
+@functools.partial(jax.jit, static_argnames=("interpret", "config", "y_dtype"))
+def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, config, y_dtype):
     f32 = jnp.float32
     b, length, h, p = x.shape
     g, n = B.shape[-2:]
@@ -276,7 +282,7 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         functools.partial(kernel, n_seg=n_seg, states_only=False),
         grid=grid(b * n_seg),
         out_shape=[
-            jax.ShapeDtypeStruct((b, padded_len, h, pp), f32),
+            jax.ShapeDtypeStruct((b, padded_len, h, pp), y_dtype),
             jax.ShapeDtypeStruct((b * n_seg, h, pp, np_), f32),
         ],
         compiler_params=params,

@@ -285,6 +285,20 @@ def test_ssd_pallas_segments_match_reference(impl, shape, dtype, with_filter, wi
     assert_close(s, s_ref, dtype, f"ssd {impl} (segments) final state")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("impl", IMPLS[1:])
+def test_ssd_pallas_bf16_y(impl, dtype):
+    """y written in bf16 (fp32 accumulation), through segments and an initial state."""
+    args, s0, filt = ssd_inputs(SEG_SHAPES["T100_b1"], dtype, seed=9)
+    y_ref, s_ref = run_ssd("reference", args, s0, filt)
+    thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], args[0].shape[2])
+    y, s = ssd_pallas(*args, initial_state=s0, threshold=thr, interpret=(impl == "pallas"),
+                      config=SSD_SEG_CONFIG, y_dtype=jnp.bfloat16)
+    assert y.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+    assert_close(y, y_ref, jnp.bfloat16, f"ssd {impl} y in bf16")
+    assert_close(s, s_ref, dtype, f"ssd {impl} final state")
+
+
 def test_ssd_segments_count():
     c = SSDPallasConfig(chunk=64, segments=4, min_segment_chunks=16)
     assert ssd_segments(1, 16384, c) == 4  # 256 chunks
