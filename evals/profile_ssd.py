@@ -1,7 +1,7 @@
 """Runs the SSD Pallas kernel on one mamba2-1.3b layer, for a profiler to look at.
 
     ncu --kernel-name regex:ssd_chunk_scan python evals/profile_ssd.py --length 16384
-    bash evals/profile_ssd.sh        # on the device machine: the ncu report and the PTX
+    bash evals/profile_ssd.sh        # on the device machine: the ncu report in $OUT
 
 Inputs are those of `bench_scan.py` (random, bf16 x/B/C). Prints the median time of the calls
 after the first (which compiles)."""

@@ -187,6 +187,8 @@ def ssd_pallas(
     """
     config = SSDPallasConfig() if config is None else config
     y_dtype = jnp.dtype(jnp.float32 if y_dtype is None else y_dtype)
+    if not jnp.issubdtype(y_dtype, jnp.floating):
+        raise ValueError(f"ssd_pallas y_dtype must be a floating dtype, got {y_dtype}")
     return _ssd_pallas(
         x, dt, A, B, C, D, initial_state, threshold, interpret=interpret, config=config,
         y_dtype=y_dtype,

@@ -258,6 +258,9 @@ def test_ssd_pallas_config_rejects_bad_blocks():
         SSDPallasConfig(chunk=48)
     with pytest.raises(ValueError, match="segments"):
         SSDPallasConfig(segments=0)
+    args, _, _ = ssd_inputs(SSD_SHAPES["T63_groups2_p8_n16"], jnp.float32, seed=4)
+    with pytest.raises(ValueError, match="y_dtype"):
+        ssd_pallas(*args, interpret=True, y_dtype=jnp.int8)
 
 
 # Sequence segments (a states pass, then the scan folding earlier segments in): one chunk per
