@@ -18,14 +18,6 @@ from longmamba_jax.tokenizer import ByteTokenizer
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory):
-    words = Path(DEFAULT_TEXT).read_text(encoding="utf-8").split()[:6000]
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(" ".join(words))
-    return str(path)
-
-
 def _tiny(text: str, **kw) -> T.TrainConfig:
     base = dict(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=64, train_len=256,
                 bucket=256, tokens_per_step=512, steps=8, lr=1e-2, warmup_steps=1, log_every=1,

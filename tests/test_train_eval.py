@@ -13,15 +13,6 @@ import pytest
 from longmamba_evals import aggregate_seeds as A
 from longmamba_evals import train as T
 from longmamba_evals import train_eval as E
-from longmamba_evals.common import DEFAULT_TEXT
-
-
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory):
-    words = Path(DEFAULT_TEXT).read_text(encoding="utf-8").split()[:6000]
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(" ".join(words))
-    return str(path)
 
 
 def test_batch_workers_match_inline(small_text):

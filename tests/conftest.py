@@ -1,0 +1,18 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from longmamba_evals.common import DEFAULT_TEXT
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    """The first 6,000 words of the bundled filler text, as a file (training/eval tests)."""
+    words = Path(DEFAULT_TEXT).read_text(encoding="utf-8").split()[:6000]
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(" ".join(words))
+    return str(path)
