@@ -8,10 +8,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
 L="${L:-16384}"
 PY="${PY:-python3}"
-mkdir -p "$OUT" /tmp/pp
-ln -sfn "$PWD/kernels" /tmp/pp/longmamba_kernels
-ln -sfn "$PWD/evals" /tmp/pp/longmamba_evals
-export PYTHONPATH="/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+source evals/device_env.sh
 
 if command -v ncu >/dev/null; then
   ncu --clock-control none --kernel-name regex:ssd_chunk_scan --launch-skip 1 --launch-count 1 \

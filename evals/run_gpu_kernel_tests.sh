@@ -14,13 +14,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
-mkdir -p "$OUT" /tmp/pp
-# The package is not installed there: expose kernels/ under its import name.
-ln -sfn "$PWD/kernels" /tmp/pp/longmamba_kernels
-ln -sfn "$PWD/longmamba_jax" /tmp/pp/longmamba_jax
-ln -sfn "$PWD/evals" /tmp/pp/longmamba_evals
-ln -sfn "$PWD/convert" /tmp/pp/longmamba_convert
-export PYTHONPATH="/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+source evals/device_env.sh
 PY="${PY:-python3}"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \

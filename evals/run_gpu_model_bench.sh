@@ -17,11 +17,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
 PY="${PY:-python3}"
 BUDGET_S="${BUDGET_S:-500}"
-mkdir -p "$OUT/hlo" /tmp/pp
-# The package is not installed there: expose the repo directories under their import names.
-ln -sfn "$PWD/kernels" /tmp/pp/longmamba_kernels
-ln -sfn "$PWD/evals" /tmp/pp/longmamba_evals
-export PYTHONPATH="/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT/hlo"
+source evals/device_env.sh
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
   2>&1 | tee "$OUT/device.txt"

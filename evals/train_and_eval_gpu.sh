@@ -46,12 +46,8 @@ RUNS_FROM=${RUNS_FROM:-}
 EVAL_JOBS=${EVAL_JOBS:-3}      # evaluation processes at once (each needs ~15 GB at BATCH=50)
 
 T0=$(date +%s)
-mkdir -p /tmp/pp "$OUT" "$RUN"
-ln -sfn "$PWD/kernels" /tmp/pp/longmamba_kernels
-ln -sfn "$PWD/evals" /tmp/pp/longmamba_evals
-ln -sfn "$PWD/convert" /tmp/pp/longmamba_convert
-export PYTHONPATH=/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$RUN"
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 LOG="$OUT/log.txt"
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
