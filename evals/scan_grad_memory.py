@@ -1,11 +1,16 @@
 """XLA temporary memory of the gradient of one Mamba-1 selective-scan layer, per implementation.
 
     python evals/scan_grad_memory.py [--b 16] [--l 512] [--e 768] [--n 16]
+    python evals/scan_grad_memory.py --train-step [--seeds 3] [--micro-batches 2]
 
 Compiles jax.grad of sum(y²) w.r.t. x, Δ, B, C for the sequential reference and for the chunked
 associative scan (which rematerialises each chunk under autodiff) at several chunk sizes, and
 prints `compiled.memory_analysis().temp_size_in_bytes`. Nothing runs, so any backend works
 (the figures in kernels/selective_scan_associative.py are from the CPU backend).
+
+`--train-step`: the same for the whole Mamba-1 training step of `evals/train.py` (d_state 16,
+the seeds vmapped, bucket 512, 32K tokens per step), through each scan backend: whether the
+step fits on a GPU before a device call is spent on it.
 """
 
 from __future__ import annotations
@@ -34,11 +39,40 @@ def temp_gb(fn, b: int, l: int, e: int, n: int) -> float:
     return compiled.memory_analysis().temp_size_in_bytes / 1e9
 
 
+def train_step_temp_gb(backend: str, seeds: int, micro_batches: int, bucket: int = 512) -> float:
+    """Temporaries of the vmapped Mamba-1 training step (`longmamba_evals.train.make_steps`)."""
+    from longmamba_evals import train as T
+
+    tc = T.TrainConfig(arch="mamba1", d_state=16, scan_backend=backend,
+                       micro_batches=micro_batches)
+    config = T.build_model_config(tc)
+    step, _, optimizer = T.make_steps(tc, config)
+    weights = jax.eval_shape(
+        lambda: T._stack([T.mamba_init(config, s).weights for s in range(seeds)]))
+    opt_state = jax.eval_shape(lambda w: jax.vmap(optimizer.init)(w), weights)
+    shape = (seeds, tc.tokens_per_step // bucket, bucket)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32 if k == "tokens" else jnp.float32)
+             for k in ("tokens", "mask", "answer", "second", "lm")}
+    compiled = step.lower(weights, opt_state, batch, jnp.float32(0.0)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 1e9
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name, default in (("b", 16), ("l", 512), ("e", 768), ("n", 16)):
         p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--train-step", action="store_true",
+                   help="the whole Mamba-1 training step instead of one scan layer")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--micro-batches", type=int, default=2)
     a = p.parse_args(argv)
+    if a.train_step:
+        print(f"Mamba-1 training step temporaries, {a.seeds} seeds vmapped, "
+              f"{a.micro_batches} micro-batches, bucket 512, {jax.default_backend()}")
+        for backend in ("associative", "reference"):
+            print(f"  {backend}: {train_step_temp_gb(backend, a.seeds, a.micro_batches):.1f} GB",
+                  flush=True)
+        return
     print(f"gradient temporaries, b={a.b} l={a.l} e={a.e} n={a.n}, {jax.default_backend()}")
     ref = temp_gb(selective_scan_reference, a.b, a.l, a.e, a.n)
     print(f"  reference (lax.scan over time): {ref:.2f} GB")
