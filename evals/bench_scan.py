@@ -37,7 +37,12 @@ from longmamba_kernels.selective_scan_pallas import (
     selective_scan_pallas,
 )
 from longmamba_kernels.ssd_chunked import ssd_chunked
-from longmamba_kernels.ssd_pallas import SSDPallasConfig, ssd_pallas
+from longmamba_kernels.ssd_pallas import (
+    SSDPallasConfig,
+    _segment_initial_states,
+    ssd_pallas,
+    ssd_segments,
+)
 
 K = 1024
 
@@ -260,12 +265,20 @@ def print_row(r):
 
 # SSD candidates (SSDPallasConfig fields; the first one is the baseline the others are checked
 # against). `segments` splits the sequence: a states pass, then the scan (see ssd_pallas.py).
-SSD_SWEEP = [  # (session 3; the earlier sweeps are in evals/NOTES_kernels.md)
+# Session 4: the states pass split in `state_splits` pieces per segment (many programs) and
+# folded by XLA; with ≤ 113 KB of shared memory (in-kernel C Bᵀ at 3 stages, or 2 stages) two
+# scan programs fit on an SM, and k = 2 gives 256 of them at batch 1 (132 SMs).
+SSD_SWEEP = [  # (the earlier sweeps are in evals/NOTES_kernels.md)
     dict(),  # default: chunk 64, block_p 32, 4 warps, 3 stages, one segment
     dict(y_dtype="bfloat16"),
-    dict(precompute_cb=False),
-    dict(precompute_cb=False, y_dtype="bfloat16"),
-    dict(num_stages=4, y_dtype="bfloat16"),
+    dict(segments=2, precompute_cb=False),
+    dict(segments=2, precompute_cb=False, state_splits=8),
+    dict(segments=2, num_stages=2),
+    dict(segments=4, precompute_cb=False),
+    dict(segments=4, num_stages=2),
+    dict(segments=2, precompute_cb=False, y_dtype="bfloat16"),
+    dict(segments=2, num_stages=2, y_dtype="bfloat16"),
+    dict(),  # the default again: drift over the sweep
 ]
 SS_SWEEP = [  # SelectiveScanPallasConfig fields; the first one is the default
     dict(), dict(block_t=32), dict(block_e=16, num_warps=2), dict(block_e=4),
@@ -274,9 +287,10 @@ SS_SWEEP = [  # SelectiveScanPallasConfig fields; the first one is the default
 
 
 def _sweep_one(name, length, c, run, args, thr, rows, ref=None, filtered=True, interpret=False,
-               **kw):
+               states=None, **kw):
     """Times one config (and checks its output against `ref`); returns its output. `kw` go to
-    `run` (e.g. y_dtype) and are reported with the config."""
+    `run` (e.g. y_dtype) and are reported with the config; `states`, a function of the args,
+    is timed too."""
     try:
         plain = jax.jit(lambda *a: run(*a, config=c, interpret=interpret, **kw))
         filt = jax.jit(
@@ -286,16 +300,41 @@ def _sweep_one(name, length, c, run, args, thr, rows, ref=None, filtered=True, i
         out = plain(*args)
         err = rel_err(out[0], ref[0]) if ref is not None else 0.0
         c = f"{c}" + "".join(f", {k}={v}" for k, v in kw.items())
+        extra = {}
+        if states is not None:  # the states pass and its fold alone (segmented SSD configs)
+            extra["states_ms"] = time_fn(states, *args)[0] * 1e3
         print(f"sweep {name} l={length} {c}: {t_p * 1e3:.3f} ms, filtered {t_f * 1e3:.3f} ms, "
-              f"rel err vs baseline {err:.1e}", flush=True)
+              f"rel err vs baseline {err:.1e}"
+              + (f", states pass {extra['states_ms']:.3f} ms" if extra else ""), flush=True)
         rows.append(dict(op=f"sweep_{name}", length=length, config=c, ms=t_p * 1e3,
-                         filtered_ms=t_f * 1e3, rel_err_y_vs_baseline=err))
+                         filtered_ms=t_f * 1e3, rel_err_y_vs_baseline=err, **extra))
         return out
     except Exception as err:  # a config that does not compile is reported, not fatal
         print(f"sweep {name} {c}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
         rows.append(dict(op=f"sweep_{name}", length=length, config=str(c),
                          error=f"{type(err).__name__}: {str(err)[:300]}"))
         return None
+
+
+def _ssd_states_pass(config, interpret):
+    """The segmented SSD's states pass and fold alone, as a function of the sweep's inputs
+    (their length is a multiple of k chunks and p, n are tile sizes: no padding), or None."""
+    if config.segments == 1:
+        return None
+
+    @jax.jit
+    def states(x, dt, A, B, C, D):
+        b, length, h, p = x.shape
+        k = ssd_segments(b, length, config)
+        if k == 1:  # too short to split: no states pass
+            return jnp.zeros(())
+        dot_dtype = jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32
+        return _segment_initial_states(
+            x, dt, A, B, jnp.full((h,), -jnp.inf), None, n_seg=k,
+            seg_chunks=length // config.chunk // k, block_p=min(config.block_p, p),
+            dot_dtype=dot_dtype, config=config, interpret=interpret)
+
+    return states
 
 
 def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered=False):
@@ -308,9 +347,10 @@ def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered
             for fields in SSD_SWEEP:
                 fields = dict(fields)
                 kw = {"y_dtype": fields.pop("y_dtype")} if "y_dtype" in fields else {}
-                out = _sweep_one("ssd", length, SSDPallasConfig(**fields), ssd_pallas, args, thr,
-                                 rows, ref=ref, filtered=filtered and i == 0,
-                                 interpret=interpret, **kw)
+                c = SSDPallasConfig(**fields)
+                out = _sweep_one("ssd", length, c, ssd_pallas, args, thr, rows, ref=ref,
+                                 filtered=filtered and i == 0, interpret=interpret,
+                                 states=_ssd_states_pass(c, interpret), **kw)
                 if ref is None:
                     ref = out
                 del out

@@ -14,10 +14,12 @@ in-chunk cumsum (the chunked SSD of `ssd_chunked`, as three matmuls):
     y      = ((C Bᵀ) ⊙ exp(A⁺_i − A⁺_j) [j <= i]) (Δ x)  +  exp(A⁺) ⊙ (C Sᵀ)  +  D x
     S_next = exp(A⁺_last) S + ((Δ x) ⊙ exp(A⁺_last − A⁺))ᵀ B
 
-Optional sequence segments (`SSDPallasConfig.segments`, off by default: measured no faster on
-the H100 at batch 1, evals/NOTES_kernels.md): a first kernel computes each segment's local final
-state (from zero) and total decay, and each segment's scan program folds the earlier segments
-in, S_in[k + 1] = exp(Σ_k Δ A) S_in[k] + S_loc[k], before walking its own chunks.
+Optional sequence segments (`SSDPallasConfig.segments`): k segments per batch row, scanned by
+separate programs, so more programs run at once. A states pass first computes, for segments
+0..k-2 split into `state_splits` pieces each (so that pass has many programs too), each piece's
+local final state from zero and its log-decay Σ Δ A; XLA folds them (fp32, a few MB) into every
+segment's initial state, S_in[k] = Σ_{j<k} exp(Σ_{j<i<k} Δ A) S_loc[j] (+ the decayed initial
+state), and the scan programs start from those.
 
 C Bᵀ depends only on the group, so by default it is computed once per (chunk, group) by one
 batched XLA matmul ([b, c, g, s, s], l·s values per group) and read by every head's program.
@@ -34,6 +36,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 
@@ -51,9 +54,11 @@ class SSDPallasConfig:
         head and p-block would recompute it).
       segments: k, sequence segments per batch row (at batch 1; ⌈k / b⌉ for batch b), scanned
         by separate programs: b·h·(p/block_p) programs alone leave most of the GPU idle. With
-        k > 1 a first, cheaper kernel computes each segment's local final state and decay,
-        and the scan kernel folds the earlier segments' states into its initial state.
+        k > 1 a states pass (no C, no y) computes the local final states and decays of
+        segments 0..k-2, and XLA folds them into each segment's initial state.
       min_segment_chunks: fewest chunks per segment (short inputs use fewer segments).
+      state_splits: programs per segment in the states pass (each walks 1/state_splits of a
+        segment from a zero state; XLA combines them).
     """
 
     chunk: int = 64
@@ -63,13 +68,14 @@ class SSDPallasConfig:
     precompute_cb: bool = True
     segments: int = 1
     min_segment_chunks: int = 16
+    state_splits: int = 4
 
     def __post_init__(self):
         for name in ("chunk", "block_p"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"SSDPallasConfig.{name} must be a power of two >= 16, got {v}")
-        for name in ("segments", "min_segment_chunks", "num_warps", "num_stages"):
+        for name in ("segments", "min_segment_chunks", "state_splits", "num_warps", "num_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SSDPallasConfig.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -78,73 +84,96 @@ def _pow2_at_least_16(v: int) -> int:
     return max(16, 1 << (v - 1).bit_length())
 
 
-def _ssd_kernel(
-    x_ref, dt_ref, a_ref, b_ref, c_ref, cb_ref, d_ref, thr_ref, s0_ref, sl_ref, dec_ref,  # in
-    *out_refs,
-    chunk, block_p, seg_chunks, n_seg, heads_per_group, has_d, has_init, dot_dtype,
-    precompute_cb, states_only,
-):
-    """One program: (batch row, segment) × head × block of p, over `seg_chunks` chunks.
+def _chunk_inputs(x_ref, dt_ref, b_ref, bi, hi, gi, p_sl, t_sl, a, thr, valid=None):
+    """One chunk's x [s, p_blk] (fp32), filtered Δ [s], in-chunk cumsum A⁺ [s] and its last
+    value, and B [s, n]. `valid` (a traced bool) zeroes Δ: a chunk past the program's range
+    then leaves the state exact."""
+    f32 = jnp.float32
+    x = x_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
+    dt = dt_ref[bi, t_sl, hi].astype(f32)  # [s]
+    drop = dt <= thr  # LongMamba filter (thr = -inf: unfiltered)
+    if valid is not None:
+        drop = drop | jnp.logical_not(valid)
+    dt = jnp.where(drop, 0.0, dt)
+    da = dt * a  # [s]
+    a_cum = jnp.cumsum(da)  # [s]
+    a_last = jnp.sum(da)  # A⁺ at the chunk's last token
+    bm = b_ref[bi, t_sl, gi, :]  # [s, n]
+    return x, dt, a_cum, a_last, bm
 
-    states_only: the first pass of a segmented scan (segments 0..k-2): no y, no C; writes the
-    segment's local final state (from zero) and its total decay exp(Σ Δ A).
-    Otherwise: the scan; its initial state is s0 folded through the earlier segments' local
-    states, S_in[j + 1] = dec[j] S_in[j] + S_loc[j] (a static loop, masked to j < segment).
-    """
+
+def _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype):
+    """S_next = exp(A⁺_last) S + ((Δ x) ⊙ exp(A⁺_last − A⁺))ᵀ B  ([p_blk, n], fp32)."""
+    w = (xdt * jnp.exp(a_last - a_cum)[:, None]).astype(dot_dtype)  # [s, p_blk]
+    return jnp.exp(a_last) * s + dot(w.T, bm.astype(dot_dtype))
+
+
+def _dot(dot_dtype):
+    # fp32 inputs get IEEE fp32 dots; bf16 operands accumulate in fp32 at default precision.
+    prec = jax.lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+    return functools.partial(jnp.dot, precision=prec, preferred_element_type=jnp.float32)
+
+
+def _ssd_states_kernel(
+    x_ref, dt_ref, a_ref, b_ref, thr_ref, sl_ref, la_ref,
+    *, chunk, block_p, seg_chunks, sub_chunks, splits, n_prev, heads_per_group, dot_dtype,
+):
+    """Pass 1 of a segmented scan: one program per (batch row, segment q < k-1, split j) ×
+    head × block of p. It walks chunks [q·seg + j·sub, min(q·seg + (j+1)·sub, (q+1)·seg)) from
+    a zero state and writes that local state and its log-decay Σ Δ A (broadcast over p)."""
+    f32 = jnp.float32
+    pid0, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, rest = pid0 // (n_prev * splits), pid0 % (n_prev * splits)
+    qi, ji = rest // splits, rest % splits
+    gi = hi // heads_per_group
+    p_sl = pl.ds(pi * block_p, block_p)
+    n = b_ref.shape[-1]
+    dot = _dot(dot_dtype)
+    a, thr = a_ref[hi], thr_ref[hi]
+    ragged = sub_chunks * splits != seg_chunks  # the last split overruns into the next segment
+
+    def body(ci, carry):
+        s, a_tot = carry
+        local = ji * sub_chunks + ci  # chunk index within the segment
+        t_sl = pl.ds((qi * seg_chunks + local) * chunk, chunk)
+        valid = local < seg_chunks if ragged else None
+        x, dt, a_cum, a_last, bm = _chunk_inputs(
+            x_ref, dt_ref, b_ref, bi, hi, gi, p_sl, t_sl, a, thr, valid)
+        s = _state_update(s, x * dt[:, None], a_cum, a_last, bm, dot, dot_dtype)
+        return s, a_tot + a_last
+
+    init = (jnp.zeros((block_p, n), f32), jnp.zeros((), f32))
+    s, a_tot = jax.lax.fori_loop(0, sub_chunks, body, init)
+    sl_ref[pid0, hi, p_sl, :] = s
+    la_ref[pid0, hi, p_sl] = jnp.full((block_p,), a_tot, f32)
+
+
+def _ssd_kernel(
+    x_ref, dt_ref, a_ref, b_ref, c_ref, cb_ref, d_ref, thr_ref, s0_ref, y_ref, s_ref,
+    *, chunk, block_p, seg_chunks, n_seg, heads_per_group, has_d, has_init, dot_dtype,
+    precompute_cb,
+):
+    """The scan: one program per (batch row, segment) × head × block of p, over `seg_chunks`
+    chunks, from its initial state s0[row, segment] (segment > 0: the folded states pass)."""
     f32 = jnp.float32
     pid0, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, ki = pid0 // n_seg, pid0 % n_seg
     gi = hi // heads_per_group
     p_sl = pl.ds(pi * block_p, block_p)
     n = b_ref.shape[-1]
-    # fp32 inputs get IEEE fp32 dots; bf16 operands accumulate in fp32 at default precision.
-    prec = jax.lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
-    dot = functools.partial(jnp.dot, precision=prec, preferred_element_type=f32)
-
-    a = a_ref[hi]  # scalar fp32
-    thr = thr_ref[hi]  # scalar fp32
+    dot = _dot(dot_dtype)
+    a, thr = a_ref[hi], thr_ref[hi]
     idx = jnp.arange(chunk)
     causal = idx[:, None] >= idx[None, :]  # [i, j]: j <= i
-    if has_init and not states_only:
-        s = s0_ref[bi, hi, p_sl, :].astype(f32)  # [p_blk, n]
+    if has_init:
+        s = s0_ref[pid0, hi, p_sl, :].astype(f32)  # [p_blk, n]
     else:
         s = jnp.zeros((block_p, n), f32)
-    if not states_only:
-        prev_seg = n_seg - 1
-        for j in range(prev_seg):  # fold in the earlier segments (unrolled; n_seg is small)
-            s_loc = sl_ref[bi * prev_seg + j, hi, p_sl, :]  # [p_blk, n]
-            dec = dec_ref[bi * prev_seg + j, hi, p_sl]  # [p_blk] (one value, broadcast)
-            s = jnp.where(j < ki, dec[:, None] * s + s_loc, s)
-
-    def chunk_inputs(ci):
-        t_sl = pl.ds((ki * seg_chunks + ci) * chunk, chunk)
-        x = x_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
-        dt = dt_ref[bi, t_sl, hi].astype(f32)  # [s]
-        dt = jnp.where(dt <= thr, 0.0, dt)  # LongMamba filter (thr = -inf: unfiltered)
-        da = dt * a  # [s]
-        a_cum = jnp.cumsum(da)  # [s]
-        a_last = jnp.sum(da)  # A⁺ at the chunk's last token
-        bm = b_ref[bi, t_sl, gi, :]  # [s, n]
-        return t_sl, x, dt, a_cum, a_last, bm
-
-    def state_update(s, xdt, a_cum, a_last, bm):
-        w = (xdt * jnp.exp(a_last - a_cum)[:, None]).astype(dot_dtype)  # [s, p_blk]
-        return jnp.exp(a_last) * s + dot(w.T, bm.astype(dot_dtype))  # [p_blk, n]
-
-    if states_only:
-        def body_states(ci, carry):
-            s, a_tot = carry
-            _, x, dt, a_cum, a_last, bm = chunk_inputs(ci)
-            return state_update(s, x * dt[:, None], a_cum, a_last, bm), a_tot + a_last
-
-        s, a_tot = jax.lax.fori_loop(0, seg_chunks, body_states, (s, jnp.zeros((), f32)))
-        sl_out, dec_out = out_refs
-        sl_out[pid0, hi, p_sl, :] = s
-        dec_out[pid0, hi, p_sl] = jnp.full((block_p,), jnp.exp(a_tot), f32)
-        return
 
     def body(ci, s):
-        t_sl, x, dt, a_cum, a_last, bm = chunk_inputs(ci)
+        t_sl = pl.ds((ki * seg_chunks + ci) * chunk, chunk)
+        x, dt, a_cum, a_last, bm = _chunk_inputs(
+            x_ref, dt_ref, b_ref, bi, hi, gi, p_sl, t_sl, a, thr)
         cm = c_ref[bi, t_sl, gi, :]  # [s, n]
         seg = jnp.where(causal, a_cum[:, None] - a_cum[None, :], -jnp.inf)  # [i, j]
         if precompute_cb:
@@ -159,11 +188,36 @@ def _ssd_kernel(
         if has_d:
             y = y + d_ref[hi] * x
         y_ref[bi, t_sl, hi, p_sl] = y.astype(y_ref.dtype)
-        return state_update(s, xdt, a_cum, a_last, bm)
+        return _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype)
 
-    y_ref, s_ref = out_refs
     s = jax.lax.fori_loop(0, seg_chunks, body, s)
     s_ref[pid0, hi, p_sl, :] = s
+
+
+def _fold_segment_states(s0, s_sub, la, n_seg, splits):
+    """Initial state of every segment from the states pass (fp32, exact sums of Σ Δ A).
+
+    s0: [b, h, p, n] or None. s_sub: [b, J, h, p, n], la: [b, J, h] (J = (k-1)·splits local
+    states and log-decays, in sequence order). Segment k starts after split e_k = k·splits:
+    S_in[k] = exp(Σ_{i<e_k} la_i) s0 + Σ_{j<e_k} exp(Σ_{j<i<e_k} la_i) S_sub[j].
+    Returns [b, k, h, p, n] (segment 0: s0, or zeros)."""
+    n_sub = s_sub.shape[1]
+    e = np.arange(1, n_seg)[:, None, None] * splits  # [k-1, 1, 1]
+    j = np.arange(n_sub)[None, :, None]
+    i = np.arange(n_sub)[None, None, :]
+    between = ((j < i) & (i < e)).astype(np.float32)  # [k-1, J, J]: splits j < i < e_k
+    # Sums of same-sign terms (Δ ≥ 0, A < 0): no cancellation, unlike differences of a cumsum.
+    log_w = jnp.sum(between[None, :, :, :, None] * la[:, None, None], axis=3)  # [b, k-1, J, h]
+    w = jnp.where(j[..., 0][None, :, :, None] < e[..., 0][None, :, :, None], jnp.exp(log_w), 0.0)
+    s_in = jnp.einsum("bkjh,bjhpn->bkhpn", w, s_sub, precision=jax.lax.Precision.HIGHEST)
+    if s0 is not None:
+        before = (i[0] < e[:, 0]).astype(np.float32)  # [k-1, J]: splits i < e_k
+        decay = jnp.exp(jnp.sum(before[None, :, :, None] * la[:, None], axis=2))  # [b, k-1, h]
+        s_in = s_in + decay[..., None, None] * s0[:, None]
+        first = s0[:, None]
+    else:
+        first = jnp.zeros_like(s_sub[:, :1])
+    return jnp.concatenate([first, s_in], axis=1)
 
 
 def ssd_pallas(
@@ -255,44 +309,66 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         ).astype(dot_dtype)  # [b, c, g, s, s]
     else:
         cb = jnp.zeros((1, 1, 1, 1, 1), dot_dtype)  # unused placeholder
-    kernel = functools.partial(
-        _ssd_kernel,
-        chunk=chunk, block_p=block_p, seg_chunks=seg_chunks, heads_per_group=h // g,
-        has_d=has_d, has_init=has_init, dot_dtype=dot_dtype,
-        precompute_cb=config.precompute_cb,
-    )
-    params = _compiler_params(config.num_warps, config.num_stages)
-    grid = lambda rows: (rows, h, pp // block_p)
-    inputs = (xs, dts, A.astype(f32), Bs, Cs, cb, d, thr, s0)
+    a32 = A.astype(f32)
     if n_seg > 1:
-        # Pass 1: local final state (from zero) and total decay of segments 0..k-2.
-        rows = b * (n_seg - 1)
-        s_loc, dec = pl.pallas_call(
-            functools.partial(kernel, n_seg=n_seg - 1, states_only=True),
-            grid=grid(rows),
-            out_shape=[
-                jax.ShapeDtypeStruct((rows, h, pp, np_), f32),
-                jax.ShapeDtypeStruct((rows, h, pp), f32),
-            ],
-            compiler_params=params,
-            interpret=interpret,
-            name="ssd_segment_states",
-        )(*inputs, jnp.zeros((1, 1, 1, 1), f32), jnp.zeros((1, 1, 1), f32))
-    else:
-        s_loc, dec = jnp.zeros((1, 1, 1, 1), f32), jnp.zeros((1, 1, 1), f32)  # unused
+        s0 = _segment_initial_states(
+            xs, dts, a32, Bs, thr, s0 if has_init else None, n_seg=n_seg, seg_chunks=seg_chunks,
+            block_p=block_p, dot_dtype=dot_dtype, config=config, interpret=interpret,
+        )  # [b·k, h, p', n']
+        has_init = True
     y, s = pl.pallas_call(
-        functools.partial(kernel, n_seg=n_seg, states_only=False),
-        grid=grid(b * n_seg),
+        functools.partial(
+            _ssd_kernel, chunk=chunk, block_p=block_p, seg_chunks=seg_chunks, n_seg=n_seg,
+            heads_per_group=h // g, has_d=has_d, has_init=has_init, dot_dtype=dot_dtype,
+            precompute_cb=config.precompute_cb,
+        ),
+        grid=(b * n_seg, h, pp // block_p),
         out_shape=[
             jax.ShapeDtypeStruct((b, padded_len, h, pp), y_dtype),
             jax.ShapeDtypeStruct((b * n_seg, h, pp, np_), f32),
         ],
-        compiler_params=params,
+        compiler_params=_compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="ssd_chunk_scan",
-    )(*inputs, s_loc, dec)
+    )(xs, dts, a32, Bs, Cs, cb, d, thr, s0)
     s = s.reshape(b, n_seg, h, pp, np_)[:, -1]  # the last segment's final state
     return y[:, :length, :, :p], s[:, :, :p, :n]
+
+
+def _segment_initial_states(
+    xs, dts, a32, Bs, thr, s0, *, n_seg, seg_chunks, block_p, dot_dtype, config, interpret,
+):
+    """The states pass and its fold: every segment's initial state, [b·k, h, p, n] fp32.
+
+    Inputs are the kernel's (padded to k·seg_chunks chunks, p and n to tile sizes); s0 is
+    [b, h, p, n] or None. Segments 0..k-2 are each split in `state_splits` programs that
+    walk their piece from a zero state; XLA folds the pieces' states into each segment's
+    initial state (`_fold_segment_states`)."""
+    f32 = jnp.float32
+    b, _, h, pp = xs.shape
+    g, np_ = Bs.shape[-2:]
+    splits = min(config.state_splits, seg_chunks)
+    sub_chunks = -(-seg_chunks // splits)
+    rows = b * (n_seg - 1) * splits
+    s_sub, la = pl.pallas_call(
+        functools.partial(
+            _ssd_states_kernel, chunk=config.chunk, block_p=block_p, seg_chunks=seg_chunks,
+            sub_chunks=sub_chunks, splits=splits, n_prev=n_seg - 1, heads_per_group=h // g,
+            dot_dtype=dot_dtype,
+        ),
+        grid=(rows, h, pp // block_p),
+        out_shape=[
+            jax.ShapeDtypeStruct((rows, h, pp, np_), f32),
+            jax.ShapeDtypeStruct((rows, h, pp), f32),
+        ],
+        compiler_params=_compiler_params(config.num_warps, config.num_stages),
+        interpret=interpret,
+        name="ssd_segment_states",
+    )(xs, dts, a32, Bs, thr)
+    s_sub = s_sub.reshape(b, rows // b, h, pp, np_)
+    la = la[..., 0].reshape(b, rows // b, h)
+    s_in = _fold_segment_states(s0, s_sub, la, n_seg, splits)  # [b, k, h, p, n]
+    return s_in.reshape(b * n_seg, h, pp, np_)
 
 
 def _compiler_params(num_warps: int, num_stages: int):

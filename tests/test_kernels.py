@@ -263,9 +263,16 @@ def test_ssd_pallas_config_rejects_bad_blocks():
         ssd_pallas(*args, interpret=True, y_dtype=jnp.int8)
 
 
-# Sequence segments (a states pass, then the scan folding earlier segments in): one chunk per
-# segment at least, so that the short test shapes split into several (uneven, padded) segments.
+# Sequence segments (a states pass split in pieces, folded by XLA, then the scan from each
+# segment's initial state): one chunk per segment at least, so that the short test shapes split
+# into several (uneven, padded) segments.
 SSD_SEG_CONFIG = dataclasses.replace(SSD_TEST_CONFIG, segments=3, min_segment_chunks=1)
+SSD_SEG_CONFIGS = {
+    "pieces_of_1": SSD_SEG_CONFIG,  # 4 splits capped at a segment's chunks: one chunk each
+    # 2 splits of 2 chunks over a 3-chunk segment: the last piece runs past its segment's end
+    # (its Δ is masked to 0 there).
+    "ragged_pieces": dataclasses.replace(SSD_SEG_CONFIG, state_splits=2),
+}
 SEG_SHAPES = {
     "T100_b1": SSDShape(b=1, l=100, h=4, p=16, g=1, n=16),  # 7 chunks -> 3 segments of 3
     "T63_groups2_p8_n16": SSD_SHAPES["T63_groups2_p8_n16"],  # b=2: ceil(3 / 2) = 2 segments
@@ -274,15 +281,16 @@ SEG_SHAPES = {
 
 @pytest.mark.parametrize("with_filter,with_init", [(True, True), (False, False)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("config", SSD_SEG_CONFIGS, ids=str)
 @pytest.mark.parametrize("shape", SEG_SHAPES, ids=str)
 @pytest.mark.parametrize("impl", IMPLS[1:])
-def test_ssd_pallas_segments_match_reference(impl, shape, dtype, with_filter, with_init):
+def test_ssd_pallas_segments_match_reference(impl, shape, config, dtype, with_filter, with_init):
     args, s0, filt = ssd_inputs(SEG_SHAPES[shape], dtype, seed=7, with_filter=with_filter,
                                 with_init=with_init)
     y_ref, s_ref = run_ssd("reference", args, s0, filt)
     thr = filter_threshold(filt.get("dt_global"), filt.get("dt_threshold"), args[0].shape[2])
     y, s = ssd_pallas(*args, initial_state=s0, threshold=thr, interpret=(impl == "pallas"),
-                      config=SSD_SEG_CONFIG)
+                      config=SSD_SEG_CONFIGS[config])
     assert y.shape == y_ref.shape and s.shape == s_ref.shape
     assert_close(y, y_ref, dtype, f"ssd {impl} (segments) y")
     assert_close(s, s_ref, dtype, f"ssd {impl} (segments) final state")
