@@ -39,7 +39,7 @@ from longmamba_kernels.selective_scan_pallas import (
 from longmamba_kernels.ssd_chunked import ssd_chunked
 from longmamba_kernels.ssd_pallas import (
     SSDPallasConfig,
-    _segment_initial_states,
+    _segment_piece_states,
     ssd_pallas,
     ssd_segments,
 )
@@ -174,10 +174,10 @@ def rel_err(a, b):
 
 
 def _measure(op, shape_fields, kernel, kernel_f, fallback, args, thr, length, bw,
-             fallback_max_len, rows, official=None):
-    """Times one op with and without the filter (and the jnp fallback when short enough, and
-    the official kernel when given) and appends a row: kernel vs floor (each input read once,
-    each output written once)."""
+             fallback_max_len, rows, official=None, variants=None):
+    """Times one op with and without the filter (and the jnp fallback when short enough, the
+    official kernel when given, and each of `variants`, {row key: function of the args}) and
+    appends a row: kernel vs floor (each input read once, each output written once)."""
     x, dt, A, B, C, D = args
     extra = {}
     if official is not None and official.fn is not None:
@@ -200,6 +200,8 @@ def _measure(op, shape_fields, kernel, kernel_f, fallback, args, thr, length, bw
     t_k, _ = time_fn(kernel, *args)
     t_f, _ = time_fn(kernel_f, *args, thr)
     y_f, _ = kernel_f(*args, thr)
+    for key, fn in (variants or {}).items():
+        extra[key] = time_fn(fn, *args)[0] * 1e3
     row = dict(
         op=op, length=length, **shape_fields, dtype="bfloat16",
         kernel_ms=t_k * 1e3, kernel_filtered_ms=t_f * 1e3,
@@ -221,11 +223,15 @@ def bench_ssd(lengths, bw, interpret, config, fallback_max_len, rows, official=N
     kernel_f = jax.jit(
         lambda *a: ssd_pallas(*a[:6], threshold=a[6], interpret=interpret, config=config)
     )
+    # y written in bf16, as the official kernel returns it (fp32 accumulation either way)
+    kernel_y16 = jax.jit(lambda *a: ssd_pallas(*a, interpret=interpret, config=config,
+                                               y_dtype=jnp.bfloat16))
     fallback = jax.jit(lambda *a: ssd_chunked(*a, chunk_size=256))
     for length in lengths:
         args, thr = ssd_inputs(length)
         _measure("ssd", dict(h=64, p=64, n=128, g=1), kernel, kernel_f, fallback, args, thr,
-                 length, bw, fallback_max_len, rows, official)
+                 length, bw, fallback_max_len, rows, official,
+                 variants={"kernel_bf16_y_ms": kernel_y16})
         del args
 
 
@@ -249,7 +255,9 @@ def print_row(r):
     err = f"{r['rel_err_y_vs_fallback']:.1e}" if "rel_err_y_vs_fallback" in r else "      -"
     off = f"{r['official_ms']:8.3f}" if "official_ms" in r else "       -"
     print(
-        f"{r['op']:>15} {r['length']:>8} | kernel {r['kernel_ms']:8.3f} ms | filtered "
+        f"{r['op']:>15} {r['length']:>8} | kernel {r['kernel_ms']:8.3f} ms | "
+        + (f"bf16 y {r['kernel_bf16_y_ms']:8.3f} | " if "kernel_bf16_y_ms" in r else "")
+        + "filtered "
         f"{r['kernel_filtered_ms']:8.3f} ({r['filter_overhead_pct']:+5.1f}%) | official {off} | "
         f"fallback {fb} | "
         f"floor {r['floor_ms']:7.3f} | x floor {r['kernel_ms'] / r['floor_ms']:5.2f} | "
@@ -265,19 +273,20 @@ def print_row(r):
 
 # SSD candidates (SSDPallasConfig fields; the first one is the baseline the others are checked
 # against). `segments` splits the sequence: a states pass, then the scan (see ssd_pallas.py).
-# Session 4: the states pass split in `state_splits` pieces per segment (many programs) and
-# folded by XLA; with ≤ 113 KB of shared memory (in-kernel C Bᵀ at 3 stages, or 2 stages) two
-# scan programs fit on an SM, and k = 2 gives 256 of them at batch 1 (132 SMs).
+# Session 4: the states pass split in `state_splits` pieces per segment (many programs), the
+# scan programs folding them in; with ≤ 113 KB of shared memory (in-kernel C Bᵀ at 3 stages)
+# two scan programs fit on an SM, and k = 2 gives 256 of them at batch 1 (132 SMs).
+SEG2 = dict(segments=2, precompute_cb=False)
 SSD_SWEEP = [  # (the earlier sweeps are in evals/NOTES_kernels.md)
     dict(),  # default: chunk 64, block_p 32, 4 warps, 3 stages, one segment
-    dict(y_dtype="bfloat16"),
-    dict(segments=2, precompute_cb=False),
-    dict(segments=2, precompute_cb=False, state_splits=8),
-    dict(segments=2, num_stages=2),
-    dict(segments=4, precompute_cb=False),
-    dict(segments=4, num_stages=2),
-    dict(segments=2, precompute_cb=False, y_dtype="bfloat16"),
-    dict(segments=2, num_stages=2, y_dtype="bfloat16"),
+    SEG2,
+    dict(SEG2, states_block_p=64),
+    dict(SEG2, states_block_p=64, state_splits=2),
+    dict(SEG2, states_block_p=64, state_splits=8),
+    dict(SEG2, state_splits=3),
+    dict(SEG2, states_block_p=64, y_dtype="bfloat16"),
+    dict(SEG2, y_dtype="bfloat16"),
+    dict(segments=3, precompute_cb=False, states_block_p=64),
     dict(),  # the default again: drift over the sweep
 ]
 SS_SWEEP = [  # SelectiveScanPallasConfig fields; the first one is the default
@@ -317,8 +326,8 @@ def _sweep_one(name, length, c, run, args, thr, rows, ref=None, filtered=True, i
 
 
 def _ssd_states_pass(config, interpret):
-    """The segmented SSD's states pass and fold alone, as a function of the sweep's inputs
-    (their length is a multiple of k chunks and p, n are tile sizes: no padding), or None."""
+    """The segmented SSD's states pass alone, as a function of the sweep's inputs (their
+    length is a multiple of k chunks and p, n are tile sizes: no padding), or None."""
     if config.segments == 1:
         return None
 
@@ -328,11 +337,12 @@ def _ssd_states_pass(config, interpret):
         k = ssd_segments(b, length, config)
         if k == 1:  # too short to split: no states pass
             return jnp.zeros(())
-        dot_dtype = jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32
-        return _segment_initial_states(
-            x, dt, A, B, jnp.full((h,), -jnp.inf), None, n_seg=k,
-            seg_chunks=length // config.chunk // k, block_p=min(config.block_p, p),
-            dot_dtype=dot_dtype, config=config, interpret=interpret)
+        seg_chunks = length // config.chunk // k
+        return _segment_piece_states(
+            x, dt, A, B, jnp.full((h,), -jnp.inf), n_seg=k, seg_chunks=seg_chunks,
+            splits=min(config.state_splits, seg_chunks),
+            dot_dtype=jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32,
+            config=config, interpret=interpret)
 
     return states
 

@@ -258,6 +258,8 @@ def test_ssd_pallas_config_rejects_bad_blocks():
         SSDPallasConfig(chunk=48)
     with pytest.raises(ValueError, match="segments"):
         SSDPallasConfig(segments=0)
+    with pytest.raises(ValueError, match="states_block_p"):
+        SSDPallasConfig(states_block_p=24)
     args, _, _ = ssd_inputs(SSD_SHAPES["T63_groups2_p8_n16"], jnp.float32, seed=4)
     with pytest.raises(ValueError, match="y_dtype"):
         ssd_pallas(*args, interpret=True, y_dtype=jnp.int8)
@@ -272,10 +274,13 @@ SSD_SEG_CONFIGS = {
     # 2 splits of 2 chunks over a 3-chunk segment: the last piece runs past its segment's end
     # (its Δ is masked to 0 there).
     "ragged_pieces": dataclasses.replace(SSD_SEG_CONFIG, state_splits=2),
+    # states-pass programs over 32 rows of p, scan programs over 16 (T100_p32 has p = 32)
+    "wide_states_blocks": dataclasses.replace(SSD_SEG_CONFIG, states_block_p=32),
 }
 SEG_SHAPES = {
     "T100_b1": SSDShape(b=1, l=100, h=4, p=16, g=1, n=16),  # 7 chunks -> 3 segments of 3
     "T63_groups2_p8_n16": SSD_SHAPES["T63_groups2_p8_n16"],  # b=2: ceil(3 / 2) = 2 segments
+    "T100_p32_groups2": SSDShape(b=1, l=100, h=4, p=32, g=2, n=16),
 }
 
 
