@@ -39,7 +39,7 @@ from longmamba_kernels.selective_scan_pallas import (
 from longmamba_kernels.ssd_chunked import ssd_chunked
 from longmamba_kernels.ssd_pallas import (
     SSDPallasConfig,
-    _segment_piece_states,
+    _segment_initial_states,
     ssd_pallas,
     ssd_segments,
 )
@@ -281,12 +281,11 @@ SSD_SWEEP = [  # (the earlier sweeps are in evals/NOTES_kernels.md)
     dict(),  # default: chunk 64, block_p 32, 4 warps, 3 stages, one segment
     SEG2,
     dict(SEG2, states_block_p=64),
+    dict(SEG2, states_block_p=64, states_t=True),
+    dict(SEG2, states_t=True),
     dict(SEG2, states_block_p=64, state_splits=2),
-    dict(SEG2, states_block_p=64, state_splits=8),
-    dict(SEG2, state_splits=3),
     dict(SEG2, states_block_p=64, y_dtype="bfloat16"),
-    dict(SEG2, y_dtype="bfloat16"),
-    dict(segments=3, precompute_cb=False, states_block_p=64),
+    dict(SEG2, states_block_p=64, states_t=True, y_dtype="bfloat16"),
     dict(),  # the default again: drift over the sweep
 ]
 SS_SWEEP = [  # SelectiveScanPallasConfig fields; the first one is the default
@@ -326,8 +325,8 @@ def _sweep_one(name, length, c, run, args, thr, rows, ref=None, filtered=True, i
 
 
 def _ssd_states_pass(config, interpret):
-    """The segmented SSD's states pass alone, as a function of the sweep's inputs (their
-    length is a multiple of k chunks and p, n are tile sizes: no padding), or None."""
+    """The segmented SSD's states pass and fold alone, as a function of the sweep's inputs
+    (their length is a multiple of k chunks and p, n are tile sizes: no padding), or None."""
     if config.segments == 1:
         return None
 
@@ -337,10 +336,9 @@ def _ssd_states_pass(config, interpret):
         k = ssd_segments(b, length, config)
         if k == 1:  # too short to split: no states pass
             return jnp.zeros(())
-        seg_chunks = length // config.chunk // k
-        return _segment_piece_states(
-            x, dt, A, B, jnp.full((h,), -jnp.inf), n_seg=k, seg_chunks=seg_chunks,
-            splits=min(config.state_splits, seg_chunks),
+        return _segment_initial_states(
+            x, dt, A, B, jnp.full((h,), -jnp.inf), None, n_seg=k,
+            seg_chunks=length // config.chunk // k, block_p=min(config.block_p, p),
             dot_dtype=jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32,
             config=config, interpret=interpret)
 
@@ -376,6 +374,13 @@ def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered
             ref = out if ref is None else ref
 
 
+def parse_fields(text):
+    """"a=1,b=True" -> {"a": 1, "b": True} (config fields from the command line)."""
+    kw = dict(kv.split("=", 1) for kv in text.split(",") if kv)
+    conv = lambda v: v == "True" if v in ("True", "False") else int(v)
+    return {k: conv(v) for k, v in kw.items()}
+
+
 def parse_lengths(text):
     if not text:
         return []
@@ -407,9 +412,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     def cfg(cls, text):
-        kw = dict(kv.split("=") for kv in text.split(",") if kv)
-        conv = lambda v: v == "True" if v in ("True", "False") else int(v)
-        return cls(**{k: conv(v) for k, v in kw.items()})
+        return cls(**parse_fields(text))
 
     ssd_cfg = cfg(SSDPallasConfig, args.ssd_config)
     ss_cfg = cfg(SelectiveScanPallasConfig, args.ss_config)

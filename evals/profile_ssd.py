@@ -14,7 +14,7 @@ import time
 
 import jax
 
-from longmamba_evals.bench_scan import ssd_inputs
+from longmamba_evals.bench_scan import parse_fields, ssd_inputs
 from longmamba_kernels.ssd_pallas import SSDPallasConfig, ssd_pallas
 
 
@@ -23,10 +23,15 @@ def main(argv=None) -> None:
     ap.add_argument("--length", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--y-dtype", default=None, help="e.g. bfloat16 (default: fp32 y)")
+    ap.add_argument("--config", default="",
+                    help="SSDPallasConfig fields, e.g. segments=2,precompute_cb=False")
     ap.add_argument("--interpret", action="store_true")
     a = ap.parse_args(argv)
+    config = SSDPallasConfig(**parse_fields(a.config))
+    print(config, flush=True)
     args, _ = ssd_inputs(a.length)
-    f = jax.jit(lambda *x: ssd_pallas(*x, config=SSDPallasConfig(), y_dtype=a.y_dtype,
+    jax.block_until_ready(args)
+    f = jax.jit(lambda *x: ssd_pallas(*x, config=config, y_dtype=a.y_dtype,
                                       interpret=a.interpret))
     times = []
     for _ in range(a.reps + 1):

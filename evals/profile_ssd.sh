@@ -3,6 +3,7 @@
 # $OUT/ncu.txt: Nsight Compute, full set, one launch of the kernel at L (default 16384), and
 # prints its occupancy, issue and throughput lines. (XLA's --xla_dump_to did not hold the
 # Triton kernel's PTX in session 3, so there is no PTX here.)
+#   DURATIONS="segments=2,precompute_cb=False;" bash evals/profile_ssd.sh   # kernel times
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -11,7 +12,29 @@ PY="${PY:-python3}"
 mkdir -p "$OUT"
 source evals/device_env.sh
 
-if command -v ncu >/dev/null; then
+if [ -n "${DURATIONS:-}" ] && command -v ncu >/dev/null; then
+  # DURATIONS="cfg1;cfg2": every kernel's device time in one call (compile call + 1) per
+  # SSDPallasConfig (fields as in --config), e.g. the states pass, the fold and the scan apart.
+  IFS=';' read -ra cfgs <<< "$DURATIONS"
+  for c in "${cfgs[@]}"; do
+    f="$OUT/ncu_durations_L${L}_$(echo "$c" | tr ',=' '__').csv"
+    ncu --clock-control none --csv --metrics gpu__time_duration.sum \
+      $PY evals/profile_ssd.py --length "$L" --reps 1 --config "$c" > "$f" 2>&1
+    echo "== $c (ncu exit code $?): kernel, grid, microseconds (last call)"
+    $PY - "$f" <<'PYEOF'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and r[-3] == "gpu__time_duration.sum"]
+scans = [i for i, r in enumerate(rows) if "ssd_chunk_scan" in r[4]]
+last = rows[scans[-2] + 1:scans[-1] + 1] if len(scans) > 1 else rows  # the second call
+total = 0.0
+for r in last:
+    us = float(r[-1].replace(",", "")) / (1e3 if r[-2] == "nsecond" else 1)
+    total += us
+    print(f"  {r[4][:60]:60s} {r[8]:>16s} {us:9.1f}")
+print(f"  total {total:.1f} us")
+PYEOF
+  done
+elif command -v ncu >/dev/null; then
   ncu --clock-control none --kernel-name regex:ssd_chunk_scan --launch-skip 1 --launch-count 1 \
     --set full \
     $PY evals/profile_ssd.py --length "$L" --reps 2 > "$OUT/ncu.txt" 2>&1

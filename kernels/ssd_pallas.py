@@ -15,10 +15,11 @@ in-chunk cumsum (the chunked SSD of `ssd_chunked`, as three matmuls):
     S_next = exp(A⁺_last) S + ((Δ x) ⊙ exp(A⁺_last − A⁺))ᵀ B
 
 Optional sequence segments (`SSDPallasConfig.segments`): k segments per batch row, scanned by
-separate programs, so more programs run at once. A states pass first walks segments 0..k-2,
-each split in `state_splits` pieces (so that pass has many programs too), and writes each
-piece's local final state from zero and its log-decay Σ Δ A. Each scan program then folds the
-pieces before its segment into its initial state, S ← exp(Σ Δ A) S + S_loc, in fp32.
+separate programs, so more programs run at once. A states pass first computes, for segments
+0..k-2 split into `state_splits` pieces each (so that pass has many programs too), each piece's
+local final state from zero and its log-decay Σ Δ A; XLA folds them (fp32, a few MB) into every
+segment's initial state, S_in[k] = Σ_{j<k} exp(Σ_{j<i<k} Δ A) S_loc[j] (+ the decayed initial
+state), and the scan programs start from those.
 
 C Bᵀ depends only on the group, so by default it is computed once per (chunk, group) by one
 batched XLA matmul ([b, c, g, s, s], l·s values per group) and read by every head's program.
@@ -35,6 +36,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 
@@ -53,12 +55,14 @@ class SSDPallasConfig:
       segments: k, sequence segments per batch row (at batch 1; ⌈k / b⌉ for batch b), scanned
         by separate programs: b·h·(p/block_p) programs alone leave most of the GPU idle. With
         k > 1 a states pass (no C, no y) computes the local final states and decays of
-        segments 0..k-2, and each scan program folds them into its initial state.
+        segments 0..k-2, and XLA folds them into each segment's initial state.
       min_segment_chunks: fewest chunks per segment (short inputs use fewer segments).
       state_splits: pieces per segment in the states pass, each walked from a zero state by
-        its own programs (the scan programs fold them in).
+        its own programs; XLA folds them into the segments' initial states.
       states_block_p: head-dim rows per states-pass program (0: block_p). The states pass
         has no y and no C, so it can afford larger blocks.
+      states_t: the states pass carries Sᵀ [n, p] (Bᵀ w: the computed operand needs no
+        transpose) instead of S [p, n].
     """
 
     chunk: int = 64
@@ -70,6 +74,7 @@ class SSDPallasConfig:
     min_segment_chunks: int = 16
     state_splits: int = 4
     states_block_p: int = 0
+    states_t: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_p", "states_block_p"):
@@ -120,6 +125,7 @@ def _dot(dot_dtype):
 def _ssd_states_kernel(
     x_ref, dt_ref, a_ref, b_ref, thr_ref, sl_ref, la_ref,
     *, chunk, block_p, seg_chunks, sub_chunks, splits, n_prev, heads_per_group, dot_dtype,
+    transposed,
 ):
     """Pass 1 of a segmented scan: one program per (batch row, segment q < k-1, split j) ×
     head × block of p. It walks chunks [q·seg + j·sub, min(q·seg + (j+1)·sub, (q+1)·seg)) from
@@ -142,25 +148,27 @@ def _ssd_states_kernel(
         valid = local < seg_chunks if ragged else None
         x, dt, a_cum, a_last, bm = _chunk_inputs(
             x_ref, dt_ref, b_ref, bi, hi, gi, p_sl, t_sl, a, thr, valid)
-        s = _state_update(s, x * dt[:, None], a_cum, a_last, bm, dot, dot_dtype)
+        if transposed:  # Sᵀ [n, p_blk] = exp(A⁺_last) Sᵀ + Bᵀ w: w needs no transpose
+            w = (x * (dt * jnp.exp(a_last - a_cum))[:, None]).astype(dot_dtype)  # [s, p_blk]
+            s = jnp.exp(a_last) * s + dot(bm.astype(dot_dtype).T, w)
+        else:
+            s = _state_update(s, x * dt[:, None], a_cum, a_last, bm, dot, dot_dtype)
         return s, a_tot + a_last
 
-    init = (jnp.zeros((block_p, n), f32), jnp.zeros((), f32))
+    shape = (n, block_p) if transposed else (block_p, n)
+    init = (jnp.zeros(shape, f32), jnp.zeros((), f32))
     s, a_tot = jax.lax.fori_loop(0, sub_chunks, body, init)
-    sl_ref[pid0, hi, p_sl, :] = s
+    sl_ref[pid0, hi, p_sl, :] = s.T if transposed else s
     la_ref[pid0, hi, p_sl] = jnp.full((block_p,), a_tot, f32)
 
 
 def _ssd_kernel(
-    x_ref, dt_ref, a_ref, b_ref, c_ref, cb_ref, d_ref, thr_ref, s0_ref, sl_ref, la_ref,
-    y_ref, s_ref,
-    *, chunk, block_p, seg_chunks, n_seg, splits, heads_per_group, has_d, has_init, dot_dtype,
+    x_ref, dt_ref, a_ref, b_ref, c_ref, cb_ref, d_ref, thr_ref, s0_ref, y_ref, s_ref,
+    *, chunk, block_p, seg_chunks, n_seg, heads_per_group, has_d, has_init, dot_dtype,
     precompute_cb,
 ):
     """The scan: one program per (batch row, segment) × head × block of p, over `seg_chunks`
-    chunks. Its initial state: s0 folded through the states pass's pieces before its segment,
-    S ← exp(Σ Δ A) S + S_loc piece by piece in sequence order (fp32; a static loop over the
-    (k-1)·splits pieces, masked to those before the segment)."""
+    chunks, from its initial state s0[row, segment] (segment > 0: the folded states pass)."""
     f32 = jnp.float32
     pid0, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, ki = pid0 // n_seg, pid0 % n_seg
@@ -172,15 +180,9 @@ def _ssd_kernel(
     idx = jnp.arange(chunk)
     causal = idx[:, None] >= idx[None, :]  # [i, j]: j <= i
     if has_init:
-        s = s0_ref[bi, hi, p_sl, :].astype(f32)  # [p_blk, n]
+        s = s0_ref[pid0, hi, p_sl, :].astype(f32)  # [p_blk, n]
     else:
         s = jnp.zeros((block_p, n), f32)
-    n_pieces = (n_seg - 1) * splits
-    for j in range(n_pieces):  # fold in the earlier segments' pieces (unrolled; a few)
-        row = bi * n_pieces + j
-        s_loc = sl_ref[row, hi, p_sl, :]  # [p_blk, n]
-        dec = jnp.exp(la_ref[row, hi, p_sl])  # [p_blk] (one value, broadcast)
-        s = jnp.where(j < ki * splits, dec[:, None] * s + s_loc, s)
 
     def body(ci, s):
         t_sl = pl.ds((ki * seg_chunks + ci) * chunk, chunk)
@@ -204,6 +206,35 @@ def _ssd_kernel(
 
     s = jax.lax.fori_loop(0, seg_chunks, body, s)
     s_ref[pid0, hi, p_sl, :] = s
+
+
+def _fold_segment_states(s0, s_sub, la, n_seg, splits):
+    """Every segment's initial state from the states pass's pieces (fp32).
+
+    s0: [b, h, p, n] or None. s_sub: [b, J, h, p, n], la: [b, J, h]: the pieces' local final
+    states and log-decays Σ Δ A, J = (k-1)·splits in sequence order. Segment k starts after
+    piece e_k = k·splits:
+
+        S_in[k] = exp(Σ_{i<e_k} la_i) s0 + Σ_{j<e_k} exp(Σ_{j<i<e_k} la_i) S_sub[j]
+
+    (segment 0: s0). The exponents are sums of same-sign terms (Δ ≥ 0, A < 0), so there is no
+    cancellation, unlike differences of a cumsum. Returns [b, k, h, p, n]. (The weighted sum is
+    an einsum at HIGHEST precision, fp32 without TF32. Written as a broadcast product and a
+    sum, it came out wrong on XLA:CPU, jax 0.10.2, when fed by the interpret-mode kernel
+    under jit, though right eagerly: see evals/NOTES_kernels.md, session 4.)"""
+    n_sub = s_sub.shape[1]
+    e = np.arange(n_seg)[:, None, None] * splits  # [k, 1, 1]
+    j = np.arange(n_sub)[None, :, None]
+    i = np.arange(n_sub)[None, None, :]
+    between = ((j < i) & (i < e)).astype(np.float32)  # [k, J, J]: pieces j < i < e_k
+    log_w = jnp.sum(between[None, :, :, :, None] * la[:, None, None], axis=3)  # [b, k, J, h]
+    w = jnp.where((j < e)[None, :, :, :1], jnp.exp(log_w), 0.0)  # pieces j < e_k
+    s_in = jnp.einsum("bkjh,bjhpn->bkhpn", w, s_sub, precision=jax.lax.Precision.HIGHEST)
+    if s0 is not None:
+        before = (i[:, 0] < e[:, 0]).astype(np.float32)  # [k, J]: pieces i < e_k
+        decay = jnp.exp(jnp.sum(before[None, :, :, None] * la[:, None], axis=2))  # [b, k, h]
+        s_in = s_in + decay[..., None, None] * s0[:, None]
+    return s_in
 
 
 def ssd_pallas(
@@ -297,19 +328,16 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         cb = jnp.zeros((1, 1, 1, 1, 1), dot_dtype)  # unused placeholder
     a32 = A.astype(f32)
     if n_seg > 1:
-        splits = min(config.state_splits, seg_chunks)
-        s_loc, la = _segment_piece_states(
-            xs, dts, a32, Bs, thr, n_seg=n_seg, seg_chunks=seg_chunks, splits=splits,
-            dot_dtype=dot_dtype, config=config, interpret=interpret,
-        )
-    else:
-        splits = 1
-        s_loc, la = jnp.zeros((1, 1, 1, 1), f32), jnp.zeros((1, 1, 1), f32)  # unused
+        s0 = _segment_initial_states(
+            xs, dts, a32, Bs, thr, s0 if has_init else None, n_seg=n_seg, seg_chunks=seg_chunks,
+            block_p=block_p, dot_dtype=dot_dtype, config=config, interpret=interpret,
+        )  # [b·k, h, p', n']
+        has_init = True
     y, s = pl.pallas_call(
         functools.partial(
             _ssd_kernel, chunk=chunk, block_p=block_p, seg_chunks=seg_chunks, n_seg=n_seg,
-            splits=splits, heads_per_group=h // g, has_d=has_d, has_init=has_init,
-            dot_dtype=dot_dtype, precompute_cb=config.precompute_cb,
+            heads_per_group=h // g, has_d=has_d, has_init=has_init, dot_dtype=dot_dtype,
+            precompute_cb=config.precompute_cb,
         ),
         grid=(b * n_seg, h, pp // block_p),
         out_shape=[
@@ -319,31 +347,32 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         compiler_params=_compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="ssd_chunk_scan",
-    )(xs, dts, a32, Bs, Cs, cb, d, thr, s0, s_loc, la)
+    )(xs, dts, a32, Bs, Cs, cb, d, thr, s0)
     s = s.reshape(b, n_seg, h, pp, np_)[:, -1]  # the last segment's final state
     return y[:, :length, :, :p], s[:, :, :p, :n]
 
 
-def _segment_piece_states(
-    xs, dts, a32, Bs, thr, *, n_seg, seg_chunks, splits, dot_dtype, config, interpret,
+def _segment_initial_states(
+    xs, dts, a32, Bs, thr, s0, *, n_seg, seg_chunks, block_p, dot_dtype, config, interpret,
 ):
-    """The states pass: segments 0..k-2, each split in `splits` pieces, every piece walked
-    from a zero state by its own programs (`states_block_p` rows of p each).
+    """The states pass and its fold: every segment's initial state, [b·k, h, p, n] fp32.
 
-    Inputs are the kernel's (padded to k·seg_chunks chunks, p and n to tile sizes). Returns
-    the pieces' local final states [b·J, h, p, n] and log-decays Σ Δ A [b·J, h, p] (one value
-    broadcast over p), J = (k-1)·splits pieces per batch row in sequence order."""
+    Inputs are the kernel's (padded to k·seg_chunks chunks, p and n to tile sizes); s0 is
+    [b, h, p, n] or None. Segments 0..k-2 are each split in `state_splits` programs that
+    walk their piece from a zero state; XLA folds the pieces' states into each segment's
+    initial state (`_fold_segment_states`)."""
     f32 = jnp.float32
     b, _, h, pp = xs.shape
     g, np_ = Bs.shape[-2:]
-    block_p = min(config.states_block_p or config.block_p, pp)
+    block_p = min(config.states_block_p or block_p, pp)
+    splits = min(config.state_splits, seg_chunks)
     sub_chunks = -(-seg_chunks // splits)
     rows = b * (n_seg - 1) * splits
-    return pl.pallas_call(
+    s_sub, la = pl.pallas_call(
         functools.partial(
             _ssd_states_kernel, chunk=config.chunk, block_p=block_p, seg_chunks=seg_chunks,
             sub_chunks=sub_chunks, splits=splits, n_prev=n_seg - 1, heads_per_group=h // g,
-            dot_dtype=dot_dtype,
+            dot_dtype=dot_dtype, transposed=config.states_t,
         ),
         grid=(rows, h, pp // block_p),
         out_shape=[
@@ -354,6 +383,10 @@ def _segment_piece_states(
         interpret=interpret,
         name="ssd_segment_states",
     )(xs, dts, a32, Bs, thr)
+    s_sub = s_sub.reshape(b, rows // b, h, pp, np_)
+    la = la[..., 0].reshape(b, rows // b, h)
+    s_in = _fold_segment_states(s0, s_sub, la, n_seg, splits)  # [b, k, h, p, n]
+    return s_in.reshape(b * n_seg, h, pp, np_)
 
 
 def _compiler_params(num_warps: int, num_stages: int):

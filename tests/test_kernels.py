@@ -276,6 +276,7 @@ SSD_SEG_CONFIGS = {
     "ragged_pieces": dataclasses.replace(SSD_SEG_CONFIG, state_splits=2),
     # states-pass programs over 32 rows of p, scan programs over 16 (T100_p32 has p = 32)
     "wide_states_blocks": dataclasses.replace(SSD_SEG_CONFIG, states_block_p=32),
+    "transposed_states": dataclasses.replace(SSD_SEG_CONFIG, states_block_p=32, states_t=True),
 }
 SEG_SHAPES = {
     "T100_b1": SSDShape(b=1, l=100, h=4, p=16, g=1, n=16),  # 7 chunks -> 3 segments of 3
