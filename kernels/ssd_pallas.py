@@ -36,7 +36,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 
@@ -69,12 +68,12 @@ class SSDPallasConfig:
     block_p: int = 32
     num_warps: int = 4
     num_stages: int = 3
-    precompute_cb: bool = True
-    segments: int = 1
+    precompute_cb: bool = False
+    segments: int = 2
     min_segment_chunks: int = 16
     state_splits: int = 4
-    states_block_p: int = 0
-    states_t: bool = False
+    states_block_p: int = 64
+    states_t: bool = True
 
     def __post_init__(self):
         for name in ("chunk", "block_p", "states_block_p"):
@@ -205,36 +204,30 @@ def _ssd_kernel(
         return _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype)
 
     s = jax.lax.fori_loop(0, seg_chunks, body, s)
-    s_ref[pid0, hi, p_sl, :] = s
+    if n_seg == 1:
+        s_ref[bi, hi, p_sl, :] = s
+    else:  # only the last segment's state is the scan's final state
+
+        @pl.when(ki == n_seg - 1)
+        def _():
+            s_ref[bi, hi, p_sl, :] = s
 
 
 def _fold_segment_states(s0, s_sub, la, n_seg, splits):
     """Every segment's initial state from the states pass's pieces (fp32).
 
     s0: [b, h, p, n] or None. s_sub: [b, J, h, p, n], la: [b, J, h]: the pieces' local final
-    states and log-decays Σ Δ A, J = (k-1)·splits in sequence order. Segment k starts after
-    piece e_k = k·splits:
-
-        S_in[k] = exp(Σ_{i<e_k} la_i) s0 + Σ_{j<e_k} exp(Σ_{j<i<e_k} la_i) S_sub[j]
-
-    (segment 0: s0). The exponents are sums of same-sign terms (Δ ≥ 0, A < 0), so there is no
-    cancellation, unlike differences of a cumsum. Returns [b, k, h, p, n]. (The weighted sum is
-    an einsum at HIGHEST precision, fp32 without TF32. Written as a broadcast product and a
-    sum, it came out wrong on XLA:CPU, jax 0.10.2, when fed by the interpret-mode kernel
-    under jit, though right eagerly: see evals/NOTES_kernels.md, session 4.)"""
-    n_sub = s_sub.shape[1]
-    e = np.arange(n_seg)[:, None, None] * splits  # [k, 1, 1]
-    j = np.arange(n_sub)[None, :, None]
-    i = np.arange(n_sub)[None, None, :]
-    between = ((j < i) & (i < e)).astype(np.float32)  # [k, J, J]: pieces j < i < e_k
-    log_w = jnp.sum(between[None, :, :, :, None] * la[:, None, None], axis=3)  # [b, k, J, h]
-    w = jnp.where((j < e)[None, :, :, :1], jnp.exp(log_w), 0.0)  # pieces j < e_k
-    s_in = jnp.einsum("bkjh,bjhpn->bkhpn", w, s_sub, precision=jax.lax.Precision.HIGHEST)
-    if s0 is not None:
-        before = (i[:, 0] < e[:, 0]).astype(np.float32)  # [k, J]: pieces i < e_k
-        decay = jnp.exp(jnp.sum(before[None, :, :, None] * la[:, None], axis=2))  # [b, k, h]
-        s_in = s_in + decay[..., None, None] * s0[:, None]
-    return s_in
+    states and log-decays Σ Δ A, J = (k-1)·splits in sequence order. S ← exp(la_j) S +
+    S_sub[j] piece by piece; segment k starts from S after piece k·splits (segment 0: s0).
+    A Python loop over the J pieces (a few), so XLA fuses it into one elementwise pass.
+    Returns [b, k, h, p, n]."""
+    s = jnp.zeros_like(s_sub[:, 0]) if s0 is None else s0
+    out = [s]
+    for j in range(s_sub.shape[1]):
+        s = jnp.exp(la[:, j])[..., None, None] * s + s_sub[:, j]
+        if (j + 1) % splits == 0:
+            out.append(s)
+    return jnp.stack(out[:n_seg], axis=1)
 
 
 def ssd_pallas(
@@ -342,13 +335,12 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         grid=(b * n_seg, h, pp // block_p),
         out_shape=[
             jax.ShapeDtypeStruct((b, padded_len, h, pp), y_dtype),
-            jax.ShapeDtypeStruct((b * n_seg, h, pp, np_), f32),
+            jax.ShapeDtypeStruct((b, h, pp, np_), f32),
         ],
         compiler_params=_compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="ssd_chunk_scan",
     )(xs, dts, a32, Bs, Cs, cb, d, thr, s0)
-    s = s.reshape(b, n_seg, h, pp, np_)[:, -1]  # the last segment's final state
     return y[:, :length, :, :p], s[:, :, :p, :n]
 
 

@@ -242,15 +242,15 @@ def test_ssd_public_entry_dispatches_to_pallas():
     assert_close(s, s_ref, jnp.float32, "ssd(implementation='pallas') final state")
 
 
-def test_ssd_pallas_in_kernel_gram_matches_reference():
-    """precompute_cb=False computes C Bᵀ inside the kernel instead of one XLA matmul."""
+def test_ssd_pallas_precomputed_gram_matches_reference():
+    """precompute_cb=True reads C Bᵀ from one XLA matmul instead of computing it in-kernel."""
     args, s0, filt = ssd_inputs(SSD_SHAPES["T63_groups2_p8_n16"], jnp.bfloat16, seed=6)
     y_ref, s_ref = run_ssd("reference", args, s0, filt)
     thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], args[0].shape[2])
-    config = dataclasses.replace(SSD_TEST_CONFIG, precompute_cb=False)
+    config = dataclasses.replace(SSD_TEST_CONFIG, precompute_cb=True)
     y, s = ssd_pallas(*args, initial_state=s0, threshold=thr, interpret=True, config=config)
-    assert_close(y, y_ref, jnp.bfloat16, "ssd pallas (in-kernel C Bᵀ) y")
-    assert_close(s, s_ref, jnp.bfloat16, "ssd pallas (in-kernel C Bᵀ) final state")
+    assert_close(y, y_ref, jnp.bfloat16, "ssd pallas (precomputed C Bᵀ) y")
+    assert_close(s, s_ref, jnp.bfloat16, "ssd pallas (precomputed C Bᵀ) final state")
 
 
 def test_ssd_pallas_config_rejects_bad_blocks():
@@ -274,9 +274,12 @@ SSD_SEG_CONFIGS = {
     # 2 splits of 2 chunks over a 3-chunk segment: the last piece runs past its segment's end
     # (its Δ is masked to 0 there).
     "ragged_pieces": dataclasses.replace(SSD_SEG_CONFIG, state_splits=2),
-    # states-pass programs over 32 rows of p, scan programs over 16 (T100_p32 has p = 32)
+    # states-pass programs over 32 rows of p, scan programs over 16 (T100_p32 has p = 32),
+    # carrying Sᵀ (the default) or S
     "wide_states_blocks": dataclasses.replace(SSD_SEG_CONFIG, states_block_p=32),
-    "transposed_states": dataclasses.replace(SSD_SEG_CONFIG, states_block_p=32, states_t=True),
+    "untransposed_states": dataclasses.replace(SSD_SEG_CONFIG, states_block_p=32,
+                                               states_t=False),
+    "precomputed_cb": dataclasses.replace(SSD_SEG_CONFIG, precompute_cb=True),
 }
 SEG_SHAPES = {
     "T100_b1": SSDShape(b=1, l=100, h=4, p=16, g=1, n=16),  # 7 chunks -> 3 segments of 3
