@@ -342,14 +342,15 @@ def _ssd_states_pass(config, interpret):
     return states
 
 
-def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered=False):
+def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered=False,
+          ssd_configs=SSD_SWEEP):
     """Times each block-size candidate per length (with `filtered`, the filtered kernel too at
     the first length: the compare always runs, so it compiles to the same kernel)."""
     if "ssd" in ops:
         for i, length in enumerate(lengths):
             args, thr = ssd_inputs(length)
             ref = None
-            for fields in SSD_SWEEP:
+            for fields in ssd_configs:
                 fields = dict(fields)
                 kw = {"y_dtype": fields.pop("y_dtype")} if "y_dtype" in fields else {}
                 c = SSDPallasConfig(**fields)
@@ -397,6 +398,9 @@ def main(argv=None):
                     help="first time the block-size candidates at these lengths")
     ap.add_argument("--sweep-ops", default="ssd,selective_scan",
                     help="which ops the sweep covers")
+    ap.add_argument("--sweep-configs", default="", metavar="JSON",
+                    help="SSD candidates (a JSON list of SSDPallasConfig field dicts, "
+                         "y_dtype allowed) instead of SSD_SWEEP")
     ap.add_argument("--official-src", default=os.environ.get("MAMBA_SSM_SRC", ".official"),
                     help="directory holding the official mamba_ssm sources")
     ap.add_argument("--no-official", action="store_true", help="skip the official SSD column")
@@ -432,7 +436,8 @@ def main(argv=None):
     rows = []
     if args.sweep:
         sweep(parse_lengths(args.sweep), args.sweep_ops.split(","), rows, args.interpret,
-              checkpoint=lambda: save(args.out, dev, bw, ssd_cfg, ss_cfg, rows))
+              checkpoint=lambda: save(args.out, dev, bw, ssd_cfg, ss_cfg, rows),
+              ssd_configs=json.loads(args.sweep_configs) if args.sweep_configs else SSD_SWEEP)
         save(args.out, dev, bw, ssd_cfg, ss_cfg, rows)
     if not args.skip_main:
         bench_ssd(parse_lengths(args.ssd_lengths), bw, args.interpret, ssd_cfg,
