@@ -36,6 +36,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 
@@ -204,13 +205,7 @@ def _ssd_kernel(
         return _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype)
 
     s = jax.lax.fori_loop(0, seg_chunks, body, s)
-    if n_seg == 1:
-        s_ref[bi, hi, p_sl, :] = s
-    else:  # only the last segment's state is the scan's final state
-
-        @pl.when(ki == n_seg - 1)
-        def _():
-            s_ref[bi, hi, p_sl, :] = s
+    s_ref[pid0, hi, p_sl, :] = s
 
 
 def _fold_segment_states(s0, s_sub, la, n_seg, splits):
@@ -299,15 +294,16 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         pad_n = ((0, 0), (0, 0), (0, 0), (0, np_ - n))
         Bs, Cs = jnp.pad(Bs, pad_n), jnp.pad(Cs, pad_n)  # [b, l', g, n']
     has_d, has_init = D is not None, initial_state is not None
-    d = (D if has_d else jnp.zeros((h,))).astype(f32)
+    # Constants and placeholders as numpy arrays: XLA literals, not broadcast kernels.
+    d = D.astype(f32) if has_d else np.zeros((h,), np.float32)
     # The compare always runs (no filter: -inf, never true): one code path for both, and on
     # the H100 the variant without it compiled to a slower kernel (evals/NOTES_kernels.md).
-    thr = jnp.full((h,), -jnp.inf, f32) if threshold is None else threshold.astype(f32)
+    thr = np.full((h,), -np.inf, np.float32) if threshold is None else threshold.astype(f32)
     if has_init:
         s0 = initial_state.astype(f32)
         s0 = jnp.pad(s0, ((0, 0), (0, 0), (0, pp - p), (0, np_ - n)))  # [b, h, p', n']
     else:
-        s0 = jnp.zeros((1, 1, 1, 1), f32)  # unused placeholder
+        s0 = np.zeros((1, 1, 1, 1), np.float32)  # unused placeholder
 
     if config.precompute_cb:
         nc = padded_len // chunk
@@ -318,7 +314,7 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
             preferred_element_type=f32,
         ).astype(dot_dtype)  # [b, c, g, s, s]
     else:
-        cb = jnp.zeros((1, 1, 1, 1, 1), dot_dtype)  # unused placeholder
+        cb = np.zeros((1, 1, 1, 1, 1), dot_dtype)  # unused placeholder
     a32 = A.astype(f32)
     if n_seg > 1:
         s0 = _segment_initial_states(
@@ -335,12 +331,13 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         grid=(b * n_seg, h, pp // block_p),
         out_shape=[
             jax.ShapeDtypeStruct((b, padded_len, h, pp), y_dtype),
-            jax.ShapeDtypeStruct((b, h, pp, np_), f32),
+            jax.ShapeDtypeStruct((b * n_seg, h, pp, np_), f32),
         ],
         compiler_params=_compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="ssd_chunk_scan",
     )(xs, dts, a32, Bs, Cs, cb, d, thr, s0)
+    s = s.reshape(b, n_seg, h, pp, np_)[:, -1]  # the last segment's final state
     return y[:, :length, :, :p], s[:, :, :p, :n]
 
 
