@@ -28,7 +28,7 @@ scans = [i for i, r in enumerate(rows) if "ssd_chunk_scan" in r[4]]
 last = rows[scans[-2] + 1:scans[-1] + 1] if len(scans) > 1 else rows  # the second call
 total = 0.0
 for r in last:
-    us = float(r[-1].replace(",", "")) / (1e3 if r[-2] == "nsecond" else 1)
+    us = float(r[-1].replace(",", "")) / (1e3 if r[-2] in ("ns", "nsecond") else 1)
     total += us
     print(f"  {r[4][:60]:60s} {r[8]:>16s} {us:9.1f}")
 print(f"  total {total:.1f} us")
