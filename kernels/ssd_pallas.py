@@ -14,15 +14,17 @@ in-chunk cumsum (the chunked SSD of `ssd_chunked`, as three matmuls):
     y      = ((C Bᵀ) ⊙ exp(A⁺_i − A⁺_j) [j <= i]) (Δ x)  +  exp(A⁺) ⊙ (C Sᵀ)  +  D x
     S_next = exp(A⁺_last) S + ((Δ x) ⊙ exp(A⁺_last − A⁺))ᵀ B
 
-Optional sequence segments (`SSDPallasConfig.segments`): k segments per batch row, scanned by
-separate programs, so more programs run at once. A states pass first computes, for segments
-0..k-2 split into `state_splits` pieces each (so that pass has many programs too), each piece's
-local final state from zero and its log-decay Σ Δ A; XLA folds them (fp32, a few MB) into every
-segment's initial state, S_in[k] = Σ_{j<k} exp(Σ_{j<i<k} Δ A) S_loc[j] (+ the decayed initial
-state), and the scan programs start from those.
+Sequence segments (`SSDPallasConfig.segments`, 2 by default at batch 1): k segments per batch
+row, scanned by separate programs, so that two programs share each SM (for a mamba2-1.3b layer at
+batch 1, b·h·(p/block_p) = 128
+programs alone leave one per SM, latency-bound). A states pass first walks segments 0..k-2,
+each split in `state_splits` pieces (so that pass has many programs too), and writes each
+piece's local final state from zero and its log-decay Σ Δ A. XLA folds them in fp32 (one
+elementwise fusion, S ← exp(Σ Δ A) S + S_piece) into every segment's initial state, and the
+scan programs start from those. Measurements behind these choices: evals/NOTES_kernels.md.
 
-C Bᵀ depends only on the group, so by default it is computed once per (chunk, group) by one
-batched XLA matmul ([b, c, g, s, s], l·s values per group) and read by every head's program.
+C Bᵀ is computed in the kernel by default (the shared memory then fits two programs per SM);
+`precompute_cb` instead computes it once per (chunk, group) with one batched XLA matmul.
 Matmul operands are in the input dtype (bf16 inputs: bf16 operands, fp32 accumulation; fp32
 inputs: IEEE fp32 dots); Δ, A, the cumsum, the decays and the carried state stay fp32.
 Any length is accepted: time is zero-padded to a multiple of s (s·segments with segments; Δ = 0
@@ -50,10 +52,10 @@ class SSDPallasConfig:
       num_warps: warps per program.
       num_stages: Triton software-pipelining depth of the chunk loop.
       precompute_cb: compute the per-group chunk Gram matrices C Bᵀ [b, c, g, s, s] once with
-        one batched XLA matmul (tiny: l·s values per group) instead of in every program (each
-        head and p-block would recompute it).
+        one batched XLA matmul (tiny: l·s values per group) instead of in every program. Off
+        by default: the [s, s] tile per pipeline stage keeps one program per SM.
       segments: k, sequence segments per batch row (at batch 1; ⌈k / b⌉ for batch b), scanned
-        by separate programs: b·h·(p/block_p) programs alone leave most of the GPU idle. With
+        by separate programs, so more programs share the GPU. With
         k > 1 a states pass (no C, no y) computes the local final states and decays of
         segments 0..k-2, and XLA folds them into each segment's initial state.
       min_segment_chunks: fewest chunks per segment (short inputs use fewer segments).
