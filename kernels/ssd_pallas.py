@@ -15,13 +15,13 @@ in-chunk cumsum (the chunked SSD of `ssd_chunked`, as three matmuls):
     S_next = exp(A⁺_last) S + ((Δ x) ⊙ exp(A⁺_last − A⁺))ᵀ B
 
 Sequence segments (`SSDPallasConfig.segments`, 2 by default at batch 1): k segments per batch
-row, scanned by separate programs, so that two programs share each SM (for a mamba2-1.3b layer at
-batch 1, b·h·(p/block_p) = 128
-programs alone leave one per SM, latency-bound). A states pass first walks segments 0..k-2,
-each split in `state_splits` pieces (so that pass has many programs too), and writes each
-piece's local final state from zero and its log-decay Σ Δ A. XLA folds them in fp32 (one
-elementwise fusion, S ← exp(Σ Δ A) S + S_piece) into every segment's initial state, and the
-scan programs start from those. Measurements behind these choices: evals/NOTES_kernels.md.
+row, scanned by separate programs, so that two programs share each SM (for a mamba2-1.3b layer
+at batch 1, b·h·(p/block_p) = 128 programs alone leave one per SM, latency-bound). A states
+pass first walks segments 0..k-2, each split in `state_splits` pieces (so that pass has many
+programs too), and writes each piece's local final state from zero and its log-decay Σ Δ A.
+XLA folds them in fp32 (one elementwise fusion, S ← exp(Σ Δ A) S + S_piece) into every
+segment's initial state, and the scan programs start from those. Measurements behind these
+choices: evals/NOTES_kernels.md.
 
 C Bᵀ is computed in the kernel by default (the shared memory then fits two programs per SM);
 `precompute_cb` instead computes it once per (chunk, group) with one batched XLA matmul.
