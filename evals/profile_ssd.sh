@@ -6,10 +6,7 @@
 #   DURATIONS="segments=2,precompute_cb=False;" bash evals/profile_ssd.sh   # kernel times
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/out}"
 L="${L:-16384}"
-PY="${PY:-python3}"
-mkdir -p "$OUT"
 source evals/device_env.sh
 
 if [ -n "${DURATIONS:-}" ] && command -v ncu >/dev/null; then

@@ -13,10 +13,7 @@
 # device tool's `carry`. Without them the official column is skipped with the reason.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/out}"
-mkdir -p "$OUT"
 source evals/device_env.sh
-PY="${PY:-python3}"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
   2>&1 | tee "$OUT/device.txt"

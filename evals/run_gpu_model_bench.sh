@@ -14,11 +14,9 @@
 # variants), BENCH_ARGS (extra flags), PY.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/out}"
-PY="${PY:-python3}"
 BUDGET_S="${BUDGET_S:-500}"
-mkdir -p "$OUT/hlo"
 source evals/device_env.sh
+mkdir -p "$OUT/hlo"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
   2>&1 | tee "$OUT/device.txt"
