@@ -23,6 +23,30 @@ IMPLEMENTATIONS = ("reference", "associative", "pallas")
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
+# The Pallas kernels keep their log-decays (Δ A and its sums) in base 2: A is pre-scaled by
+# log2(e) outside the kernel, so every decay is one exp2.
+LOG2E = 1.4426950408889634
+
+
+def exp2(x, *, fast: bool):
+    """2**x (fp32) inside a Pallas kernel.
+
+    fast: one `ex2.approx.ftz.f32` instruction per element through inline PTX (compiled
+    Triton only; max relative error ~2**-22, subnormal results flushed to zero). Pallas lowers
+    jnp.exp/exp2 to libdevice's expf/exp2f instead, several instructions each, and the scans
+    evaluate a decay for every element they touch. Not fast (interpret mode, where there is no
+    PTX): jnp.exp2. Scalars always take jnp.exp2.
+    """
+    if not fast or x.ndim == 0:
+        return jnp.exp2(x)
+    from jax.experimental.pallas import triton as plgpu
+
+    [y] = plgpu.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;", args=[x.astype(jnp.float32)], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )
+    return y
+
 
 def filter_threshold(dt_global, dt_threshold, channels: int):
     """Folds (is_global [c] bool, threshold [c]) into one fp32 array [c]: -inf on local channels.

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from longmamba_kernels.common import pad_time
+from longmamba_kernels.common import LOG2E, exp2, pad_time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +36,16 @@ class SelectiveScanPallasConfig:
       block_t: tokens per loop step (unrolled).
       num_warps: warps per program.
       num_stages: Triton software-pipelining depth of the time loop.
+      fast_exp: the decays exp(Δ A) as one `ex2.approx.ftz.f32` instruction each
+        (`common.exp2`, A pre-scaled by log2(e)) instead of libdevice's expf; compiled
+        kernels only (interpret mode always uses jnp.exp2).
     """
 
     block_e: int = 8
     block_t: int = 16
     num_warps: int = 1
     num_stages: int = 2
+    fast_exp: bool = True
 
     def __post_init__(self):
         if self.block_e < 1 or self.block_e & (self.block_e - 1):
@@ -57,13 +61,13 @@ def _next_pow2(v: int) -> int:
 def _selective_scan_kernel(
     x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, h0_ref,  # inputs
     y_ref, h_ref,  # outputs
-    *, block_e, block_t, n_steps, has_d, has_init,
+    *, block_e, block_t, n_steps, has_d, has_init, fast_exp,
 ):
     f32 = jnp.float32
     bi, ei = pl.program_id(0), pl.program_id(1)
     e_sl = pl.ds(ei * block_e, block_e)
     n = a_ref.shape[-1]
-    a = a_ref[e_sl, :].astype(f32)  # [e_blk, n]
+    a = a_ref[e_sl, :].astype(f32)  # [e_blk, n], A log2(e): base-2 decays
     d = d_ref[e_sl] if has_d else None  # [e_blk]
     thr = thr_ref[e_sl]  # [e_blk]; -inf where unfiltered
     h = h0_ref[bi, e_sl, :].astype(f32) if has_init else jnp.zeros((block_e, n), f32)
@@ -81,7 +85,8 @@ def _selective_scan_kernel(
             toks.append((t, x, dt, bt, ct))
         for t, x, dt, bt, ct in toks:
             dt = jnp.where(dt <= thr, 0.0, dt)  # LongMamba filter
-            h = jnp.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bt[None, :]  # [e_blk, n]
+            decay = exp2(dt[:, None] * a, fast=fast_exp)  # exp(Δ A)
+            h = decay * h + (dt * x)[:, None] * bt[None, :]  # [e_blk, n]
             y = jnp.sum(h * ct[None, :], axis=1)  # [e_blk]
             if has_d:
                 y = y + d * x
@@ -136,7 +141,7 @@ def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, *, inter
     xs = pad_e(pad_time(x, block_t), 2)  # [b, l', e']
     dts = pad_e(pad_time(dt.astype(f32), block_t), 2)  # Δ = 0 on padding
     Bs, Cs = (pad_n(pad_time(a, block_t)) for a in (B, C))  # [b, l', n']
-    As = pad_n(pad_e(A.astype(f32), 0))  # [e', n']
+    As = pad_n(pad_e(A.astype(f32) * LOG2E, 0))  # [e', n'], base-2 decays in the kernel
     has_d, has_init = D is not None, initial_state is not None
     d = pad_e((D if has_d else jnp.zeros((e,))).astype(f32), 0)
     # The compare always runs (no filter: -inf, never true), so both cases share one kernel.
@@ -149,7 +154,7 @@ def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, *, inter
     kernel = functools.partial(
         _selective_scan_kernel,
         block_e=block_e, block_t=block_t, n_steps=padded_len // block_t,
-        has_d=has_d, has_init=has_init,
+        has_d=has_d, has_init=has_init, fast_exp=config.fast_exp and not interpret,
     )
     from jax.experimental.pallas import triton as plgpu
 

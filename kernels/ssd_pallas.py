@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from longmamba_kernels.common import LOG2E, exp2
+
 
 @dataclasses.dataclass(frozen=True)
 class SSDPallasConfig:
@@ -65,6 +67,8 @@ class SSDPallasConfig:
         has no y and no C, so it can afford larger blocks.
       states_t: the states pass carries Sᵀ [n, p] (Bᵀ w: the computed operand needs no
         transpose) instead of S [p, n].
+      fast_exp: every decay as one `ex2.approx.ftz.f32` instruction (`common.exp2`) instead
+        of libdevice's expf; compiled kernels only (interpret mode always uses jnp.exp2).
     """
 
     chunk: int = 64
@@ -77,6 +81,7 @@ class SSDPallasConfig:
     state_splits: int = 4
     states_block_p: int = 64
     states_t: bool = True
+    fast_exp: bool = True
 
     def __post_init__(self):
         for name in ("chunk", "block_p", "states_block_p"):
@@ -95,9 +100,9 @@ def _pow2_at_least_16(v: int) -> int:
 
 
 def _chunk_inputs(x_ref, dt_ref, b_ref, bi, hi, gi, p_sl, t_sl, a, thr, valid=None):
-    """One chunk's x [s, p_blk] (fp32), filtered Δ [s], in-chunk cumsum A⁺ [s] and its last
-    value, and B [s, n]. `valid` (a traced bool) zeroes Δ: a chunk past the program's range
-    then leaves the state exact."""
+    """One chunk's x [s, p_blk] (fp32), filtered Δ [s], in-chunk cumsum A⁺ [s] of Δ a (a = A
+    log2(e): base-2 log-decays) and its last value, and B [s, n]. `valid` (a traced bool)
+    zeroes Δ: a chunk past the program's range then leaves the state exact."""
     f32 = jnp.float32
     x = x_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
     dt = dt_ref[bi, t_sl, hi].astype(f32)  # [s]
@@ -112,10 +117,10 @@ def _chunk_inputs(x_ref, dt_ref, b_ref, bi, hi, gi, p_sl, t_sl, a, thr, valid=No
     return x, dt, a_cum, a_last, bm
 
 
-def _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype):
-    """S_next = exp(A⁺_last) S + ((Δ x) ⊙ exp(A⁺_last − A⁺))ᵀ B  ([p_blk, n], fp32)."""
-    w = (xdt * jnp.exp(a_last - a_cum)[:, None]).astype(dot_dtype)  # [s, p_blk]
-    return jnp.exp(a_last) * s + dot(w.T, bm.astype(dot_dtype))
+def _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype, ex2):
+    """S_next = 2^A⁺_last S + ((Δ x) ⊙ 2^(A⁺_last − A⁺))ᵀ B  ([p_blk, n], fp32)."""
+    w = (xdt * ex2(a_last - a_cum)[:, None]).astype(dot_dtype)  # [s, p_blk]
+    return jnp.exp2(a_last) * s + dot(w.T, bm.astype(dot_dtype))
 
 
 def _dot(dot_dtype):
@@ -127,11 +132,12 @@ def _dot(dot_dtype):
 def _ssd_states_kernel(
     x_ref, dt_ref, a_ref, b_ref, thr_ref, sl_ref, la_ref,
     *, chunk, block_p, seg_chunks, sub_chunks, splits, n_prev, heads_per_group, dot_dtype,
-    transposed,
+    transposed, fast_exp,
 ):
     """Pass 1 of a segmented scan: one program per (batch row, segment q < k-1, split j) ×
     head × block of p. It walks chunks [q·seg + j·sub, min(q·seg + (j+1)·sub, (q+1)·seg)) from
-    a zero state and writes that local state and its log-decay Σ Δ A (broadcast over p)."""
+    a zero state and writes that local state and its base-2 log-decay Σ Δ a (broadcast over
+    p)."""
     f32 = jnp.float32
     pid0, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, rest = pid0 // (n_prev * splits), pid0 % (n_prev * splits)
@@ -142,6 +148,7 @@ def _ssd_states_kernel(
     dot = _dot(dot_dtype)
     a, thr = a_ref[hi], thr_ref[hi]
     ragged = sub_chunks * splits != seg_chunks  # the last split overruns into the next segment
+    ex2 = functools.partial(exp2, fast=fast_exp)
 
     def body(ci, carry):
         s, a_tot = carry
@@ -150,11 +157,11 @@ def _ssd_states_kernel(
         valid = local < seg_chunks if ragged else None
         x, dt, a_cum, a_last, bm = _chunk_inputs(
             x_ref, dt_ref, b_ref, bi, hi, gi, p_sl, t_sl, a, thr, valid)
-        if transposed:  # Sᵀ [n, p_blk] = exp(A⁺_last) Sᵀ + Bᵀ w: w needs no transpose
-            w = (x * (dt * jnp.exp(a_last - a_cum))[:, None]).astype(dot_dtype)  # [s, p_blk]
-            s = jnp.exp(a_last) * s + dot(bm.astype(dot_dtype).T, w)
+        if transposed:  # Sᵀ [n, p_blk] = 2^A⁺_last Sᵀ + Bᵀ w: w needs no transpose
+            w = (x * (dt * ex2(a_last - a_cum))[:, None]).astype(dot_dtype)  # [s, p_blk]
+            s = jnp.exp2(a_last) * s + dot(bm.astype(dot_dtype).T, w)
         else:
-            s = _state_update(s, x * dt[:, None], a_cum, a_last, bm, dot, dot_dtype)
+            s = _state_update(s, x * dt[:, None], a_cum, a_last, bm, dot, dot_dtype, ex2)
         return s, a_tot + a_last
 
     shape = (n, block_p) if transposed else (block_p, n)
@@ -167,7 +174,7 @@ def _ssd_states_kernel(
 def _ssd_kernel(
     x_ref, dt_ref, a_ref, b_ref, c_ref, cb_ref, d_ref, thr_ref, s0_ref, y_ref, s_ref,
     *, chunk, block_p, seg_chunks, n_seg, heads_per_group, has_d, has_init, dot_dtype,
-    precompute_cb,
+    precompute_cb, fast_exp,
 ):
     """The scan: one program per (batch row, segment) × head × block of p, over `seg_chunks`
     chunks, from its initial state s0[row, segment] (segment > 0: the folded states pass)."""
@@ -181,6 +188,7 @@ def _ssd_kernel(
     a, thr = a_ref[hi], thr_ref[hi]
     idx = jnp.arange(chunk)
     causal = idx[:, None] >= idx[None, :]  # [i, j]: j <= i
+    ex2 = functools.partial(exp2, fast=fast_exp)
     if has_init:
         s = s0_ref[pid0, hi, p_sl, :].astype(f32)  # [p_blk, n]
     else:
@@ -196,15 +204,15 @@ def _ssd_kernel(
             cb = cb_ref[bi, ki * seg_chunks + ci, gi].astype(f32)  # [s, s]
         else:
             cb = dot(cm.astype(dot_dtype), bm.astype(dot_dtype).T)  # [s, s]
-        m = (cb * jnp.exp(seg)).astype(dot_dtype)
+        m = (cb * ex2(seg)).astype(dot_dtype)
         xdt = x * dt[:, None]  # [s, p_blk]
         y = dot(m, xdt.astype(dot_dtype))  # [s, p_blk] intra-chunk
         y_off = dot(cm.astype(dot_dtype), s.T.astype(dot_dtype))  # [s, p_blk] carried state
-        y = y + jnp.exp(a_cum)[:, None] * y_off
+        y = y + ex2(a_cum)[:, None] * y_off
         if has_d:
             y = y + d_ref[hi] * x
         y_ref[bi, t_sl, hi, p_sl] = y.astype(y_ref.dtype)
-        return _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype)
+        return _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype, ex2)
 
     s = jax.lax.fori_loop(0, seg_chunks, body, s)
     s_ref[pid0, hi, p_sl, :] = s
@@ -214,14 +222,14 @@ def _fold_segment_states(s0, s_sub, la, n_seg, splits):
     """Every segment's initial state from the states pass's pieces (fp32).
 
     s0: [b, h, p, n] or None. s_sub: [b, J, h, p, n], la: [b, J, h]: the pieces' local final
-    states and log-decays Σ Δ A, J = (k-1)·splits in sequence order. S ← exp(la_j) S +
+    states and base-2 log-decays Σ Δ a, J = (k-1)·splits in sequence order. S ← 2^la_j S +
     S_sub[j] piece by piece; segment k starts from S after piece k·splits (segment 0: s0).
     A Python loop over the J pieces (a few), so XLA fuses it into one elementwise pass.
     Returns [b, k, h, p, n]."""
     s = jnp.zeros_like(s_sub[:, 0]) if s0 is None else s0
     out = [s]
     for j in range(s_sub.shape[1]):
-        s = jnp.exp(la[:, j])[..., None, None] * s + s_sub[:, j]
+        s = jnp.exp2(la[:, j])[..., None, None] * s + s_sub[:, j]
         if (j + 1) % splits == 0:
             out.append(s)
     return jnp.stack(out[:n_seg], axis=1)
@@ -317,10 +325,11 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         ).astype(dot_dtype)  # [b, c, g, s, s]
     else:
         cb = np.zeros((1, 1, 1, 1, 1), dot_dtype)  # unused placeholder
-    a32 = A.astype(f32)
+    a2 = A.astype(f32) * np.float32(LOG2E)  # base-2 decays in the kernels
+    fast_exp = config.fast_exp and not interpret
     if n_seg > 1:
         s0 = _segment_initial_states(
-            xs, dts, a32, Bs, thr, s0 if has_init else None, n_seg=n_seg, seg_chunks=seg_chunks,
+            xs, dts, a2, Bs, thr, s0 if has_init else None, n_seg=n_seg, seg_chunks=seg_chunks,
             block_p=block_p, dot_dtype=dot_dtype, config=config, interpret=interpret,
         )  # [b·k, h, p', n']
         has_init = True
@@ -328,7 +337,7 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         functools.partial(
             _ssd_kernel, chunk=chunk, block_p=block_p, seg_chunks=seg_chunks, n_seg=n_seg,
             heads_per_group=h // g, has_d=has_d, has_init=has_init, dot_dtype=dot_dtype,
-            precompute_cb=config.precompute_cb,
+            precompute_cb=config.precompute_cb, fast_exp=fast_exp,
         ),
         grid=(b * n_seg, h, pp // block_p),
         out_shape=[
@@ -338,13 +347,13 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         compiler_params=_compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="ssd_chunk_scan",
-    )(xs, dts, a32, Bs, Cs, cb, d, thr, s0)
+    )(xs, dts, a2, Bs, Cs, cb, d, thr, s0)
     s = s.reshape(b, n_seg, h, pp, np_)[:, -1]  # the last segment's final state
     return y[:, :length, :, :p], s[:, :, :p, :n]
 
 
 def _segment_initial_states(
-    xs, dts, a32, Bs, thr, s0, *, n_seg, seg_chunks, block_p, dot_dtype, config, interpret,
+    xs, dts, a2, Bs, thr, s0, *, n_seg, seg_chunks, block_p, dot_dtype, config, interpret,
 ):
     """The states pass and its fold: every segment's initial state, [b·k, h, p, n] fp32.
 
@@ -364,6 +373,7 @@ def _segment_initial_states(
             _ssd_states_kernel, chunk=config.chunk, block_p=block_p, seg_chunks=seg_chunks,
             sub_chunks=sub_chunks, splits=splits, n_prev=n_seg - 1, heads_per_group=h // g,
             dot_dtype=dot_dtype, transposed=config.states_t,
+            fast_exp=config.fast_exp and not interpret,
         ),
         grid=(rows, h, pp // block_p),
         out_shape=[
@@ -373,7 +383,7 @@ def _segment_initial_states(
         compiler_params=_compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="ssd_segment_states",
-    )(xs, dts, a32, Bs, thr)
+    )(xs, dts, a2, Bs, thr)
     s_sub = s_sub.reshape(b, rows // b, h, pp, np_)
     la = la[..., 0].reshape(b, rows // b, h)
     s_in = _fold_segment_states(s0, s_sub, la, n_seg, splits)  # [b, k, h, p, n]
