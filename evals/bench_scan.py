@@ -279,17 +279,16 @@ def print_row(r):
 # the default with the fields given.
 SSD_SWEEP = [  # (the earlier sweeps are in evals/NOTES_kernels.md)
     dict(),  # default
-    dict(fast_exp=False),  # libdevice expf (before session 5)
     dict(chunk=32),
-    dict(chunk=32, segments=3),
     dict(chunk=32, segments=4),
     dict(num_stages=4),
     dict(y_dtype="bfloat16"),
     dict(),  # the default again: drift over the sweep
 ]
 SS_SWEEP = [  # SelectiveScanPallasConfig fields; the first one is the default
-    dict(), dict(fast_exp=False), dict(block_t=32), dict(block_e=16, num_warps=2),
-    dict(block_e=4), dict(num_stages=3), dict(block_e=32, num_warps=4), dict(),
+    dict(), dict(block_e=4), dict(block_e=4, block_t=32), dict(block_e=4, num_stages=3),
+    dict(block_e=2), dict(block_e=2, block_t=32), dict(block_e=2, num_stages=3),
+    dict(block_e=4, block_t=8), dict(),
 ]
 
 

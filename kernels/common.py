@@ -24,28 +24,11 @@ IMPLEMENTATIONS = ("reference", "associative", "pallas")
 HIGHEST = jax.lax.Precision.HIGHEST
 
 # The Pallas kernels keep their log-decays (Δ A and its sums) in base 2: A is pre-scaled by
-# log2(e) outside the kernel, so every decay is one exp2.
+# log2(e) outside the kernel, so every decay is one exp2. Pallas lowers jnp.exp to libdevice's
+# expf (a range reduction around one ex2.approx) and jnp.exp2 to exp2f, whose results matched a
+# bare inline ex2.approx bit for bit on the H100. The scans evaluate a decay for every element
+# they touch (evals/NOTES_kernels.md, session 5).
 LOG2E = 1.4426950408889634
-
-
-def exp2(x, *, fast: bool):
-    """2**x (fp32) inside a Pallas kernel.
-
-    fast: one `ex2.approx.ftz.f32` instruction per element through inline PTX (compiled
-    Triton only; max relative error ~2**-22, subnormal results flushed to zero). Pallas lowers
-    jnp.exp/exp2 to libdevice's expf/exp2f instead, several instructions each, and the scans
-    evaluate a decay for every element they touch. Not fast (interpret mode, where there is no
-    PTX): jnp.exp2. Scalars always take jnp.exp2.
-    """
-    if not fast or x.ndim == 0:
-        return jnp.exp2(x)
-    from jax.experimental.pallas import triton as plgpu
-
-    [y] = plgpu.elementwise_inline_asm(
-        "ex2.approx.ftz.f32 $0, $1;", args=[x.astype(jnp.float32)], constraints="=r,r", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
-    )
-    return y
 
 
 def filter_threshold(dt_global, dt_threshold, channels: int):

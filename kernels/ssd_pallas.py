@@ -26,7 +26,9 @@ choices: evals/NOTES_kernels.md.
 C Bᵀ is computed in the kernel by default (the shared memory then fits two programs per SM);
 `precompute_cb` instead computes it once per (chunk, group) with one batched XLA matmul.
 Matmul operands are in the input dtype (bf16 inputs: bf16 operands, fp32 accumulation; fp32
-inputs: IEEE fp32 dots); Δ, A, the cumsum, the decays and the carried state stay fp32.
+inputs: IEEE fp32 dots); Δ, A, the cumsum, the decays and the carried state stay fp32. Decays
+are exp2 of base-2 log-decays (A is pre-scaled by log2 e): Pallas lowers exp2 to a shorter
+libdevice call than exp (`common.LOG2E`).
 Any length is accepted: time is zero-padded to a multiple of s (s·segments with segments; Δ = 0
 leaves the state exact), p and n to powers of two >= 16 (Triton tile shapes), only when needed.
 """
@@ -41,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from longmamba_kernels.common import LOG2E, exp2
+from longmamba_kernels.common import LOG2E
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +69,6 @@ class SSDPallasConfig:
         has no y and no C, so it can afford larger blocks.
       states_t: the states pass carries Sᵀ [n, p] (Bᵀ w: the computed operand needs no
         transpose) instead of S [p, n].
-      fast_exp: every decay as one `ex2.approx.ftz.f32` instruction (`common.exp2`) instead
-        of libdevice's expf; compiled kernels only (interpret mode always uses jnp.exp2).
     """
 
     chunk: int = 64
@@ -81,7 +81,6 @@ class SSDPallasConfig:
     state_splits: int = 4
     states_block_p: int = 64
     states_t: bool = True
-    fast_exp: bool = True
 
     def __post_init__(self):
         for name in ("chunk", "block_p", "states_block_p"):
@@ -117,9 +116,9 @@ def _chunk_inputs(x_ref, dt_ref, b_ref, bi, hi, gi, p_sl, t_sl, a, thr, valid=No
     return x, dt, a_cum, a_last, bm
 
 
-def _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype, ex2):
+def _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype):
     """S_next = 2^A⁺_last S + ((Δ x) ⊙ 2^(A⁺_last − A⁺))ᵀ B  ([p_blk, n], fp32)."""
-    w = (xdt * ex2(a_last - a_cum)[:, None]).astype(dot_dtype)  # [s, p_blk]
+    w = (xdt * jnp.exp2(a_last - a_cum)[:, None]).astype(dot_dtype)  # [s, p_blk]
     return jnp.exp2(a_last) * s + dot(w.T, bm.astype(dot_dtype))
 
 
@@ -132,7 +131,7 @@ def _dot(dot_dtype):
 def _ssd_states_kernel(
     x_ref, dt_ref, a_ref, b_ref, thr_ref, sl_ref, la_ref,
     *, chunk, block_p, seg_chunks, sub_chunks, splits, n_prev, heads_per_group, dot_dtype,
-    transposed, fast_exp,
+    transposed,
 ):
     """Pass 1 of a segmented scan: one program per (batch row, segment q < k-1, split j) ×
     head × block of p. It walks chunks [q·seg + j·sub, min(q·seg + (j+1)·sub, (q+1)·seg)) from
@@ -148,7 +147,6 @@ def _ssd_states_kernel(
     dot = _dot(dot_dtype)
     a, thr = a_ref[hi], thr_ref[hi]
     ragged = sub_chunks * splits != seg_chunks  # the last split overruns into the next segment
-    ex2 = functools.partial(exp2, fast=fast_exp)
 
     def body(ci, carry):
         s, a_tot = carry
@@ -158,10 +156,10 @@ def _ssd_states_kernel(
         x, dt, a_cum, a_last, bm = _chunk_inputs(
             x_ref, dt_ref, b_ref, bi, hi, gi, p_sl, t_sl, a, thr, valid)
         if transposed:  # Sᵀ [n, p_blk] = 2^A⁺_last Sᵀ + Bᵀ w: w needs no transpose
-            w = (x * (dt * ex2(a_last - a_cum))[:, None]).astype(dot_dtype)  # [s, p_blk]
+            w = (x * (dt * jnp.exp2(a_last - a_cum))[:, None]).astype(dot_dtype)  # [s, p_blk]
             s = jnp.exp2(a_last) * s + dot(bm.astype(dot_dtype).T, w)
         else:
-            s = _state_update(s, x * dt[:, None], a_cum, a_last, bm, dot, dot_dtype, ex2)
+            s = _state_update(s, x * dt[:, None], a_cum, a_last, bm, dot, dot_dtype)
         return s, a_tot + a_last
 
     shape = (n, block_p) if transposed else (block_p, n)
@@ -174,7 +172,7 @@ def _ssd_states_kernel(
 def _ssd_kernel(
     x_ref, dt_ref, a_ref, b_ref, c_ref, cb_ref, d_ref, thr_ref, s0_ref, y_ref, s_ref,
     *, chunk, block_p, seg_chunks, n_seg, heads_per_group, has_d, has_init, dot_dtype,
-    precompute_cb, fast_exp,
+    precompute_cb,
 ):
     """The scan: one program per (batch row, segment) × head × block of p, over `seg_chunks`
     chunks, from its initial state s0[row, segment] (segment > 0: the folded states pass)."""
@@ -188,7 +186,6 @@ def _ssd_kernel(
     a, thr = a_ref[hi], thr_ref[hi]
     idx = jnp.arange(chunk)
     causal = idx[:, None] >= idx[None, :]  # [i, j]: j <= i
-    ex2 = functools.partial(exp2, fast=fast_exp)
     if has_init:
         s = s0_ref[pid0, hi, p_sl, :].astype(f32)  # [p_blk, n]
     else:
@@ -204,15 +201,15 @@ def _ssd_kernel(
             cb = cb_ref[bi, ki * seg_chunks + ci, gi].astype(f32)  # [s, s]
         else:
             cb = dot(cm.astype(dot_dtype), bm.astype(dot_dtype).T)  # [s, s]
-        m = (cb * ex2(seg)).astype(dot_dtype)
+        m = (cb * jnp.exp2(seg)).astype(dot_dtype)
         xdt = x * dt[:, None]  # [s, p_blk]
         y = dot(m, xdt.astype(dot_dtype))  # [s, p_blk] intra-chunk
         y_off = dot(cm.astype(dot_dtype), s.T.astype(dot_dtype))  # [s, p_blk] carried state
-        y = y + ex2(a_cum)[:, None] * y_off
+        y = y + jnp.exp2(a_cum)[:, None] * y_off
         if has_d:
             y = y + d_ref[hi] * x
         y_ref[bi, t_sl, hi, p_sl] = y.astype(y_ref.dtype)
-        return _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype, ex2)
+        return _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype)
 
     s = jax.lax.fori_loop(0, seg_chunks, body, s)
     s_ref[pid0, hi, p_sl, :] = s
@@ -326,7 +323,6 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
     else:
         cb = np.zeros((1, 1, 1, 1, 1), dot_dtype)  # unused placeholder
     a2 = A.astype(f32) * np.float32(LOG2E)  # base-2 decays in the kernels
-    fast_exp = config.fast_exp and not interpret
     if n_seg > 1:
         s0 = _segment_initial_states(
             xs, dts, a2, Bs, thr, s0 if has_init else None, n_seg=n_seg, seg_chunks=seg_chunks,
@@ -337,7 +333,7 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         functools.partial(
             _ssd_kernel, chunk=chunk, block_p=block_p, seg_chunks=seg_chunks, n_seg=n_seg,
             heads_per_group=h // g, has_d=has_d, has_init=has_init, dot_dtype=dot_dtype,
-            precompute_cb=config.precompute_cb, fast_exp=fast_exp,
+            precompute_cb=config.precompute_cb,
         ),
         grid=(b * n_seg, h, pp // block_p),
         out_shape=[
@@ -373,7 +369,6 @@ def _segment_initial_states(
             _ssd_states_kernel, chunk=config.chunk, block_p=block_p, seg_chunks=seg_chunks,
             sub_chunks=sub_chunks, splits=splits, n_prev=n_seg - 1, heads_per_group=h // g,
             dot_dtype=dot_dtype, transposed=config.states_t,
-            fast_exp=config.fast_exp and not interpret,
         ),
         grid=(rows, h, pp // block_p),
         out_shape=[

@@ -334,27 +334,18 @@ def _cuda_module_text(fn, *args) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("fast_exp", [True, False])
-def test_kernels_fast_exp_is_one_ptx_instruction(fast_exp):
-    """With `fast_exp` (the default) both kernels' decays are inline `ex2.approx.ftz.f32` and
-    libdevice's exp2f/expf are used only for scalars (SSD) or not at all (selective scan)."""
+def test_kernels_decays_are_exp2_not_expf():
+    """Both kernels evaluate their decays as exp2 of base-2 log-decays (A pre-scaled by
+    log2 e): libdevice's exp2f, never the longer expf."""
     x = jnp.zeros((1, 4096, 4, 16), jnp.bfloat16)
     b = jnp.zeros((1, 4096, 1, 16), jnp.bfloat16)
-    cfg = SSDPallasConfig(fast_exp=fast_exp)
-    assert ssd_segments(1, 4096, cfg) == 2  # the states pass is in the program too
-    ssd_text = _cuda_module_text(
-        lambda *a: ssd_pallas(*a, config=cfg), x, jnp.ones((1, 4096, 4)), -jnp.ones(4), b, b)
+    assert ssd_segments(1, 4096, SSDPallasConfig()) == 2  # the states pass is in the program
+    ssd_text = _cuda_module_text(ssd_pallas, x, jnp.ones((1, 4096, 4)), -jnp.ones(4), b, b)
     assert ssd_text.count("custom_call @__gpu") == 2
     xs, bs = jnp.zeros((1, 64, 32)), jnp.zeros((1, 64, 16))
-    ss_text = _cuda_module_text(
-        lambda *a: selective_scan_pallas(
-            *a, config=SelectiveScanPallasConfig(fast_exp=fast_exp)),
-        xs, xs, -jnp.ones((32, 16)), bs, bs)
+    ss_text = _cuda_module_text(selective_scan_pallas, xs, xs, -jnp.ones((32, 16)), bs, bs)
     for text in (ssd_text, ss_text):
-        assert "__nv_expf" not in text
-        assert ("ex2.approx.ftz.f32" in text) == fast_exp
-    assert "__nv_exp2f" in ssd_text  # scalar decays
-    assert ("__nv_exp2f" in ss_text) != fast_exp
+        assert "__nv_exp2f" in text and "__nv_expf" not in text
 
 
 # --------------------------------------------------------------------- selective-scan tests
