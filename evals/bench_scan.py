@@ -286,16 +286,9 @@ SSD_SWEEP = [  # (the earlier sweeps are in evals/NOTES_kernels.md)
     dict(),  # the default again: drift over the sweep
 ]
 SS_SWEEP = [  # SelectiveScanPallasConfig fields; the first one is the default
-    dict(),
-    dict(tile_scan=True, block_e=4, block_t=16),
-    dict(tile_scan=True, block_e=8, block_t=16),
-    dict(tile_scan=True, block_e=16, block_t=16),
-    dict(tile_scan=True, block_e=16, block_t=16, num_warps=2),
-    dict(tile_scan=True, block_e=32, block_t=16, num_warps=4),
-    dict(tile_scan=True, block_e=8, block_t=8),
-    dict(tile_scan=True, block_e=32, block_t=8, num_warps=2),
-    dict(tile_scan=True, block_e=8, block_t=16, num_stages=3),
-    dict(),
+    dict(), dict(block_e=4), dict(block_e=4, block_t=32), dict(block_e=4, num_stages=3),
+    dict(block_e=2), dict(block_e=2, block_t=32), dict(block_e=2, num_stages=3),
+    dict(block_e=4, block_t=8), dict(),
 ]
 
 

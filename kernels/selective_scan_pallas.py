@@ -44,7 +44,6 @@ class SelectiveScanPallasConfig:
     block_t: int = 32
     num_warps: int = 1
     num_stages: int = 2
-    tile_scan: bool = False
 
     def __post_init__(self):
         if self.block_e < 1 or self.block_e & (self.block_e - 1):
@@ -60,7 +59,7 @@ def _next_pow2(v: int) -> int:
 def _selective_scan_kernel(
     x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, h0_ref,  # inputs
     y_ref, h_ref,  # outputs
-    *, block_e, block_t, n_steps, has_d, has_init, tile_scan=False,
+    *, block_e, block_t, n_steps, has_d, has_init,
 ):
     f32 = jnp.float32
     bi, ei = pl.program_id(0), pl.program_id(1)
@@ -91,35 +90,7 @@ def _selective_scan_kernel(
             y_ref[bi, t, e_sl] = y
         return h
 
-    def tile_body(step, h):
-        # The whole tile at once: L = cumsum of base-2 log-decays over the T tokens, and
-        # h_k = 2^(L_k − M) [2^M h0 + Σ_{j<=k} 2^(M − L_j) u_j] with M = max(L_T, −64), so every
-        # power of two stays within 2^±64 when L_T >= −128. Otherwise (a tile decaying by more
-        # than 2^-128 somewhere) the tile is walked token by token.
-        t_sl = pl.ds(step * block_t, block_t)
-        x = x_ref[bi, t_sl, e_sl].astype(f32)  # [T, e_blk]
-        dt = dt_ref[bi, t_sl, e_sl].astype(f32)
-        dt = jnp.where(dt <= thr[None, :], 0.0, dt)  # LongMamba filter
-        la = dt[:, :, None] * a[None]  # [T, e_blk, n]
-        lt = jnp.sum(la, axis=0)  # [e_blk, n]: L at the tile's last token
-
-        def fast(h):
-            bt = b_ref[bi, t_sl, :].astype(f32)  # [T, n]
-            ct = c_ref[bi, t_sl, :].astype(f32)
-            big_l = jnp.cumsum(la, axis=0)
-            m = jnp.maximum(lt, -64.0)
-            u = (dt * x)[:, :, None] * bt[:, None, :]
-            wu = jnp.exp2(m[None] - big_l) * u  # [T, e_blk, n]
-            acc = jnp.cumsum(wu, axis=0) + (jnp.exp2(m) * h)[None]
-            y = jnp.sum(jnp.exp2(big_l - m[None]) * acc * ct[:, None, :], axis=2)  # [T, e_blk]
-            if has_d:
-                y = y + d[None, :] * x
-            y_ref[bi, t_sl, e_sl] = y
-            return jnp.exp2(lt - m) * jnp.sum(wu, axis=0) + jnp.exp2(lt) * h
-
-        return jax.lax.cond(jnp.min(lt) >= -128.0, fast, lambda h: body(step, h), h)
-
-    h = jax.lax.fori_loop(0, n_steps, tile_body if tile_scan else body, h)
+    h = jax.lax.fori_loop(0, n_steps, body, h)
     h_ref[bi, e_sl, :] = h
 
 
@@ -180,7 +151,7 @@ def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, *, inter
     kernel = functools.partial(
         _selective_scan_kernel,
         block_e=block_e, block_t=block_t, n_steps=padded_len // block_t,
-        has_d=has_d, has_init=has_init, tile_scan=config.tile_scan,
+        has_d=has_d, has_init=has_init,
     )
     from jax.experimental.pallas import triton as plgpu
 
