@@ -285,10 +285,9 @@ SSD_SWEEP = [  # (the earlier sweeps are in evals/NOTES_kernels.md)
     dict(y_dtype="bfloat16"),
     dict(),  # the default again: drift over the sweep
 ]
-SS_SWEEP = [  # SelectiveScanPallasConfig fields; the first one is the default
-    dict(), dict(block_e=4), dict(block_e=4, block_t=32), dict(block_e=4, num_stages=3),
-    dict(block_e=2), dict(block_e=2, block_t=32), dict(block_e=2, num_stages=3),
-    dict(block_e=4, block_t=8), dict(),
+SS_SWEEP = [  # SelectiveScanPallasConfig fields; the first one is the default (4 × 32)
+    dict(), dict(block_e=8, block_t=16), dict(block_e=4, block_t=16), dict(block_e=8, block_t=32),
+    dict(block_e=2, block_t=32), dict(num_stages=3), dict(),
 ]
 
 
