@@ -286,8 +286,8 @@ SSD_SWEEP = [  # (the earlier sweeps are in evals/NOTES_kernels.md)
     dict(),  # the default again: drift over the sweep
 ]
 SS_SWEEP = [  # SelectiveScanPallasConfig fields; the first one is the default (4 × 32)
-    dict(), dict(block_e=8, block_t=16), dict(block_e=4, block_t=16), dict(block_e=8, block_t=32),
-    dict(block_e=2, block_t=32), dict(num_stages=3), dict(),
+    dict(), dict(block_t=16), dict(block_e=8, block_t=16), dict(prefetch=False),
+    dict(fast_math=False), dict(prefetch=False, fast_math=False), dict(),
 ]
 
 

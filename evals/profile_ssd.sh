@@ -4,12 +4,30 @@
 # prints its occupancy, issue and throughput lines. (XLA's --xla_dump_to did not hold the
 # Triton kernel's PTX in session 3, so there is no PTX here.)
 #   DURATIONS="segments=2,precompute_cb=False;" bash evals/profile_ssd.sh   # kernel times
+#   OP=selective_scan CONFIGS="state_major=False;state_major=True,block_e=8,block_t=16" \
+#     bash evals/profile_ssd.sh   # selective scan: per config the ncu details and the SASS
 set -uo pipefail
 cd "$(dirname "$0")/.."
 L="${L:-16384}"
 source evals/device_env.sh
 
-if [ -n "${DURATIONS:-}" ] && command -v ncu >/dev/null; then
+if [ "${OP:-ssd}" = selective_scan ] && command -v ncu >/dev/null; then
+  IFS=';' read -ra cfgs <<< "${CONFIGS:-}"
+  for c in "${cfgs[@]}"; do
+    tag=$(echo "$c" | tr ',=' '__')
+    ncu --clock-control none --kernel-name regex:selective_scan --launch-skip 1 \
+      --launch-count 1 --set full --import-source no -f -o "$OUT/ss_$tag" \
+      $PY evals/profile_ssd.py --op selective_scan --length "$L" --reps 2 --config "$c" \
+      > "$OUT/ss_${tag}_run.txt" 2>&1
+    echo "== $c (ncu exit code $?)"
+    ncu -i "$OUT/ss_$tag.ncu-rep" --page details > "$OUT/ss_${tag}_details.txt" 2>&1
+    grep -E "Duration|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per|Local Memory|Shared Memory|Memory Throughput|DRAM Throughput|Compute \(SM\)|Executed Instructions  " \
+      "$OUT/ss_${tag}_details.txt" | head -n 30
+    ncu -i "$OUT/ss_$tag.ncu-rep" --page source --csv --print-source sass \
+      > "$OUT/ss_${tag}_sass.csv" 2>&1 || echo "sass page failed: $(head -c 300 "$OUT/ss_${tag}_sass.csv")"
+    rm -f "$OUT/ss_$tag.ncu-rep"
+  done
+elif [ -n "${DURATIONS:-}" ] && command -v ncu >/dev/null; then
   # DURATIONS="cfg1;cfg2": every kernel's device time in one call (compile call + 1) per
   # SSDPallasConfig (fields as in --config), e.g. the states pass, the fold and the scan apart.
   IFS=';' read -ra cfgs <<< "$DURATIONS"

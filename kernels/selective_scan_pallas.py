@@ -8,11 +8,13 @@ Per channel e and state n:
 
 Design: one program per (batch, block of e channels) walks time sequentially and carries its
 state slice [e_blk, n] in registers (fp32). Each loop step handles `block_t` tokens, unrolled, so
-the loads of a step are issued together; every input is read once and y written once, so the
-kernel is bound by memory and by the per-token dependency chain. The recurrence has no
-matmul form (the decay depends on both e and n), so there are no tensor-core dots here. Decays
-are exp2 with A pre-scaled by log2 e (`common.LOG2E`): one exponential per state element and
-token, so the shorter libdevice call matters.
+the loads of a step are issued together, and the loads of step s+1 are issued before step s is
+computed (registers double-buffer them). Every input is read once and y written once. The
+recurrence has no matmul form (the decay depends on both e and n), so there are no tensor-core
+dots here; the kernel is bound by the instructions each warp issues per token (about 42 for
+4 channels × 16 states on the H100, evals/NOTES_kernels.md "Session 6"). Decays are exp2 with A
+pre-scaled by log2 e (`common.LOG2E`), compiled as one `ex2.approx.ftz` each, and the state
+update as one `fma`: one exponential per state element and token.
 Any length is accepted: time is zero-padded to a multiple of `block_t` (Δ = 0 keeps the state),
 e to a multiple of the channel block and n to a power of two, only when needed.
 """
@@ -38,12 +40,19 @@ class SelectiveScanPallasConfig:
       block_t: tokens per loop step (unrolled).
       num_warps: warps per program.
       num_stages: Triton software-pipelining depth of the time loop.
+      prefetch: load the next step's tokens before computing this step's (the loads of one
+        step overlap the work of the previous one; twice the registers for loaded values).
+      fast_math: compiled kernels only: decays as one `ex2.approx.ftz.f32` and the state
+        update as `fma.rn.f32`, through inline PTX (XLA's Triton pipeline neither flushes
+        subnormals nor contracts a*b+c). Interpret mode computes the same with jnp.
     """
 
     block_e: int = 4
     block_t: int = 32
     num_warps: int = 1
     num_stages: int = 2
+    prefetch: bool = True
+    fast_math: bool = True
 
     def __post_init__(self):
         if self.block_e < 1 or self.block_e & (self.block_e - 1):
@@ -56,10 +65,23 @@ def _next_pow2(v: int) -> int:
     return 1 << max(v - 1, 0).bit_length()
 
 
+def _ptx(asm, *args):
+    """One PTX instruction per fp32 element (compiled Triton only)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    shape = jnp.broadcast_shapes(*(a.shape for a in args))
+    [out] = plgpu.elementwise_inline_asm(
+        asm, args=[jnp.broadcast_to(a, shape) for a in args],
+        constraints="=r," + ",".join("r" * len(args)), pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)],
+    )
+    return out
+
+
 def _selective_scan_kernel(
     x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, h0_ref,  # inputs
     y_ref, h_ref,  # outputs
-    *, block_e, block_t, n_steps, has_d, has_init,
+    *, block_e, block_t, n_steps, has_d, has_init, prefetch, fast,
 ):
     f32 = jnp.float32
     bi, ei = pl.program_id(0), pl.program_id(1)
@@ -69,28 +91,42 @@ def _selective_scan_kernel(
     d = d_ref[e_sl] if has_d else None  # [e_blk]
     thr = thr_ref[e_sl]  # [e_blk]; -inf where unfiltered
     h = h0_ref[bi, e_sl, :].astype(f32) if has_init else jnp.zeros((block_e, n), f32)
+    if fast:
+        exp2 = lambda v: _ptx("ex2.approx.ftz.f32 $0, $1;", v)
+        fma = lambda u, v, w: _ptx("fma.rn.f32 $0, $1, $2, $3;", u, v, w)
+    else:
+        exp2, fma = jnp.exp2, lambda u, v, w: u * v + w
 
-    def body(step, h):
-        # All loads of the step first: stores to y could alias them as far as the compiler
-        # knows, so loads placed after a store would each wait for their full latency.
+    def load(step):
+        # All loads of a step are issued together: stores to y could alias them as far as the
+        # compiler knows, so loads placed after a store would each wait for their full latency.
         toks = []
         for k in range(block_t):  # unrolled
             t = step * block_t + k
-            x = x_ref[bi, t, e_sl].astype(f32)  # [e_blk]
-            dt = dt_ref[bi, t, e_sl].astype(f32)  # [e_blk]
-            bt = b_ref[bi, t, :].astype(f32)  # [n]
-            ct = c_ref[bi, t, :].astype(f32)  # [n]
-            toks.append((t, x, dt, bt, ct))
-        for t, x, dt, bt, ct in toks:
+            toks.append((x_ref[bi, t, e_sl], dt_ref[bi, t, e_sl], b_ref[bi, t, :],
+                         c_ref[bi, t, :]))  # [e_blk], [e_blk], [n], [n]; cast at use
+        return toks
+
+    def compute(step, toks, h):
+        for k, (x, dt, bt, ct) in enumerate(toks):
+            x, dt, bt, ct = (v.astype(f32) for v in (x, dt, bt, ct))
             dt = jnp.where(dt <= thr, 0.0, dt)  # LongMamba filter
-            h = jnp.exp2(dt[:, None] * a) * h + (dt * x)[:, None] * bt[None, :]  # [e_blk, n]
+            h = fma(exp2(dt[:, None] * a), h, (dt * x)[:, None] * bt[None, :])  # [e_blk, n]
             y = jnp.sum(h * ct[None, :], axis=1)  # [e_blk]
             if has_d:
-                y = y + d * x
-            y_ref[bi, t, e_sl] = y
+                y = fma(d, x, y)
+            y_ref[bi, step * block_t + k, e_sl] = y
         return h
 
-    h = jax.lax.fori_loop(0, n_steps, body, h)
+    if prefetch:  # registers double-buffer the tokens: step s+1 loads while step s computes
+        def body(step, carry):
+            h, toks = carry
+            nxt = load(jnp.minimum(step + 1, n_steps - 1))  # the last step reloads itself
+            return compute(step, toks, h), nxt
+
+        h, _ = jax.lax.fori_loop(0, n_steps, body, (h, load(0)))
+    else:
+        h = jax.lax.fori_loop(0, n_steps, lambda step, h: compute(step, load(step), h), h)
     h_ref[bi, e_sl, :] = h
 
 
@@ -151,7 +187,8 @@ def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, *, inter
     kernel = functools.partial(
         _selective_scan_kernel,
         block_e=block_e, block_t=block_t, n_steps=padded_len // block_t,
-        has_d=has_d, has_init=has_init,
+        has_d=has_d, has_init=has_init, prefetch=config.prefetch,
+        fast=config.fast_math and not interpret,
     )
     from jax.experimental.pallas import triton as plgpu
 

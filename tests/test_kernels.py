@@ -342,10 +342,36 @@ def test_kernels_decays_are_exp2_not_expf():
     assert ssd_segments(1, 4096, SSDPallasConfig()) == 2  # the states pass is in the program
     ssd_text = _cuda_module_text(ssd_pallas, x, jnp.ones((1, 4096, 4)), -jnp.ones(4), b, b)
     assert ssd_text.count("custom_call @__gpu") == 2
+    assert "__nv_exp2f" in ssd_text and "__nv_expf" not in ssd_text
     xs, bs = jnp.zeros((1, 64, 32)), jnp.zeros((1, 64, 16))
-    ss_text = _cuda_module_text(selective_scan_pallas, xs, xs, -jnp.ones((32, 16)), bs, bs)
-    for text in (ssd_text, ss_text):
-        assert "__nv_exp2f" in text and "__nv_expf" not in text
+    ss = lambda config: _cuda_module_text(
+        functools.partial(selective_scan_pallas, config=config),
+        xs, xs, -jnp.ones((32, 16)), bs, bs)
+    # The selective scan's default (fast_math): one inline ex2.approx.ftz per decay and an fma
+    # per state update; without it, libdevice's exp2f.
+    fast = ss(SelectiveScanPallasConfig())
+    assert "ex2.approx.ftz.f32" in fast and "fma.rn.f32" in fast
+    assert "__nv_exp2f" not in fast and "__nv_expf" not in fast
+    plain = ss(SelectiveScanPallasConfig(fast_math=False))
+    assert "__nv_exp2f" in plain and "__nv_expf" not in plain and "ex2.approx" not in plain
+
+
+@pytest.mark.parametrize("config", [
+    SelectiveScanPallasConfig(block_e=4, block_t=1, prefetch=False),
+    SelectiveScanPallasConfig(block_e=4, block_t=3, prefetch=False),
+    SelectiveScanPallasConfig(block_e=16, block_t=3, prefetch=True),
+    SelectiveScanPallasConfig(block_e=2, block_t=64, prefetch=True),  # one step: reloads itself
+], ids=lambda c: f"e{c.block_e}t{c.block_t}{'pf' if c.prefetch else ''}")
+def test_selective_scan_pallas_block_configs_match_reference(config):
+    """The loop variants (prefetching the next step or not, one or many steps, a channel block
+    wider than e) all give the reference's answer (interpret mode)."""
+    args, h0, filt = ss_inputs(SS_SHAPES["T63"], jnp.float32, seed=6)
+    y_ref, h_ref = run_ss("reference", args, h0, filt)
+    thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], args[0].shape[-1])
+    y, h = selective_scan_pallas(*args, initial_state=h0, threshold=thr, interpret=True,
+                                 config=config)
+    assert_close(y, y_ref, jnp.float32, f"selective_scan {config} y")
+    assert_close(h, h_ref, jnp.float32, f"selective_scan {config} final state")
 
 
 # --------------------------------------------------------------------- selective-scan tests
@@ -473,11 +499,14 @@ def test_ssd_pallas_gpu_default_blocks_segmented(dtype):
 
 @pytest.mark.gpu
 @gpu_only
+@pytest.mark.parametrize("config", [None, SelectiveScanPallasConfig(prefetch=False,
+                                                                     fast_math=False)],
+                         ids=["default", "plain"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_selective_scan_pallas_gpu_default_blocks(dtype):
+def test_selective_scan_pallas_gpu_default_blocks(dtype, config):
     args, h0, filt = ss_inputs(SSShape(b=2, l=1000, e=256, n=16), dtype, seed=5)
     y_ref, h_ref = run_ss("reference", args, h0, filt)
     thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], 256)
-    y, h = selective_scan_pallas(*args, initial_state=h0, threshold=thr)
+    y, h = selective_scan_pallas(*args, initial_state=h0, threshold=thr, config=config)
     assert_close(y, y_ref, dtype, "selective_scan pallas-gpu y")
     assert_close(h, h_ref, dtype, "selective_scan pallas-gpu final state")
