@@ -2,10 +2,11 @@
 # On the device machine: why the SSD kernel runs at ~3.6x its memory floor. Writes
 # $OUT/ncu.txt: Nsight Compute, full set, one launch of the kernel at L (default 16384), and
 # prints its occupancy, issue and throughput lines. (XLA's --xla_dump_to did not hold the
-# Triton kernel's PTX in session 3, so there is no PTX here.)
+# Triton kernel's PTX in session 3; the selective-scan branch gets the SASS from ncu instead.)
 #   DURATIONS="segments=2,precompute_cb=False;" bash evals/profile_ssd.sh   # kernel times
-#   OP=selective_scan CONFIGS="state_major=False;state_major=True,block_e=8,block_t=16" \
-#     bash evals/profile_ssd.sh   # selective scan: per config the ncu details and the SASS
+#   OP=selective_scan CONFIGS=";prefetch=False,fast_math=False" bash evals/profile_ssd.sh
+#     # selective scan: per config (fields ; separated, empty = default) the ncu details page
+#     # and the SASS with per-instruction counts and stall samples (CSV)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 L="${L:-16384}"
