@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On the device machine: why the SSD kernel runs at ~3.6x its memory floor. Writes
+# On the device machine: where the scan kernels' time goes (SSD by default; OP=selective_scan
+# for the Mamba-1 scan, below). Writes
 # $OUT/ncu.txt: Nsight Compute, full set, one launch of the kernel at L (default 16384), and
 # prints its occupancy, issue and throughput lines. (XLA's --xla_dump_to did not hold the
 # Triton kernel's PTX in session 3; the selective-scan branch gets the SASS from ncu instead.)

@@ -336,7 +336,8 @@ def _cuda_module_text(fn, *args) -> str:
 
 def test_kernels_decays_are_exp2_not_expf():
     """Both kernels evaluate their decays as exp2 of base-2 log-decays (A pre-scaled by
-    log2 e): libdevice's exp2f, never the longer expf."""
+    log2 e), never libdevice's longer expf: the SSD through exp2f, the selective scan by
+    default through an inline ex2.approx.ftz (exp2f with fast_math=False)."""
     x = jnp.zeros((1, 4096, 4, 16), jnp.bfloat16)
     b = jnp.zeros((1, 4096, 1, 16), jnp.bfloat16)
     assert ssd_segments(1, 4096, SSDPallasConfig()) == 2  # the states pass is in the program
