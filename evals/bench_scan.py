@@ -285,9 +285,9 @@ SSD_SWEEP = [  # (the earlier sweeps are in evals/NOTES_kernels.md)
     dict(y_dtype="bfloat16"),
     dict(),  # the default again: drift over the sweep
 ]
-SS_SWEEP = [  # SelectiveScanPallasConfig fields; the first one is the default (4 × 32)
-    dict(), dict(block_t=16), dict(block_e=8, block_t=16), dict(prefetch=False),
-    dict(fast_math=False), dict(prefetch=False, fast_math=False), dict(),
+SS_SWEEP = [  # SelectiveScanPallasConfig fields; the first one is the default ("lane")
+    dict(), dict(layout="tile"), dict(segments=16), dict(segments=64), dict(block_e=64, block_t=4),
+    dict(block_t=4), dict(prefetch=False), dict(fast_math=False), dict(),
 ]
 
 
@@ -343,7 +343,7 @@ def _ssd_states_pass(config, interpret):
 
 
 def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered=False,
-          ssd_configs=SSD_SWEEP):
+          ssd_configs=SSD_SWEEP, ss_configs=SS_SWEEP):
     """Times each block-size candidate per length (with `filtered`, the filtered kernel too at
     the first length: the compare always runs, so it compiles to the same kernel)."""
     if "ssd" in ops:
@@ -363,19 +363,22 @@ def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered
                 checkpoint()
             del args, ref
     if "selective_scan" in ops:
-        args, thr = ss_inputs(lengths[0])
-        ref = None
-        for fields in SS_SWEEP:
-            out = _sweep_one("selective_scan", lengths[0], SelectiveScanPallasConfig(**fields),
-                             selective_scan_pallas, args, thr, rows, ref=ref,
-                             interpret=interpret)
-            ref = out if ref is None else ref
+        for length in lengths:
+            args, thr = ss_inputs(length)
+            ref = None
+            for fields in ss_configs:
+                out = _sweep_one("selective_scan", length, SelectiveScanPallasConfig(**fields),
+                                 selective_scan_pallas, args, thr, rows, ref=ref,
+                                 interpret=interpret)
+                ref = out if ref is None else ref
+            del args, ref
+            checkpoint()
 
 
 def parse_fields(text):
     """"a=1,b=True" -> {"a": 1, "b": True} (config fields from the command line)."""
     kw = dict(kv.split("=", 1) for kv in text.split(",") if kv)
-    conv = lambda v: v == "True" if v in ("True", "False") else int(v)
+    conv = lambda v: v == "True" if v in ("True", "False") else int(v) if v.isdigit() else v
     return {k: conv(v) for k, v in kw.items()}
 
 
@@ -401,6 +404,9 @@ def main(argv=None):
     ap.add_argument("--sweep-configs", default="", metavar="JSON",
                     help="SSD candidates (a JSON list of SSDPallasConfig field dicts, "
                          "y_dtype allowed) instead of SSD_SWEEP")
+    ap.add_argument("--sweep-ss-configs", default="", metavar="JSON",
+                    help="selective-scan candidates (a JSON list of SelectiveScanPallasConfig "
+                         "field dicts) instead of SS_SWEEP")
     ap.add_argument("--official-src", default=os.environ.get("MAMBA_SSM_SRC", ".official"),
                     help="directory holding the official mamba_ssm sources")
     ap.add_argument("--no-official", action="store_true", help="skip the official SSD column")
@@ -437,7 +443,9 @@ def main(argv=None):
     if args.sweep:
         sweep(parse_lengths(args.sweep), args.sweep_ops.split(","), rows, args.interpret,
               checkpoint=lambda: save(args.out, dev, bw, ssd_cfg, ss_cfg, rows),
-              ssd_configs=json.loads(args.sweep_configs) if args.sweep_configs else SSD_SWEEP)
+              ssd_configs=json.loads(args.sweep_configs) if args.sweep_configs else SSD_SWEEP,
+              ss_configs=json.loads(args.sweep_ss_configs) if args.sweep_ss_configs
+              else SS_SWEEP)
         save(args.out, dev, bw, ssd_cfg, ss_cfg, rows)
     if not args.skip_main:
         bench_ssd(parse_lengths(args.ssd_lengths), bw, args.interpret, ssd_cfg,

@@ -13,18 +13,26 @@ cd "$(dirname "$0")/.."
 L="${L:-16384}"
 source evals/device_env.sh
 
+# Busy fraction of the pipes a scan can be bound by: XU (MUFU: ex2), FMA, the load/store unit.
+PIPE_METRICS=sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,\
+sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,\
+sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active
+
 if [ "${OP:-ssd}" = selective_scan ] && command -v ncu >/dev/null; then
   IFS=';' read -ra cfgs <<< "${CONFIGS:-}"
   for c in "${cfgs[@]}"; do
     tag=$(echo "$c" | tr ',=' '__')
-    ncu --clock-control none --kernel-name regex:selective_scan --launch-skip 1 \
-      --launch-count 1 --set full --import-source no -f -o "$OUT/ss_$tag" \
+    # The second call's launches: the "lane" layout's two passes (states, then scan), or the
+    # "tile" layout's one kernel (of the third call).
+    ncu --clock-control none --kernel-name regex:selective_scan --launch-skip 2 \
+      --launch-count 2 --set full --import-source no -f -o "$OUT/ss_$tag" \
+      --metrics "$PIPE_METRICS" \
       $PY evals/profile_ssd.py --op selective_scan --length "$L" --reps 2 --config "$c" \
       > "$OUT/ss_${tag}_run.txt" 2>&1
     echo "== $c (ncu exit code $?)"
     ncu -i "$OUT/ss_$tag.ncu-rep" --page details > "$OUT/ss_${tag}_details.txt" 2>&1
-    grep -E "Duration|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per|Local Memory|Shared Memory|Memory Throughput|DRAM Throughput|Compute \(SM\)|Executed Instructions  " \
-      "$OUT/ss_${tag}_details.txt" | head -n 30
+    grep -E "^  [a-z_]+.*\(|Duration|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per|Local Memory|Memory Throughput|DRAM Throughput|Compute \(SM\)|Executed Instructions  |pipe_" \
+      "$OUT/ss_${tag}_details.txt" | head -n 60
     ncu -i "$OUT/ss_$tag.ncu-rep" --page source --csv --print-source sass \
       > "$OUT/ss_${tag}_sass.csv" 2>&1 || echo "sass page failed: $(head -c 300 "$OUT/ss_${tag}_sass.csv")"
     rm -f "$OUT/ss_$tag.ncu-rep"

@@ -23,6 +23,7 @@ from longmamba_kernels.selective_scan import selective_scan
 from longmamba_kernels.selective_scan_associative import selective_scan_associative
 from longmamba_kernels.selective_scan_pallas import (
     SelectiveScanPallasConfig,
+    lane_segments,
     selective_scan_pallas,
 )
 from longmamba_kernels.selective_scan_reference import selective_scan_reference
@@ -33,7 +34,8 @@ HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 gpu_only = pytest.mark.skipif(not HAS_GPU, reason="compiled Pallas kernels need a CUDA GPU")
 
 SSD_TEST_CONFIG = SSDPallasConfig(chunk=16, block_p=16)
-SS_TEST_CONFIG = SelectiveScanPallasConfig(block_e=8, block_t=4)
+# Three time segments (a states pass, then the scan from the combined states), even at T=1.
+SS_TEST_CONFIG = SelectiveScanPallasConfig(block_e=8, block_t=4, segments=3)
 
 IMPLS = [
     "associative",
@@ -344,28 +346,49 @@ def test_kernels_decays_are_exp2_not_expf():
     ssd_text = _cuda_module_text(ssd_pallas, x, jnp.ones((1, 4096, 4)), -jnp.ones(4), b, b)
     assert ssd_text.count("custom_call @__gpu") == 2
     assert "__nv_exp2f" in ssd_text and "__nv_expf" not in ssd_text
-    xs, bs = jnp.zeros((1, 64, 32)), jnp.zeros((1, 64, 16))
+    xs, bs = jnp.zeros((1, 256, 32)), jnp.zeros((1, 256, 16))
     ss = lambda config: _cuda_module_text(
         functools.partial(selective_scan_pallas, config=config),
         xs, xs, -jnp.ones((32, 16)), bs, bs)
     # The selective scan's default (fast_math): one inline ex2.approx.ftz per decay and an fma
-    # per state update; without it, libdevice's exp2f.
-    fast = ss(SelectiveScanPallasConfig())
-    assert "ex2.approx.ftz.f32" in fast and "fma.rn.f32" in fast
-    assert "__nv_exp2f" not in fast and "__nv_expf" not in fast
-    plain = ss(SelectiveScanPallasConfig(fast_math=False))
-    assert "__nv_exp2f" in plain and "__nv_expf" not in plain and "ex2.approx" not in plain
+    # per state update; without it, libdevice's exp2f. Both layouts.
+    for layout in ("lane", "tile"):
+        fast = ss(SelectiveScanPallasConfig(layout=layout))
+        assert "ex2.approx.ftz.f32" in fast and "fma.rn.f32" in fast
+        assert "__nv_exp2f" not in fast and "__nv_expf" not in fast
+        plain = ss(SelectiveScanPallasConfig(layout=layout, fast_math=False))
+        assert "__nv_exp2f" in plain and "__nv_expf" not in plain and "ex2.approx" not in plain
+        # "lane" splits these 256 tokens into 4 segments: the states pass, then the scan.
+        assert fast.count("custom_call @__gpu") == (2 if layout == "lane" else 1)
+    assert lane_segments(1, 1, 256) == 4
+
+
+def test_selective_scan_lane_segments_count():
+    assert lane_segments(1, 32, 16384) == 32  # mamba-1.4b, batch 1: 1,024 programs
+    assert lane_segments(1, 32, 4096) == 32
+    assert lane_segments(8, 32, 16384) == 4  # the batch supplies programs too
+    assert lane_segments(1, 32, 200) == 2  # segments keep at least 64 tokens
+    assert lane_segments(1, 32, 100) == 1
+    assert lane_segments(64, 32, 16384) == 1
 
 
 @pytest.mark.parametrize("config", [
-    SelectiveScanPallasConfig(block_e=4, block_t=1, prefetch=False),
-    SelectiveScanPallasConfig(block_e=4, block_t=3, prefetch=False),
-    SelectiveScanPallasConfig(block_e=16, block_t=3, prefetch=True),
-    SelectiveScanPallasConfig(block_e=2, block_t=64, prefetch=True),  # one step: reloads itself
-], ids=lambda c: f"e{c.block_e}t{c.block_t}{'pf' if c.prefetch else ''}")
+    SelectiveScanPallasConfig(layout="tile", block_e=4, block_t=1, prefetch=False),
+    SelectiveScanPallasConfig(layout="tile", block_e=4, block_t=3, prefetch=False),
+    SelectiveScanPallasConfig(layout="tile", block_e=16, block_t=3, prefetch=True),
+    # one step: reloads itself
+    SelectiveScanPallasConfig(layout="tile", block_e=2, block_t=64, prefetch=True),
+    SelectiveScanPallasConfig(block_e=4, block_t=1, segments=1, prefetch=False),
+    SelectiveScanPallasConfig(block_e=8, block_t=3, segments=2, prefetch=True),
+    # segments of one step (each reloads itself), a channel block wider than e
+    SelectiveScanPallasConfig(block_e=32, block_t=8, segments=8, prefetch=True),
+    SelectiveScanPallasConfig(block_e=4, block_t=2, segments=5, prefetch=False),
+], ids=lambda c: (f"{c.layout}-e{c.block_e}t{c.block_t}s{c.segments}"
+                  f"{'pf' if c.prefetch else ''}"))
 def test_selective_scan_pallas_block_configs_match_reference(config):
-    """The loop variants (prefetching the next step or not, one or many steps, a channel block
-    wider than e) all give the reference's answer (interpret mode)."""
+    """The layouts and loop variants (prefetching the next step or not, one or many steps, one
+    or many time segments, a channel block wider than e) all give the reference's answer
+    (interpret mode)."""
     args, h0, filt = ss_inputs(SS_SHAPES["T63"], jnp.float32, seed=6)
     y_ref, h_ref = run_ss("reference", args, h0, filt)
     thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], args[0].shape[-1])
@@ -421,6 +444,19 @@ def test_selective_scan_matches_independent_numpy(impl):
     y, h = run_ss(impl, args, h0, filt)
     assert_close(y, y_np, jnp.float32, f"selective_scan {impl} y vs numpy")
     assert_close(h, h_np, jnp.float32, f"selective_scan {impl} final state vs numpy")
+
+
+def test_selective_scan_pallas_default_config_matches_independent_numpy():
+    """The public entry's default kernel config (the "lane" layout with its automatic time
+    split, here 4 segments) against the float64 loop, filter and initial state on."""
+    shape = SSShape(b=1, l=300, e=40, n=16)
+    assert lane_segments(1, 1, shape.l) == 4  # e = 40 fits one channel block
+    args, h0, filt = ss_inputs(shape, jnp.float32, seed=7)
+    y_np, h_np = numpy_ss(*args, h0, filt["dt_global"], filt["dt_threshold"])
+    y, h = selective_scan(*args, initial_state=h0, implementation="pallas", interpret=True,
+                          **filt)
+    assert_close(y, y_np, jnp.float32, "selective_scan default pallas y vs numpy")
+    assert_close(h, h_np, jnp.float32, "selective_scan default pallas final state vs numpy")
 
 
 def test_selective_scan_public_entry_dispatches_to_pallas():
@@ -500,9 +536,10 @@ def test_ssd_pallas_gpu_default_blocks_segmented(dtype):
 
 @pytest.mark.gpu
 @gpu_only
-@pytest.mark.parametrize("config", [None, SelectiveScanPallasConfig(prefetch=False,
-                                                                     fast_math=False)],
-                         ids=["default", "plain"])
+@pytest.mark.parametrize("config", [
+    None, SelectiveScanPallasConfig(prefetch=False, fast_math=False),
+    SelectiveScanPallasConfig(layout="tile"),
+], ids=["default", "plain", "tile"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_selective_scan_pallas_gpu_default_blocks(dtype, config):
     args, h0, filt = ss_inputs(SSShape(b=2, l=1000, e=256, n=16), dtype, seed=5)
