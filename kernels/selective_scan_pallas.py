@@ -18,9 +18,10 @@ update as one `fma`.
   each segment from a zero state, keeping its final state and its sum of Δ; the scan pass then
   starts segment s from the state the earlier segments leave,
   h <- exp2(A Σ_segment Δ) h + h_segment (combined in its prologue), and walks it again writing
-  y. Two exponentials per state element and token, but ~3× fewer instructions per channel and
-  token than "tile"; on the H100 the two passes are bound by the ex2 unit
-  (evals/NOTES_kernels.md, "Session 7").
+  y. Two exponentials per state element and token, but 1.7× fewer instructions per channel
+  and token than "tile" over both passes; on the H100 the ex2 unit is their busiest pipe
+  (evals/NOTES_kernels.md, "Session 7"). Meant for Mamba-1's n = 16: a thread holds
+  2 × n × channels fp32 values, so large n spills (use "tile").
 - "tile": one program per (batch, block of e channels) walks all of time once, its state slice
   [e_blk, n] spread over a warp, so the sum over n crosses threads (about 42 instructions per
   warp and token for 4 channels × 16 states, "Session 6").
