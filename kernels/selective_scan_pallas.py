@@ -185,14 +185,14 @@ def _selective_scan_kernel(
     h_ref[bi, e_sl, :] = h
 
 
-
 # ---------------------------------------------------- the "lane" layout: one channel per thread
 def _lane_walk(x_ref, dt_ref, b_ref, c_ref, y_ref, *, bi, e_sl, t0, n_steps, block_t, a, thr, d,
                h, sdt, prefetch, fast):
-    """Walks `n_steps * block_t` tokens from `t0` for the channels `e_sl`, one channel per thread.
+    """Walks `n_steps * block_t` tokens from `t0` for the channels `e_sl`.
 
     The state is n separate [e_blk] vectors, so every state element of a channel lives in the
-    thread that owns the channel and the y sum needs no cross-thread reduction. B_t and C_t are
+    thread that owns the channel (each thread owns e_blk / 32 / num_warps whole channels) and
+    the y sum needs no cross-thread reduction. B_t and C_t are
     loaded as scalars (uniform across the warp) and broadcast for free. With `c_ref` None only
     the state (and `sdt`, the running sum of Δ) is computed. Returns (h, sdt).
     """
