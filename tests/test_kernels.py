@@ -363,6 +363,20 @@ def test_kernels_decays_are_exp2_not_expf():
     assert lane_segments(1, 1, 256) == 4
 
 
+def test_selective_scan_pallas_config_rejects_bad_fields():
+    with pytest.raises(ValueError, match="layout"):
+        SelectiveScanPallasConfig(layout="rows")
+    with pytest.raises(ValueError, match="block_e"):
+        SelectiveScanPallasConfig(block_e=48)
+    with pytest.raises(ValueError, match="segments"):
+        SelectiveScanPallasConfig(layout="tile", segments=2)
+    with pytest.raises(ValueError, match="segments"):
+        SelectiveScanPallasConfig(segments=-1)
+    # Unset blocks follow the layout: 4 channels a thread for "lane", 4 a warp for "tile".
+    assert SelectiveScanPallasConfig(num_warps=2).block_e == 256
+    assert SelectiveScanPallasConfig(layout="tile").block_e == 4
+
+
 def test_selective_scan_lane_segments_count():
     assert lane_segments(1, 32, 16384) == 32  # mamba-1.4b, batch 1: 1,024 programs
     assert lane_segments(1, 32, 4096) == 32
