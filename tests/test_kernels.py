@@ -35,7 +35,7 @@ gpu_only = pytest.mark.skipif(not HAS_GPU, reason="compiled Pallas kernels need 
 
 SSD_TEST_CONFIG = SSDPallasConfig(chunk=16, block_p=16)
 # Three time segments (a states pass, then the scan from the combined states), even at T=1.
-SS_TEST_CONFIG = SelectiveScanPallasConfig(block_e=8, block_t=4, segments=3)
+SS_TEST_CONFIG = SelectiveScanPallasConfig(block_e=8, block_t=2, segments=3)
 
 IMPLS = [
     "associative",
@@ -395,7 +395,7 @@ def test_selective_scan_lane_segments_count():
     SelectiveScanPallasConfig(block_e=4, block_t=1, segments=1, prefetch=False),
     SelectiveScanPallasConfig(block_e=8, block_t=3, segments=2, prefetch=True),
     # segments of one step (each reloads itself), a channel block wider than e
-    SelectiveScanPallasConfig(block_e=32, block_t=8, segments=8, prefetch=True),
+    SelectiveScanPallasConfig(block_e=32, block_t=4, segments=16, prefetch=True),
     SelectiveScanPallasConfig(block_e=4, block_t=2, segments=5, prefetch=False),
 ], ids=lambda c: (f"{c.layout}-e{c.block_e}t{c.block_t}s{c.segments}"
                   f"{'pf' if c.prefetch else ''}"))
