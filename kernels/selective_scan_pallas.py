@@ -137,6 +137,20 @@ def _math(fast):
     return jnp.exp2, lambda u, v, w: u * v + w
 
 
+def _time_loop(n_steps, load, compute, carry, prefetch):
+    """Runs `carry = compute(step, load(step), carry)` for each step. With `prefetch` the loop
+    carries the next step's loads, issued before this step is computed (registers double-buffer
+    the tokens); the last step reloads itself."""
+    if prefetch:
+        def body(step, c):
+            state, toks = c
+            nxt = load(jnp.minimum(step + 1, n_steps - 1))
+            return compute(step, toks, state), nxt
+
+        return jax.lax.fori_loop(0, n_steps, body, (carry, load(0)))[0]
+    return jax.lax.fori_loop(0, n_steps, lambda step, c: compute(step, load(step), c), carry)
+
+
 def _selective_scan_kernel(
     x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, h0_ref,  # inputs
     y_ref, h_ref,  # outputs
@@ -173,16 +187,7 @@ def _selective_scan_kernel(
             y_ref[bi, step * block_t + k, e_sl] = y
         return h
 
-    if prefetch:  # registers double-buffer the tokens: step s+1 loads while step s computes
-        def body(step, carry):
-            h, toks = carry
-            nxt = load(jnp.minimum(step + 1, n_steps - 1))  # the last step reloads itself
-            return compute(step, toks, h), nxt
-
-        h, _ = jax.lax.fori_loop(0, n_steps, body, (h, load(0)))
-    else:
-        h = jax.lax.fori_loop(0, n_steps, lambda step, h: compute(step, load(step), h), h)
-    h_ref[bi, e_sl, :] = h
+    h_ref[bi, e_sl, :] = _time_loop(n_steps, load, compute, h, prefetch)
 
 
 # ---------------------------------------------------- the "lane" layout: one channel per thread
@@ -192,9 +197,9 @@ def _lane_walk(x_ref, dt_ref, b_ref, c_ref, y_ref, *, bi, e_sl, t0, n_steps, blo
 
     The state is n separate [e_blk] vectors, so every state element of a channel lives in the
     thread that owns the channel (each thread owns e_blk / 32 / num_warps whole channels) and
-    the y sum needs no cross-thread reduction. B_t and C_t are
-    loaded as scalars (uniform across the warp) and broadcast for free. With `c_ref` None only
-    the state (and `sdt`, the running sum of Δ) is computed. Returns (h, sdt).
+    the y sum needs no cross-thread reduction. B_t and C_t are loaded as scalars (uniform across
+    the warp) and broadcast for free. With `c_ref` None only the state (and `sdt`, the running
+    sum of Δ) is computed. Returns (h, sdt).
     """
     f32 = jnp.float32
     n = len(h)
@@ -228,17 +233,7 @@ def _lane_walk(x_ref, dt_ref, b_ref, c_ref, y_ref, *, bi, e_sl, t0, n_steps, blo
                 y_ref[bi, t0 + step * block_t + k, e_sl] = y
         return h, sdt
 
-    if prefetch:
-        def body(step, carry):
-            state, toks = carry
-            nxt = load(jnp.minimum(step + 1, n_steps - 1))  # the last step reloads itself
-            return compute(step, toks, state), nxt
-
-        (h, sdt), _ = jax.lax.fori_loop(0, n_steps, body, ((h, sdt), load(0)))
-    else:
-        h, sdt = jax.lax.fori_loop(
-            0, n_steps, lambda step, carry: compute(step, load(step), carry), (h, sdt))
-    return h, sdt
+    return _time_loop(n_steps, load, compute, (h, sdt), prefetch)
 
 
 def _lane_states_kernel(x_ref, dt_ref, a_ref, b_ref, thr_ref, hs_ref, sdt_ref, *, block_e,
