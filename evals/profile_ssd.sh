@@ -20,6 +20,7 @@ sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active
 
 if [ "${OP:-ssd}" = selective_scan ] && command -v ncu >/dev/null; then
   IFS=';' read -ra cfgs <<< "${CONFIGS:-}"
+  [ ${#cfgs[@]} -eq 0 ] && cfgs=("")  # CONFIGS unset or empty: the default config
   for c in "${cfgs[@]}"; do
     tag=$(echo "$c" | tr ',=' '__')
     # The second call's launches: the "lane" layout's two passes (states, then scan), or the
