@@ -235,7 +235,7 @@ def bench_ssd(lengths, bw, interpret, config, fallback_max_len, rows, official=N
         del args
 
 
-def bench_ss(lengths, bw, interpret, config, fallback_max_len, rows):
+def bench_ss(lengths, bw, interpret, config, fallback_max_len, rows, n=16):
     kernel = jax.jit(lambda *a: selective_scan_pallas(*a, interpret=interpret, config=config))
     kernel_f = jax.jit(
         lambda *a: selective_scan_pallas(
@@ -244,8 +244,8 @@ def bench_ss(lengths, bw, interpret, config, fallback_max_len, rows):
     )
     fallback = jax.jit(lambda *a: selective_scan_associative(*a))
     for length in lengths:
-        args, thr = ss_inputs(length)
-        _measure("selective_scan", dict(e=4096, n=16), kernel, kernel_f, fallback, args, thr,
+        args, thr = ss_inputs(length, n=n)
+        _measure("selective_scan", dict(e=4096, n=n), kernel, kernel_f, fallback, args, thr,
                  length, bw, fallback_max_len, rows)
         del args
 
@@ -292,10 +292,11 @@ SS_SWEEP = [  # SelectiveScanPallasConfig fields; the first one is the default (
 
 
 def _sweep_one(name, length, c, run, args, thr, rows, ref=None, filtered=True, interpret=False,
-               states=None, **kw):
+               states=None, shape=None, **kw):
     """Times one config (and checks its output against `ref`); returns its output. `kw` go to
     `run` (e.g. y_dtype) and are reported with the config; `states`, a function of the args,
-    is timed too."""
+    is timed too; `shape` (e.g. {"n": 32}) is reported in the row."""
+    shape = shape or {}
     try:
         plain = jax.jit(lambda *a: run(*a, config=c, interpret=interpret, **kw))
         filt = jax.jit(
@@ -308,15 +309,16 @@ def _sweep_one(name, length, c, run, args, thr, rows, ref=None, filtered=True, i
         extra = {}
         if states is not None:  # the states pass and its fold alone (segmented SSD configs)
             extra["states_ms"] = time_fn(states, *args)[0] * 1e3
-        print(f"sweep {name} l={length} {c}: {t_p * 1e3:.3f} ms, filtered {t_f * 1e3:.3f} ms, "
+        print(f"sweep {name} l={length}" + "".join(f" {k}={v}" for k, v in shape.items())
+              + f" {c}: {t_p * 1e3:.3f} ms, filtered {t_f * 1e3:.3f} ms, "
               f"rel err vs baseline {err:.1e}"
               + (f", states pass {extra['states_ms']:.3f} ms" if extra else ""), flush=True)
-        rows.append(dict(op=f"sweep_{name}", length=length, config=c, ms=t_p * 1e3,
+        rows.append(dict(op=f"sweep_{name}", length=length, **shape, config=c, ms=t_p * 1e3,
                          filtered_ms=t_f * 1e3, rel_err_y_vs_baseline=err, **extra))
         return out
     except Exception as err:  # a config that does not compile is reported, not fatal
         print(f"sweep {name} {c}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
-        rows.append(dict(op=f"sweep_{name}", length=length, config=str(c),
+        rows.append(dict(op=f"sweep_{name}", length=length, **shape, config=str(c),
                          error=f"{type(err).__name__}: {str(err)[:300]}"))
         return None
 
@@ -343,7 +345,7 @@ def _ssd_states_pass(config, interpret):
 
 
 def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered=False,
-          ssd_configs=SSD_SWEEP, ss_configs=SS_SWEEP):
+          ssd_configs=SSD_SWEEP, ss_configs=SS_SWEEP, ss_n=16):
     """Times each block-size candidate per length (with `filtered`, the filtered kernel too at
     the first length: the compare always runs, so it compiles to the same kernel)."""
     if "ssd" in ops:
@@ -364,12 +366,12 @@ def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered
             del args, ref
     if "selective_scan" in ops:
         for length in lengths:
-            args, thr = ss_inputs(length)
+            args, thr = ss_inputs(length, n=ss_n)
             ref = None
             for fields in ss_configs:
                 out = _sweep_one("selective_scan", length, SelectiveScanPallasConfig(**fields),
                                  selective_scan_pallas, args, thr, rows, ref=ref,
-                                 interpret=interpret)
+                                 interpret=interpret, shape=dict(n=ss_n))
                 ref = out if ref is None else ref
             del args, ref
             checkpoint()
@@ -393,6 +395,8 @@ def main(argv=None):
     ap.add_argument("--out", help="write the rows as JSON here")
     ap.add_argument("--ssd-lengths", default="4K,16K,64K,256K")
     ap.add_argument("--ss-lengths", default="4K,16K,64K")
+    ap.add_argument("--ss-state", type=int, default=16, metavar="N",
+                    help="the selective scan's state size n (mamba-1.4b: 16)")
     ap.add_argument("--fallback-max-len", type=int, default=64 * K,
                     help="time the jnp fallback only up to this length (it is slow)")
     ap.add_argument("--million", action="store_true",
@@ -445,14 +449,14 @@ def main(argv=None):
               checkpoint=lambda: save(args.out, dev, bw, ssd_cfg, ss_cfg, rows),
               ssd_configs=json.loads(args.sweep_configs) if args.sweep_configs else SSD_SWEEP,
               ss_configs=json.loads(args.sweep_ss_configs) if args.sweep_ss_configs
-              else SS_SWEEP)
+              else SS_SWEEP, ss_n=args.ss_state)
         save(args.out, dev, bw, ssd_cfg, ss_cfg, rows)
     if not args.skip_main:
         bench_ssd(parse_lengths(args.ssd_lengths), bw, args.interpret, ssd_cfg,
                   args.fallback_max_len, rows, official)
         save(args.out, dev, bw, ssd_cfg, ss_cfg, rows)
         bench_ss(parse_lengths(args.ss_lengths), bw, args.interpret, ss_cfg,
-                 args.fallback_max_len, rows)
+                 args.fallback_max_len, rows, n=args.ss_state)
     if args.million:
         length = 1024 * K
         (x, dt, A, B, C, D), thr = ssd_inputs(length)
