@@ -20,8 +20,9 @@ update as one `fma`.
   h <- exp2(A Σ_segment Δ) h + h_segment (combined in its prologue), and walks it again writing
   y. Two exponentials per state element and token, but 1.7× fewer instructions per channel
   and token than "tile" over both passes; on the H100 the ex2 unit is their busiest pipe
-  (evals/NOTES_kernels.md, "Session 7"). Meant for Mamba-1's n = 16: a thread holds
-  2 × n × channels fp32 values, so large n spills (use "tile").
+  (evals/NOTES_kernels.md, "Session 7"). A thread holds 2 × n × channels fp32 values (states
+  and decay rates), so by default it owns fewer channels as n grows (`lane_channels`): 4 at
+  Mamba-1's n = 16, 2 at n = 32, 1 from n = 64, 8 at n <= 8 ("Session 8").
 - "tile": one program per (batch, block of e channels) walks all of time once, its state slice
   [e_blk, n] spread over a warp, so the sum over n crosses threads (about 42 instructions per
   warp and token for 4 channels × 16 states, "Session 6").
@@ -55,8 +56,10 @@ class SelectiveScanPallasConfig:
         segments for parallelism) or "tile" (the state as an [e_blk, n] tile spread over a
         warp; the y sum over n crosses threads).
       block_e: channels per program (power of two; capped at e rounded up to a power of two).
-        None: 128 per warp (4 per thread) for "lane", 4 for "tile".
-      block_t: tokens per loop step (unrolled). None: 2 for "lane", 32 for "tile".
+        None: `lane_channels(n)` per thread (128 per warp at n = 16) for "lane", 4 for
+        "tile". `resolve(n)` fills it in.
+      block_t: tokens per loop step (unrolled). None: 2 for "lane" (1 for n > 32), 32 for
+        "tile".
       num_warps: warps per program.
       num_stages: Triton software-pipelining depth of the time loop.
       segments: "lane" only: time segments walked in parallel (a first pass computes each
@@ -82,17 +85,37 @@ class SelectiveScanPallasConfig:
         if self.layout not in ("lane", "tile"):
             raise ValueError(f"layout must be 'lane' or 'tile', got {self.layout!r}")
         lane = self.layout == "lane"
-        if self.block_e is None:
-            object.__setattr__(self, "block_e", 128 * self.num_warps if lane else 4)
-        if self.block_t is None:
-            object.__setattr__(self, "block_t", 2 if lane else 32)
-        if self.block_e < 1 or self.block_e & (self.block_e - 1):
+        if not lane:  # the lane defaults depend on n: `resolve`
+            if self.block_e is None:
+                object.__setattr__(self, "block_e", 4)
+            if self.block_t is None:
+                object.__setattr__(self, "block_t", 32)
+        if self.block_e is not None and (self.block_e < 1 or self.block_e & (self.block_e - 1)):
             raise ValueError(f"block_e must be a power of two, got {self.block_e}")
-        if self.block_t < 1:
+        if self.block_t is not None and self.block_t < 1:
             raise ValueError(f"block_t must be >= 1, got {self.block_t}")
         if self.segments < 0 or (self.segments > 1 and not lane):
             raise ValueError(f"segments must be >= 0 and needs layout='lane', got "
                              f"{self.segments} with layout={self.layout!r}")
+
+
+    def resolve(self, n: int) -> SelectiveScanPallasConfig:
+        """This config with the blocks it leaves unset filled in for state size n."""
+        if self.block_e is not None and self.block_t is not None:
+            return self
+        return dataclasses.replace(
+            self,
+            block_e=self.block_e or 32 * self.num_warps * lane_channels(n),
+            block_t=self.block_t or (2 if n <= 32 else 1),
+        )
+
+
+def lane_channels(n: int) -> int:
+    """The "lane" layout's default channels per thread for state size n: a power of two near
+    64 / n, from 1 to 8, so the states and decay rates a thread holds stay near 128 fp32
+    registers. Measured on the H100 at 16K tokens (evals/NOTES_kernels.md, "Session 8"): n = 8
+    runs fastest with 8, n = 16 with 4, n = 32 with 2, n = 64 with 1."""
+    return min(8, 1 << max(64 // max(n, 1), 1).bit_length() - 1)
 
 
 # The "lane" layout's automatic time split: segments double while the grid stays under this many
@@ -314,6 +337,7 @@ def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, *, inter
             f"selective_scan_pallas shapes disagree: x {x.shape}, dt {dt.shape}, A {A.shape}, "
             f"B {B.shape}"
         )
+    config = config.resolve(n)
     block_e = min(config.block_e, _next_pow2(e))
     ep = -(-e // block_e) * block_e
     pad_e = lambda a, axis: a if ep == e else jnp.pad(

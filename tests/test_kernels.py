@@ -23,6 +23,7 @@ from longmamba_kernels.selective_scan import selective_scan
 from longmamba_kernels.selective_scan_associative import selective_scan_associative
 from longmamba_kernels.selective_scan_pallas import (
     SelectiveScanPallasConfig,
+    lane_channels,
     lane_segments,
     selective_scan_pallas,
 )
@@ -372,9 +373,22 @@ def test_selective_scan_pallas_config_rejects_bad_fields():
         SelectiveScanPallasConfig(layout="tile", segments=2)
     with pytest.raises(ValueError, match="segments"):
         SelectiveScanPallasConfig(segments=-1)
-    # Unset blocks follow the layout: 4 channels a thread for "lane", 4 a warp for "tile".
-    assert SelectiveScanPallasConfig(num_warps=2).block_e == 256
+    # Unset blocks follow the layout ("tile": 4 channels a warp) and, for "lane", the state size.
     assert SelectiveScanPallasConfig(layout="tile").block_e == 4
+    lane = SelectiveScanPallasConfig(num_warps=2)
+    assert lane.block_e is None and lane.block_t is None
+    assert (lane.resolve(16).block_e, lane.resolve(16).block_t) == (256, 2)  # 4 a thread
+    assert (lane.resolve(32).block_e, lane.resolve(64).block_e) == (128, 64)
+    assert lane.resolve(64).block_t == 1
+    assert SelectiveScanPallasConfig(block_e=8).resolve(64).block_e == 8  # given: kept
+
+
+def test_selective_scan_lane_channels_per_thread():
+    """The lane layout's default channels per thread keep 2 n × channels near 128 registers,
+    a power of two from 1 to 8 (the H100 sweep of session 8: n = 8 / 16 / 32 / 64 ran fastest
+    at 8 / 4 / 2 / 1)."""
+    assert [lane_channels(n) for n in (1, 4, 8, 12, 16, 24, 32, 48, 64, 256)] == \
+        [8, 8, 8, 4, 4, 2, 2, 1, 1, 1]
 
 
 def test_selective_scan_lane_segments_count():
@@ -473,6 +487,20 @@ def test_selective_scan_pallas_default_config_matches_independent_numpy():
     assert_close(h, h_np, jnp.float32, "selective_scan default pallas final state vs numpy")
 
 
+@pytest.mark.parametrize("n", [32, 64])
+def test_selective_scan_pallas_default_config_large_state(n):
+    """Larger state sizes take the default config too (fewer channels a thread, one token a
+    step from n = 64), against the float64 loop with filter and initial state."""
+    shape = SSShape(b=1, l=140, e=6, n=n)
+    assert lane_segments(1, 1, shape.l) == 2  # the states pass and the combine run too
+    args, h0, filt = ss_inputs(shape, jnp.float32, seed=8)
+    y_np, h_np = numpy_ss(*args, h0, filt["dt_global"], filt["dt_threshold"])
+    y, h = selective_scan(*args, initial_state=h0, implementation="pallas", interpret=True,
+                          **filt)
+    assert_close(y, y_np, jnp.float32, f"selective_scan default pallas n={n} y vs numpy")
+    assert_close(h, h_np, jnp.float32, f"selective_scan default pallas n={n} state vs numpy")
+
+
 def test_selective_scan_public_entry_dispatches_to_pallas():
     args, h0, filt = ss_inputs(SS_SHAPES["T34"], jnp.bfloat16, seed=4)
     y_ref, h_ref = run_ss("reference", args, h0, filt)
@@ -562,3 +590,16 @@ def test_selective_scan_pallas_gpu_default_blocks(dtype, config):
     y, h = selective_scan_pallas(*args, initial_state=h0, threshold=thr, config=config)
     assert_close(y, y_ref, dtype, "selective_scan pallas-gpu y")
     assert_close(h, h_ref, dtype, "selective_scan pallas-gpu final state")
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("n", [8, 32, 64])
+def test_selective_scan_pallas_gpu_default_blocks_state_sizes(n):
+    """The default config's per-n blocks (8 / 2 / 1 channels a thread) compiled."""
+    args, h0, filt = ss_inputs(SSShape(b=1, l=700, e=256, n=n), jnp.bfloat16, seed=9)
+    y_ref, h_ref = run_ss("reference", args, h0, filt)
+    thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], 256)
+    y, h = selective_scan_pallas(*args, initial_state=h0, threshold=thr)
+    assert_close(y, y_ref, jnp.bfloat16, f"selective_scan pallas-gpu n={n} y")
+    assert_close(h, h_ref, jnp.bfloat16, f"selective_scan pallas-gpu n={n} final state")
