@@ -380,7 +380,8 @@ def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered
 def parse_fields(text):
     """"a=1,b=True" -> {"a": 1, "b": True} (config fields from the command line)."""
     kw = dict(kv.split("=", 1) for kv in text.split(",") if kv)
-    conv = lambda v: v == "True" if v in ("True", "False") else int(v) if v.isdigit() else v
+    conv = lambda v: (v == "True" if v in ("True", "False")
+                      else int(v) if v.lstrip("-").isdigit() else v)
     return {k: conv(v) for k, v in kw.items()}
 
 

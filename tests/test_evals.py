@@ -460,3 +460,16 @@ def test_cli_errors():
         main(["passkey", "--model", "m", "--tokenizer", "bytes", "--out", "o",
               "--method", "longmamba"])
     assert e.value.code == 2
+
+
+def test_bench_scan_parse_fields():
+    """Config fields from the benchmark's command line: booleans, integers (negative ones
+    too, so the config rejects them with its own message), strings."""
+    from longmamba_evals.bench_scan import parse_fields
+    from longmamba_kernels.selective_scan_pallas import SelectiveScanPallasConfig
+
+    assert parse_fields("layout=tile,block_e=8,prefetch=False,segments=-1") == dict(
+        layout="tile", block_e=8, prefetch=False, segments=-1)
+    assert parse_fields("") == {}
+    with pytest.raises(ValueError, match="segments must be >= 0"):
+        SelectiveScanPallasConfig(**parse_fields("segments=-1"))
