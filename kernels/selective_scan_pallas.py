@@ -98,7 +98,6 @@ class SelectiveScanPallasConfig:
             raise ValueError(f"segments must be >= 0 and needs layout='lane', got "
                              f"{self.segments} with layout={self.layout!r}")
 
-
     def resolve(self, n: int) -> SelectiveScanPallasConfig:
         """This config with the blocks it leaves unset filled in for state size n."""
         if self.block_e is not None and self.block_t is not None:
