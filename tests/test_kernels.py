@@ -474,31 +474,23 @@ def test_selective_scan_matches_independent_numpy(impl):
     assert_close(h, h_np, jnp.float32, f"selective_scan {impl} final state vs numpy")
 
 
-def test_selective_scan_pallas_default_config_matches_independent_numpy():
+@pytest.mark.parametrize("shape,segments,seed", [
+    (SSShape(b=1, l=300, e=40, n=16), 4, 7),  # e = 40 fits one channel block
+    # larger state sizes: fewer channels a thread, one token a step from n = 64
+    (SSShape(b=1, l=140, e=6, n=32), 2, 8),
+    (SSShape(b=1, l=140, e=6, n=64), 2, 8),
+], ids=["n16", "n32", "n64"])
+def test_selective_scan_pallas_default_config_matches_independent_numpy(shape, segments, seed):
     """The public entry's default kernel config (the "lane" layout with its automatic time
-    split, here 4 segments) against the float64 loop, filter and initial state on."""
-    shape = SSShape(b=1, l=300, e=40, n=16)
-    assert lane_segments(1, 1, shape.l) == 4  # e = 40 fits one channel block
-    args, h0, filt = ss_inputs(shape, jnp.float32, seed=7)
+    split and its blocks for n) against the float64 loop, filter and initial state on."""
+    assert lane_segments(1, 1, shape.l) == segments  # the states pass and the combine run too
+    args, h0, filt = ss_inputs(shape, jnp.float32, seed=seed)
     y_np, h_np = numpy_ss(*args, h0, filt["dt_global"], filt["dt_threshold"])
     y, h = selective_scan(*args, initial_state=h0, implementation="pallas", interpret=True,
                           **filt)
-    assert_close(y, y_np, jnp.float32, "selective_scan default pallas y vs numpy")
-    assert_close(h, h_np, jnp.float32, "selective_scan default pallas final state vs numpy")
-
-
-@pytest.mark.parametrize("n", [32, 64])
-def test_selective_scan_pallas_default_config_large_state(n):
-    """Larger state sizes take the default config too (fewer channels a thread, one token a
-    step from n = 64), against the float64 loop with filter and initial state."""
-    shape = SSShape(b=1, l=140, e=6, n=n)
-    assert lane_segments(1, 1, shape.l) == 2  # the states pass and the combine run too
-    args, h0, filt = ss_inputs(shape, jnp.float32, seed=8)
-    y_np, h_np = numpy_ss(*args, h0, filt["dt_global"], filt["dt_threshold"])
-    y, h = selective_scan(*args, initial_state=h0, implementation="pallas", interpret=True,
-                          **filt)
-    assert_close(y, y_np, jnp.float32, f"selective_scan default pallas n={n} y vs numpy")
-    assert_close(h, h_np, jnp.float32, f"selective_scan default pallas n={n} state vs numpy")
+    assert_close(y, y_np, jnp.float32, f"selective_scan default pallas n={shape.n} y vs numpy")
+    assert_close(h, h_np, jnp.float32,
+                 f"selective_scan default pallas n={shape.n} final state vs numpy")
 
 
 def test_selective_scan_public_entry_dispatches_to_pallas():
