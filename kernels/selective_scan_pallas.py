@@ -11,7 +11,7 @@ depends on both e and n), so neither uses tensor cores, and both compute each de
 of A pre-scaled by log2 e (`common.LOG2E`), compiled as one `ex2.approx.ftz`, and each state
 update as one `fma`.
 
-- "lane" (the default): each thread owns whole channels (4 by default), their n states in
+- "lane" (the default): each thread owns whole channels (4 at n = 16), their n states in
   registers, so y's sum over n stays in the thread; B_t and C_t are loaded as scalars, the
   same for the whole warp. That leaves too few programs at batch 1 (4,096 channels are 32
   one-warp programs), so time is split into segments (`lane_segments`): a states pass walks
@@ -52,8 +52,8 @@ class SelectiveScanPallasConfig:
     """Layout and block sizes of the selective-scan kernel.
 
     Attributes:
-      layout: "lane" (one channel per thread: its n states are n registers, time split into
-        segments for parallelism) or "tile" (the state as an [e_blk, n] tile spread over a
+      layout: "lane" (a thread owns whole channels: their n states are registers, time split
+        into segments for parallelism) or "tile" (the state as an [e_blk, n] tile spread over a
         warp; the y sum over n crosses threads).
       block_e: channels per program (power of two; capped at e rounded up to a power of two).
         None: `lane_channels(n)` per thread (128 per warp at n = 16) for "lane", 4 for
