@@ -369,7 +369,8 @@ def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered
             args, thr = ss_inputs(length, n=ss_n)
             ref = None
             for fields in ss_configs:
-                out = _sweep_one("selective_scan", length, SelectiveScanPallasConfig(**fields),
+                c = SelectiveScanPallasConfig(**fields).resolve(ss_n)  # rows name its blocks
+                out = _sweep_one("selective_scan", length, c,
                                  selective_scan_pallas, args, thr, rows, ref=ref,
                                  interpret=interpret, shape=dict(n=ss_n))
                 ref = out if ref is None else ref
@@ -427,7 +428,7 @@ def main(argv=None):
         return cls(**parse_fields(text))
 
     ssd_cfg = cfg(SSDPallasConfig, args.ssd_config)
-    ss_cfg = cfg(SelectiveScanPallasConfig, args.ss_config)
+    ss_cfg = cfg(SelectiveScanPallasConfig, args.ss_config).resolve(args.ss_state)
     if args.quick:
         args.ssd_lengths, args.ss_lengths = "256", "64"
     if not args.no_official:
