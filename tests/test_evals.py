@@ -462,6 +462,37 @@ def test_cli_errors():
     assert e.value.code == 2
 
 
+def test_triton_sass_loops():
+    """The SASS loop counter: a backward branch closes a loop (its body counted by opcode,
+    predicates and modifiers dropped); a forward branch does not."""
+    from longmamba_evals.triton_sass import sass_loops
+
+    sass = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;   /* 0x0 */",
+        "        /*0010*/                   FFMA R2, R3, R4, R5 ;   /* 0x0 */",
+        "        /*0020*/                   MUFU.EX2 R6, R2 ;   /* 0x0 */",
+        "        /*0030*/               @P0 FFMA.FTZ R2, R6, R4, R5 ;   /* 0x0 */",
+        "        /*0040*/               @P1 BRA 0x60 ;   /* 0x0 */",
+        "        /*0050*/                   LDG.E.128 R8, desc[UR4][R10.64] ;   /* 0x0 */",
+        "        /*0060*/               @P0 BRA 0x10 ;   /* 0x0 */",
+        "        /*0070*/                   EXIT ;   /* 0x0 */",
+    ])
+    [(start, end, counts)] = sass_loops(sass)
+    assert (start, end) == (0x10, 0x60)
+    assert counts == {"FFMA": 2, "MUFU": 1, "BRA": 2, "LDG": 1}
+
+
+def test_triton_sass_captures_the_kernels_triton_ir():
+    """The tool's hook on Pallas's Triton lowering still sees every kernel of a call (the lane
+    layout: the states pass and the scan) on this jax, with no GPU and no triton package."""
+    from longmamba_evals.triton_sass import capture_triton_ir
+
+    config, modules = capture_triton_ir("selective_scan", {}, 1024, None)
+    assert config.block_e == 128 and len(modules) == 2
+    assert all("tt.func" in m and "scf.for" in m for m in modules)
+    assert any("selective_scan_states" in m for m in modules)
+
+
 def test_bench_scan_parse_fields():
     """Config fields from the benchmark's command line: booleans, integers (negative ones
     too, so the config rejects them with its own message), strings."""

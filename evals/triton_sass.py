@@ -1,0 +1,148 @@
+"""What Triton makes of a scan kernel, without a GPU: layouts, registers, and the instructions
+of each loop, from the kernel's own Triton IR compiled for the H100 (sm_90) by `triton`.
+
+    pip install triton==3.6.0        # the device's version; runs on a CPU-only machine
+    python evals/triton_sass.py --op selective_scan --config '{"layout": "tile"}'
+    python evals/triton_sass.py --op ssd --out /tmp/ssd_sass     # keeps .ttir/.ttgir/.ptx/.sass
+
+For each Pallas kernel of one call (mamba-1.4b layer for the selective scan: e = 4096, n = 16 or
+`--n`; mamba2-1.3b layer for SSD) it prints the registers, stack (spills) and shared memory
+that ptxas assigned, Triton's distributed layouts (`#blocked`: which of a tensor's axes sit in a
+thread, across lanes, across warps) and, per loop of the SASS, its instruction count and mix.
+Dividing a loop's instructions by the state elements one thread handles per iteration gives
+instructions per element (evals/NOTES_kernels.md, "Session 9").
+
+The Triton IR is captured where Pallas builds it (`lower_jaxpr_to_triton_module`, a private jax
+function) and compiled by triton's own pipeline. On the device XLA compiles the same IR with its
+copy of those passes, so the code there can differ in detail (notes, session 6: XLA's pipeline
+does not contract a·b + c); the layouts and the loop structure are the same passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+
+
+def sass_loops(sass: str):
+    """Loops of a `cuobjdump -sass` listing: one (start, end, instruction Counter) per backward
+    branch, the Counter keyed by opcode without modifiers ("FFMA", "MUFU", "LDG", ...)."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2).strip()))
+    pos = {addr: i for i, (addr, _) in enumerate(ins)}
+    opcode = lambda t: (t.split()[1] if t.startswith("@") else t.split()[0]).split(".")[0]
+    loops = []
+    for i, (addr, text) in enumerate(ins):
+        m = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr and int(m.group(1), 16) in pos:
+            start = int(m.group(1), 16)
+            body = ins[pos[start]:i + 1]
+            loops.append((start, addr, collections.Counter(opcode(t) for _, t in body)))
+    return loops
+
+
+def capture_triton_ir(op: str, fields: dict, length: int, n: int | None):
+    """The Triton IR modules (text) of every Pallas kernel in one call of `op` with config
+    `fields`, lowered for CUDA on whatever machine this runs on."""
+    import jax
+    import jax.numpy as jnp
+    from jax._src.pallas.triton import lowering as triton_lowering
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    captured = []
+    original = triton_lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = original(*args, **kwargs)
+        captured.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        bf16, f32 = jnp.bfloat16, jnp.float32
+        if op == "selective_scan":
+            from longmamba_kernels.selective_scan_pallas import (
+                SelectiveScanPallasConfig,
+                selective_scan_pallas,
+            )
+
+            e, n = 4096, n or 16
+            config = SelectiveScanPallasConfig(**fields).resolve(n)
+            args = [jax.ShapeDtypeStruct(s, t) for s, t in (
+                ((1, length, e), bf16), ((1, length, e), f32), ((e, n), f32),
+                ((1, length, n), bf16), ((1, length, n), bf16), ((e,), f32))]
+            fn = lambda x, dt, A, B, C, D: selective_scan_pallas(x, dt, A, B, C, D,
+                                                                 config=config)
+        else:
+            from longmamba_kernels.ssd_pallas import SSDPallasConfig, ssd_pallas
+
+            h, p, n, g = 64, 64, n or 128, 1
+            config = SSDPallasConfig(**fields)
+            args = [jax.ShapeDtypeStruct(s, t) for s, t in (
+                ((1, length, h, p), bf16), ((1, length, h), f32), ((h,), f32),
+                ((1, length, g, n), bf16), ((1, length, g, n), bf16), ((h,), f32))]
+            fn = lambda x, dt, A, B, C, D: ssd_pallas(x, dt, A, B, C, D, config=config)
+        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    finally:
+        registration.lowering.lower_jaxpr_to_triton_module = original
+    return config, captured
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--op", choices=("selective_scan", "ssd"), default="selective_scan")
+    ap.add_argument("--config", default="{}", help="config fields as JSON")
+    ap.add_argument("--length", type=int, default=16384)
+    ap.add_argument("--n", type=int, default=None, help="state size (default: the layer's)")
+    ap.add_argument("--out", default=None, help="folder for the .ttir/.ttgir/.ptx/.sass files")
+    args = ap.parse_args(argv)
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        sys.exit("triton_sass needs the triton package: pip install triton==3.6.0")
+    config, modules = capture_triton_ir(args.op, json.loads(args.config), args.length, args.n)
+    print(f"{args.op} l={args.length}: {config}; jax lowering, triton {triton.__version__}, "
+          "sm_90")
+    out = args.out or os.path.join("/tmp", f"triton_sass_{os.getpid()}")
+    os.makedirs(out, exist_ok=True)
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for i, ttir in enumerate(modules):
+        path = os.path.join(out, f"kernel{i}.ttir")
+        with open(path, "w") as f:
+            f.write(ttir)
+        compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(
+            num_warps=config.num_warps, num_stages=config.num_stages))
+        for kind in ("ttgir", "ptx"):
+            with open(os.path.join(out, f"kernel{i}.{kind}"), "w") as f:
+                f.write(compiled.asm[kind])
+        cubin = os.path.join(out, f"kernel{i}.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        usage = run(os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin)
+        sass = run(os.path.join(tools, "cuobjdump"), "-sass", cubin)
+        with open(os.path.join(out, f"kernel{i}.sass"), "w") as f:
+            f.write(sass)
+        name = re.search(r"tt\.func (?:public )?@(\w+)", ttir)
+        print(f"\nkernel {i} ({name.group(1) if name else '?'}): "
+              + " ".join(re.findall(r"(?:REG|STACK|SHARED|LOCAL):\d+", usage)))
+        for line in compiled.asm["ttgir"].splitlines():
+            if line.startswith("#blocked"):
+                print("  " + line.split(" = ", 1)[1])
+        for start, end, counts in sass_loops(sass):
+            top = ", ".join(f"{k} {v}" for k, v in counts.most_common(12))
+            print(f"  loop {start:#x}-{end:#x}: {sum(counts.values())} instructions ({top})")
+    print(f"\nfiles: {out}")
+
+
+if __name__ == "__main__":
+    main()
