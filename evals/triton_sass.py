@@ -109,12 +109,18 @@ def main(argv=None):
         from triton.backends.compiler import GPUTarget
     except ImportError:
         sys.exit("triton_sass needs the triton package: pip install triton==3.6.0")
-    config, modules = capture_triton_ir(args.op, json.loads(args.config), args.length, args.n)
+    try:
+        fields = json.loads(args.config)
+    except json.JSONDecodeError as err:
+        ap.error(f"--config is not JSON ({err}): {args.config!r}")
+    config, modules = capture_triton_ir(args.op, fields, args.length, args.n)
     print(f"{args.op} l={args.length}: {config}; jax lowering, triton {triton.__version__}, "
           "sm_90")
     out = args.out or os.path.join("/tmp", f"triton_sass_{os.getpid()}")
     os.makedirs(out, exist_ok=True)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    cuobjdump = lambda *a: subprocess.run((os.path.join(tools, "cuobjdump"),) + a,
+                                          capture_output=True, text=True, check=True).stdout
     for i, ttir in enumerate(modules):
         path = os.path.join(out, f"kernel{i}.ttir")
         with open(path, "w") as f:
@@ -127,9 +133,8 @@ def main(argv=None):
         cubin = os.path.join(out, f"kernel{i}.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        usage = run(os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin)
-        sass = run(os.path.join(tools, "cuobjdump"), "-sass", cubin)
+        usage = cuobjdump("--dump-resource-usage", cubin)
+        sass = cuobjdump("-sass", cubin)
         with open(os.path.join(out, f"kernel{i}.sass"), "w") as f:
             f.write(sass)
         name = re.search(r"tt\.func (?:public )?@(\w+)", ttir)
