@@ -213,7 +213,7 @@ def _selective_scan_kernel(
     h_ref[bi, e_sl, :] = _time_loop(n_steps, load, compute, h, prefetch)
 
 
-# ---------------------------------------------------- the "lane" layout: one channel per thread
+# ------------------------------------------------ the "lane" layout: a thread owns whole channels
 def _lane_walk(x_ref, dt_ref, b_ref, c_ref, y_ref, *, bi, e_sl, t0, n_steps, block_t, a, thr, d,
                h, sdt, prefetch, fast):
     """Walks `n_steps * block_t` tokens from `t0` for the channels `e_sl`.
