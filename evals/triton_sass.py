@@ -53,9 +53,10 @@ def capture_triton_ir(op: str, fields: dict, length: int, n: int | None):
     """The Triton IR modules (text) of every Pallas kernel in one call of `op` with config
     `fields`, lowered for CUDA on whatever machine this runs on."""
     import jax
-    import jax.numpy as jnp
     from jax._src.pallas.triton import lowering as triton_lowering
     from jax._src.pallas.triton import pallas_call_registration as registration
+
+    from longmamba_evals import bench_scan
 
     captured = []
     original = triton_lowering.lower_jaxpr_to_triton_module
@@ -67,29 +68,24 @@ def capture_triton_ir(op: str, fields: dict, length: int, n: int | None):
 
     registration.lowering.lower_jaxpr_to_triton_module = capture
     try:
-        bf16, f32 = jnp.bfloat16, jnp.float32
+        # The benchmark's own inputs (shapes and dtypes only: nothing is allocated).
         if op == "selective_scan":
             from longmamba_kernels.selective_scan_pallas import (
                 SelectiveScanPallasConfig,
                 selective_scan_pallas,
             )
 
-            e, n = 4096, n or 16
+            n = n or 16
             config = SelectiveScanPallasConfig(**fields).resolve(n)
-            args = [jax.ShapeDtypeStruct(s, t) for s, t in (
-                ((1, length, e), bf16), ((1, length, e), f32), ((e, n), f32),
-                ((1, length, n), bf16), ((1, length, n), bf16), ((e,), f32))]
-            fn = lambda x, dt, A, B, C, D: selective_scan_pallas(x, dt, A, B, C, D,
-                                                                 config=config)
+            args, _ = jax.eval_shape(lambda: bench_scan.ss_inputs(length, n=n))
+            run = selective_scan_pallas
         else:
             from longmamba_kernels.ssd_pallas import SSDPallasConfig, ssd_pallas
 
-            h, p, n, g = 64, 64, n or 128, 1
             config = SSDPallasConfig(**fields)
-            args = [jax.ShapeDtypeStruct(s, t) for s, t in (
-                ((1, length, h, p), bf16), ((1, length, h), f32), ((h,), f32),
-                ((1, length, g, n), bf16), ((1, length, g, n), bf16), ((h,), f32))]
-            fn = lambda x, dt, A, B, C, D: ssd_pallas(x, dt, A, B, C, D, config=config)
+            args, _ = jax.eval_shape(lambda: bench_scan.ssd_inputs(length, n=n or 128))
+            run = ssd_pallas
+        fn = lambda *a: run(*a, config=config)
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = original
