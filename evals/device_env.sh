@@ -12,3 +12,16 @@ export PYTHONPATH="/tmp/pp:$_LMJ_ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFER
 OUT="${OUT:-$_LMJ_ROOT/out}"
 PY="${PY:-python3}"
 mkdir -p "$OUT"
+
+# The official stack's CUDA extensions (evals/build_official_extensions.sh, ~40 s), built once
+# per machine when their sources are in .official/ and BUILD_OFFICIAL is not 0. A failed build
+# is reported; the official columns are then skipped with their reason.
+build_official_if_missing() {
+  local src="${MAMBA_SSM_SRC:-.official}"
+  [ "${BUILD_OFFICIAL:-1}" != 0 ] && [ -d "$src/csrc/selective_scan" ] || return 0
+  ls "$src"/build/selective_scan_cuda*.so "$src"/build/causal_conv1d_cuda*.so >/dev/null 2>&1 \
+    && return 0
+  bash "$_LMJ_ROOT/evals/build_official_extensions.sh" > "$OUT/build_official.log" 2>&1 \
+    && tail -2 "$OUT/build_official.log" \
+    || echo "official extensions: build failed, see $OUT/build_official.log"
+}

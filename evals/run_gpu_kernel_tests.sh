@@ -8,9 +8,11 @@
 #   PYTEST_MARK="" bash evals/run_gpu_kernel_tests.sh  # whole suite (interpret tests too)
 #   SKIP_TESTS=1 / SKIP_BENCH=1                      # only one of the two parts
 #
-# The benchmark also times the official mamba_ssm Triton SSD in the same run when its sources
-# are unpacked in .official/ (git-ignored; see evals/official_mamba.py): name `.official` in the
-# device tool's `carry`. Without them the official column is skipped with the reason.
+# The benchmark also times the official kernels in the same run when their sources are unpacked
+# in .official/ (git-ignored; see evals/official_mamba.py; name `.official` in the device tool's
+# `carry`): mamba_ssm's Triton SSD, and its CUDA selective scan, whose extension is built first
+# (evals/build_official_extensions.sh, ~40 s; BUILD_OFFICIAL=0 skips). Without them the official
+# columns are skipped with the reason.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source evals/device_env.sh
@@ -20,6 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 $PY -c "import jax, triton; print('jax', jax.__version__, jax.devices(), 'triton', triton.__version__)" \
   2>&1 | tee -a "$OUT/device.txt"
 
+build_official_if_missing
 rc=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   $PY -m pytest tests/test_kernels.py -q -p no:cacheprovider -m "${PYTEST_MARK-gpu}" \

@@ -21,6 +21,7 @@ mkdir -p "$OUT/hlo"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
   2>&1 | tee "$OUT/device.txt"
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/device.txt"
+build_official_if_missing
 $PY -c "from longmamba_evals.official_mamba import import_mamba_ssm, has_causal_conv1d as h; import torch; m = import_mamba_ssm('.official'); print('mamba_ssm', m.__version__, 'torch', torch.__version__, 'causal_conv1d', h())" \
   >> "$OUT/device.txt" 2>&1 || echo "mamba_ssm: not importable" >> "$OUT/device.txt"
 
