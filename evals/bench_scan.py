@@ -8,6 +8,8 @@ Each SSD row also times the official mamba_ssm Triton SSD (`mamba_chunk_scan_com
 chunk_size 256 as mamba2 uses, torch) on the same inputs (shared through DLPack), the same way,
 when torch, triton and the mamba_ssm sources (`--official-src`, default `.official`; see
 `evals/official_mamba.py`) are there; otherwise the official column is skipped with the reason.
+Each selective-scan row does the same with the official CUDA kernel (`selective_scan_fn`) when
+its extension is built (`evals/build_official_extensions.sh`, on the GPU machine).
 
 Shapes: one mamba2-1.3b layer for SSD (h=64, p=64, n=128, g=1, bf16 x/B/C, fp32 Δ, batch 1,
 l = 4K, 16K, 64K, 256K) and one mamba-1.4b layer for the selective scan (e=4096, n=16). The
@@ -92,7 +94,9 @@ def ssd_inputs(length, h=64, p=64, n=128, g=1, b=1, seed=0):
 def ss_inputs(length, e=4096, n=16, b=1, seed=0):
     k = jax.random.split(jax.random.key(seed), 6)
     x = jax.random.normal(k[0], (b, length, e), jnp.bfloat16)
+    # Δ is bf16-exact: the official CUDA kernel takes it in the input dtype (Official.run)
     dt = jax.nn.softplus(jax.random.normal(k[1], (b, length, e)) - 2.0)
+    dt = dt.astype(jnp.bfloat16).astype(jnp.float32)
     A = -jnp.exp(jax.random.uniform(k[2], (e, n), minval=0.0, maxval=2.7))
     B = jax.random.normal(k[3], (b, length, n), jnp.bfloat16)
     C = jax.random.normal(k[4], (b, length, n), jnp.bfloat16)
@@ -102,10 +106,13 @@ def ss_inputs(length, e=4096, n=16, b=1, seed=0):
 
 
 class Official:
-    """The official mamba_ssm Triton SSD, on the same (DLPack-shared) inputs as ours."""
+    """An official mamba_ssm kernel on the same (DLPack-shared) inputs as ours: the Triton SSD
+    (`op="ssd"`, `mamba_chunk_scan_combined`) or the CUDA selective scan (`op="selective_scan"`,
+    `selective_scan_fn`, which needs the extension `evals/build_official_extensions.sh`
+    builds on the GPU machine)."""
 
-    def __init__(self, src):
-        self.fn, self.reason = None, None
+    def __init__(self, src, op="ssd"):
+        self.fn, self.reason, self.op = None, None, op
         try:
             from longmamba_evals.official_mamba import import_mamba_ssm
 
@@ -120,14 +127,23 @@ class Official:
                 pkg.__path__ = [os.path.join(os.path.abspath(src), "mamba_ssm")]
                 sys.modules["mamba_ssm"] = pkg
             import torch
-            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+            if op == "ssd":
+                from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as fn
+            else:
+                import selective_scan_cuda
+
+                if not hasattr(selective_scan_cuda, "fwd"):  # the stand-in: not built
+                    raise ImportError("selective_scan_cuda is not built (run "
+                                      "evals/build_official_extensions.sh on the GPU machine)")
+                from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fn
         except Exception as err:  # ImportError, or the official package failing to import
             self.reason = f"{type(err).__name__}: {err}"
             return
         if not torch.cuda.is_available():
             self.reason = "torch sees no CUDA device"
             return
-        self.torch, self.fn = torch, mamba_chunk_scan_combined
+        self.torch, self.fn = torch, fn
 
     def to_torch(self, a):
         try:
@@ -137,19 +153,35 @@ class Official:
             return t.to(self.torch.bfloat16 if a.dtype == jnp.bfloat16 else t.dtype)
 
     def run(self, args, chunk_size=256):
-        """(median ms timed like ours, median ms of triton's do_bench, y, final_state) of
-        mamba_chunk_scan_combined on `args` (jax arrays)."""
+        """(median ms timed like ours, median ms of triton's do_bench, y, final_state) of the
+        official kernel on `args` (jax arrays, our layouts; y comes back in ours).
+
+        The selective scan takes its own layout, time last ([b, e, l], [b, n, l]; transposed
+        here, outside the timing, as the official Mamba block produces it), and Δ in the input
+        dtype (bf16): `ss_inputs` makes Δ bf16-exact, so both kernels see the same numbers."""
         torch = self.torch
-        x, dt, A, B, C, D = (self.to_torch(a) for a in args)
+        if self.op == "ssd":
+            x, dt, A, B, C, D = (self.to_torch(a) for a in args)
+
+            def fn():
+                with torch.inference_mode():
+                    return self.fn(x, dt, A, B, C, chunk_size=chunk_size, D=D,
+                                   return_final_states=True)
+        else:
+            x, dt, A, B, C, D = args
+            u, delta, B, C = (self.to_torch(a).transpose(1, 2).contiguous()
+                              for a in (x, dt.astype(x.dtype), B, C))
+            A, D = self.to_torch(A), self.to_torch(D)
+
+            def fn():
+                with torch.inference_mode():
+                    return self.fn(u, delta, A, B, C, D, return_last_state=True)
+
         sync = lambda _: torch.cuda.synchronize()
-
-        def fn():
-            with torch.inference_mode():
-                return self.fn(x, dt, A, B, C, chunk_size=chunk_size, D=D,
-                               return_final_states=True)
-
         t, _ = time_fn(fn, sync=sync)
         y, state = fn()
+        if self.op != "ssd":
+            y = y.transpose(1, 2)  # [b, l, e], as ours
         try:  # the number the official repo's own benchmarks report (events, L2 flushed)
             import triton.testing
 
@@ -235,7 +267,7 @@ def bench_ssd(lengths, bw, interpret, config, fallback_max_len, rows, official=N
         del args
 
 
-def bench_ss(lengths, bw, interpret, config, fallback_max_len, rows, n=16):
+def bench_ss(lengths, bw, interpret, config, fallback_max_len, rows, n=16, official=None):
     kernel = jax.jit(lambda *a: selective_scan_pallas(*a, interpret=interpret, config=config))
     kernel_f = jax.jit(
         lambda *a: selective_scan_pallas(
@@ -246,7 +278,7 @@ def bench_ss(lengths, bw, interpret, config, fallback_max_len, rows, n=16):
     for length in lengths:
         args, thr = ss_inputs(length, n=n)
         _measure("selective_scan", dict(e=4096, n=n), kernel, kernel_f, fallback, args, thr,
-                 length, bw, fallback_max_len, rows)
+                 length, bw, fallback_max_len, rows, official)
         del args
 
 
@@ -415,7 +447,7 @@ def main(argv=None):
                          "field dicts) instead of SS_SWEEP")
     ap.add_argument("--official-src", default=os.environ.get("MAMBA_SSM_SRC", ".official"),
                     help="directory holding the official mamba_ssm sources")
-    ap.add_argument("--no-official", action="store_true", help="skip the official SSD column")
+    ap.add_argument("--no-official", action="store_true", help="skip the official columns")
     ap.add_argument("--skip-main", action="store_true", help="only the sweep")
     ap.add_argument("--ssd-config", default="",
                     help="SSDPallasConfig fields, e.g. chunk=64,block_p=32")
@@ -439,12 +471,16 @@ def main(argv=None):
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}; "
           f"copy bandwidth {bw / 1e12:.3f} TB/s (read + write)")
     print(f"ssd config {ssd_cfg}; selective-scan config {ss_cfg}", flush=True)
-    official = None
+    official = official_ss = None
     if not args.no_official:
         official = Official(args.official_src)
         print("official mamba_ssm SSD: " + (
             "mamba_chunk_scan_combined (chunk_size 256)" if official.fn is not None
             else f"skipped ({official.reason})"), flush=True)
+        official_ss = Official(args.official_src, op="selective_scan")
+        print("official mamba_ssm selective scan: " + (
+            "selective_scan_fn (CUDA; bf16 u, Δ, B, C, time last)" if official_ss.fn is not None
+            else f"skipped ({official_ss.reason})"), flush=True)
     rows = []
     if args.sweep:
         sweep(parse_lengths(args.sweep), args.sweep_ops.split(","), rows, args.interpret,
@@ -458,7 +494,7 @@ def main(argv=None):
                   args.fallback_max_len, rows, official)
         save(args.out, dev, bw, ssd_cfg, ss_cfg, rows)
         bench_ss(parse_lengths(args.ss_lengths), bw, args.interpret, ss_cfg,
-                 args.fallback_max_len, rows, n=args.ss_state)
+                 args.fallback_max_len, rows, n=args.ss_state, official=official_ss)
     if args.million:
         length = 1024 * K
         (x, dt, A, B, C, D), thr = ssd_inputs(length)
