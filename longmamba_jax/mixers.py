@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from longmamba_jax.config import Mamba2Config, MambaConfig
 from longmamba_jax.layers import CausalConv1d, Linear, RMSNorm, rms_norm, silu
 from longmamba_kernels.common import filter_threshold
+from longmamba_kernels.gated_rmsnorm import gated_rms_norm
+from longmamba_kernels.gated_rmsnorm import supported as gated_norm_supported
 from longmamba_kernels.selective_scan import selective_scan
 from longmamba_kernels.selective_scan_reference import selective_state_step
 from longmamba_kernels.ssd import ssd
@@ -152,15 +154,24 @@ class Mamba1Mixer(nn.Module):
 
 class GatedRMSNorm(nn.Module):
     """norm(y · silu(z)) per group of `group_size` channels (mamba_ssm RMSNormGated with
-    norm_before_gate=False)."""
+    norm_before_gate=False). z may be wider than y (the gate is its first y.shape[-1] columns).
+
+    With the Pallas backend and one group per row of a power-of-two width, it runs as one
+    kernel (`kernels/gated_rmsnorm.py`: one pass instead of XLA's two); otherwise in jnp."""
 
     group_size: int
     eps: float = 1e-5
     param_dtype: jnp.dtype = f32
+    backend: ScanBackend = ScanBackend()
 
     @nn.compact
     def __call__(self, y, z):
-        weight = self.param("weight", nn.initializers.ones, (y.shape[-1],), self.param_dtype)
+        e = y.shape[-1]
+        weight = self.param("weight", nn.initializers.ones, (e,), self.param_dtype)
+        if self.backend.implementation == "pallas" and gated_norm_supported(e, self.group_size):
+            return gated_rms_norm(y, z, weight, eps=self.eps, group_size=self.group_size,
+                                  implementation="pallas", interpret=self.backend.interpret)
+        z = z[..., :e]
         return rms_norm(y.astype(f32) * silu(z.astype(f32)), weight, self.eps, self.group_size)
 
 
@@ -213,7 +224,9 @@ class Mamba2Mixer(nn.Module):
                 implementation=self.backend.implementation, interpret=self.backend.interpret,
             )
         y = y.reshape(b, length, E)
-        y = GatedRMSNorm(E // g, cfg.norm_eps, pd, name="norm")(y, z)
+        # z is the first E columns of zxbcdt: pass the whole array (no copy of the slice)
+        gate = z if decimate is not None else zxbcdt
+        y = GatedRMSNorm(E // g, cfg.norm_eps, pd, self.backend, name="norm")(y, gate)
         aux.conv_state, aux.ssm_state = conv_state, ssm_state
         return Linear(cfg.d_model, cfg.bias, pd, name="out_proj")(y.astype(pd)), aux
 

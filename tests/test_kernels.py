@@ -595,3 +595,63 @@ def test_selective_scan_pallas_gpu_default_blocks_state_sizes(n):
     y, h = selective_scan_pallas(*args, initial_state=h0, threshold=thr)
     assert_close(y, y_ref, jnp.bfloat16, f"selective_scan pallas-gpu n={n} y")
     assert_close(h, h_ref, jnp.bfloat16, f"selective_scan pallas-gpu n={n} final state")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba2's gated RMSNorm (kernels/gated_rmsnorm.py)
+
+GATED_NORM_IMPLS = [
+    "pallas",
+    pytest.param("pallas-gpu", marks=[pytest.mark.gpu, gpu_only]),
+]
+
+
+def _gated_norm_numpy(y, z, w, eps):
+    """float64 numpy: w · g / sqrt(mean(g²) + eps), g = y · z · sigmoid(z)."""
+    y, z, w = (np.asarray(a, np.float64) for a in (y, z, w))
+    g = y * z / (1.0 + np.exp(-z))
+    return w * g / np.sqrt(np.mean(g * g, axis=-1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("impl", GATED_NORM_IMPLS)
+@pytest.mark.parametrize("wdtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("ydtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_gated_rms_norm_pallas_matches_reference(impl, wdtype, ydtype):
+    """The kernel against the jnp form and a float64 numpy one, z wider than y (the in_proj
+    output passed whole: the gate is its first E columns), rows not a power of two."""
+    from longmamba_kernels.gated_rmsnorm import gated_rms_norm
+
+    k = jax.random.split(jax.random.key(3), 3)
+    y = (2.0 * jax.random.normal(k[0], (2, 13, 128))).astype(ydtype)
+    z = jax.random.normal(k[1], (2, 13, 300)).astype(jnp.bfloat16)
+    w = (1.0 + 0.2 * jax.random.normal(k[2], (128,))).astype(wdtype)
+    ref = gated_rms_norm(y, z, w, eps=1e-5)
+    out = gated_rms_norm(y, z, w, eps=1e-5, implementation="pallas",
+                         interpret=impl == "pallas")
+    assert out.dtype == w.dtype and out.shape == y.shape
+    assert bool(jnp.isfinite(out).all())
+    # same math as the jnp form but a different summation order: fp32 rounding, or one bf16
+    # rounding step of the output at most
+    tol = RTOL[jnp.dtype(wdtype)]
+    assert_close(out, ref, wdtype, "gated_rms_norm pallas vs jnp")
+    want = _gated_norm_numpy(y, z[..., :128], w, 1e-5)
+    err = np.linalg.norm(np.asarray(out, np.float64) - want) / np.linalg.norm(want)
+    assert err <= tol, f"gated_rms_norm vs numpy: {err:.2e} > {tol:.0e}"
+
+
+def test_gated_rms_norm_rejects_bad_shapes():
+    from longmamba_kernels.gated_rmsnorm import gated_rms_norm, supported
+
+    y, w = jnp.ones((2, 3, 64)), jnp.ones((64,))
+    with pytest.raises(ValueError, match="needs \\[..., >= 64\\]"):
+        gated_rms_norm(y, jnp.ones((2, 3, 32)), w)
+    with pytest.raises(ValueError, match="weight"):
+        gated_rms_norm(y, y, jnp.ones((32,)))
+    with pytest.raises(ValueError, match="power-of-two"):
+        gated_rms_norm(jnp.ones((2, 48)), jnp.ones((2, 48)), jnp.ones((48,)),
+                       implementation="pallas", interpret=True)
+    with pytest.raises(ValueError, match="power-of-two"):  # two groups per row
+        gated_rms_norm(y, y, w, group_size=32, implementation="pallas", interpret=True)
+    with pytest.raises(ValueError, match="unknown implementation"):
+        gated_rms_norm(y, y, w, implementation="associative")
+    assert supported(4096, 4096) and not supported(1536, 1536) and not supported(64, 32)

@@ -55,9 +55,10 @@ def test_fp32_logits_match_torch(checkpoints, name, backend, batch, length):
     assert rel_err(out[..., : ref.shape[-1]], ref) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["mamba2-hd16-ds12", "mamba1-untied-bias"])
+@pytest.mark.parametrize("name", ["mamba2-hd16-ds12", "mamba2-g1-untied", "mamba1-untied-bias"])
 def test_pallas_interpret_backend_matches_torch(checkpoints, name):
-    """The Pallas kernels (through the interpreter here; compiled on GPU) inside the model."""
+    """The Pallas kernels (through the interpreter here; compiled on GPU) inside the model.
+    mamba2-g1-untied (one group of 64 channels) also takes the gated-norm kernel."""
     model, directory = checkpoints[name]
     params = lmj.load(directory)
     tokens = _tokens(2, 21, seed=5)
