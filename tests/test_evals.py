@@ -504,3 +504,44 @@ def test_bench_scan_parse_fields():
     assert parse_fields("") == {}
     with pytest.raises(ValueError, match="segments must be >= 0"):
         SelectiveScanPallasConfig(**parse_fields("segments=-1"))
+
+
+def test_profile_prefill_classify_and_summarize():
+    """Kernel names of both stacks fall into the right class ("convert" is not a conv), and the
+    summary divides by the number of traced prefills."""
+    from longmamba_evals.profile_prefill import classify, summarize
+
+    assert classify("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert classify("_chunk_scan_fwd_kernel") == "scan"
+    assert classify("causal_conv1d_fwd_kernel") == "conv"
+    assert classify("loop_convolution_fusion") == "conv"
+    assert classify("loop_convert_fusion_3") == "other"
+    assert classify("_layer_norm_fwd_1pass_kernel") == "norm"
+    kernels = {"gemm_a": (4e6, 8), "ssd_scan": (2e6, 4), "loop_convert_fusion": (1e6, 2)}
+    s = summarize(kernels, reps=2)
+    assert s["total_ms"] == pytest.approx(3.5)
+    assert s["by_class_ms"] == pytest.approx({"gemm": 2.0, "scan": 1.0, "other": 0.5})
+    assert list(s["by_class_ms"]) == ["gemm", "scan", "other"]
+    assert s["top"][0] == {"name": "gemm_a", "class": "gemm", "ms": 2.0, "launches": 4}
+
+
+def test_profile_prefill_fusion_lines():
+    """A kernel's defining HLO line comes with the body of the computation it calls, metadata
+    stripped; unknown names are left out."""
+    from longmamba_evals.profile_prefill import fusion_lines
+
+    hlo = (
+        "%fused_add (p0: f32[4], p1: f32[4]) -> f32[4] {\n"
+        "  %p0 = f32[4]{0} parameter(0)\n"
+        "  %p1 = f32[4]{0} parameter(1)\n"
+        "  ROOT %add.1 = f32[4]{0} add(%p0, %p1), metadata={op_name=\"x\"}\n"
+        "}\n\n"
+        "ENTRY %main (a: f32[4]) -> f32[4] {\n"
+        "  %a = f32[4]{0} parameter(0)\n"
+        "  ROOT %loop_add_fusion = f32[4]{0} fusion(%a, %a), kind=kLoop, calls=%fused_add\n"
+        "}\n")
+    out = fusion_lines(hlo, ["loop_add_fusion", "missing"])
+    assert list(out) == ["loop_add_fusion"]
+    text = out["loop_add_fusion"]
+    assert text.startswith("ROOT %loop_add_fusion = f32[4]{0} fusion(%a, %a)")
+    assert "add(%p0, %p1)" in text and "metadata" not in text
