@@ -88,3 +88,34 @@ def test_precision_policy_bf16_params(cfg):
     assert out.dt.dtype == jnp.float32
     assert out.cache.ssm.dtype == jnp.float32 and out.cache.conv.dtype == jnp.float32
     assert np.isfinite(np.asarray(out.logits)).all()
+
+
+def test_matmul_dtype_rounds_in_the_epilogue_on_gpu(monkeypatch):
+    """bf16 matmuls without a bias write bf16 on a GPU (one rounding of the fp32 accumulator, as
+    f32-then-cast does) and fp32 elsewhere; fp32 parameters and biased matmuls stay fp32."""
+    import jax
+
+    from longmamba_jax import layers
+
+    bf16 = jnp.dtype(jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 64)), jnp.bfloat16)
+    lin = layers.Linear(32, use_bias=False, param_dtype=jnp.bfloat16)
+    params = lin.init(jax.random.PRNGKey(0), x)
+    on_cpu = lin.apply(params, x)
+    assert layers.matmul_dtype(jnp.bfloat16) == jnp.float32
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert layers.matmul_dtype(jnp.bfloat16) == bf16
+    assert layers.matmul_dtype(jnp.float32) == jnp.float32
+    dots = [e for e in jax.make_jaxpr(lin.apply)(params, x).jaxpr.eqns
+            if e.primitive.name == "dot_general"]
+    assert [e.params["preferred_element_type"] for e in dots] == [bf16]
+    on_gpu = lin.apply(params, x)
+    assert on_gpu.dtype == bf16
+    # same rounding of the same fp32 sum; only the summation order may differ (1 ulp)
+    np.testing.assert_allclose(np.asarray(on_gpu, np.float32), np.asarray(on_cpu, np.float32),
+                               rtol=2**-7, atol=0)
+    biased = layers.Linear(32, use_bias=True, param_dtype=jnp.bfloat16)
+    dots = [e for e in jax.make_jaxpr(biased.apply)(biased.init(jax.random.PRNGKey(0), x), x)
+            .jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert [e.params["preferred_element_type"] for e in dots] == [jnp.float32]
