@@ -64,7 +64,11 @@ def fusion_lines(hlo: str, names) -> dict[str, str]:
     operands and metadata), to tell what a kernel of the profile computes."""
     out = {}
     for name in names:
-        m = re.search(rf"^\s*(?:ROOT )?%?{re.escape(name)} = .*$", hlo, re.M)
+        # the profiler spells the HLO name "fusion.2" as "fusion_2"
+        for cand in (name, re.sub(r"_(\d+)$", r".\1", name)):
+            m = re.search(rf"^\s*(?:ROOT )?%?{re.escape(cand)} = .*$", hlo, re.M)
+            if m:
+                break
         if not m:
             continue
         text = m.group(0).strip()[:600]

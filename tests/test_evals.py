@@ -527,7 +527,7 @@ def test_profile_prefill_classify_and_summarize():
 
 def test_profile_prefill_fusion_lines():
     """A kernel's defining HLO line comes with the body of the computation it calls, metadata
-    stripped; unknown names are left out."""
+    stripped; the profiler's "fusion_2" finds HLO's "fusion.2"; unknown names are left out."""
     from longmamba_evals.profile_prefill import fusion_lines
 
     hlo = (
@@ -538,10 +538,12 @@ def test_profile_prefill_fusion_lines():
         "}\n\n"
         "ENTRY %main (a: f32[4]) -> f32[4] {\n"
         "  %a = f32[4]{0} parameter(0)\n"
+        "  %loop_add_fusion.2 = f32[4]{0} negate(%a)\n"
         "  ROOT %loop_add_fusion = f32[4]{0} fusion(%a, %a), kind=kLoop, calls=%fused_add\n"
         "}\n")
-    out = fusion_lines(hlo, ["loop_add_fusion", "missing"])
-    assert list(out) == ["loop_add_fusion"]
+    out = fusion_lines(hlo, ["loop_add_fusion", "missing", "loop_add_fusion_2"])
+    assert list(out) == ["loop_add_fusion", "loop_add_fusion_2"]
+    assert out["loop_add_fusion_2"] == "%loop_add_fusion.2 = f32[4]{0} negate(%a)"
     text = out["loop_add_fusion"]
     assert text.startswith("ROOT %loop_add_fusion = f32[4]{0} fusion(%a, %a)")
     assert "add(%p0, %p1)" in text and "metadata" not in text
