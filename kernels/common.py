@@ -60,16 +60,41 @@ def apply_filter(dt, threshold):
     return jnp.where(dt <= threshold, jnp.zeros_like(dt), dt)
 
 
-def pad_time(a, multiple: int, axis: int = 1):
-    """Zero-pads `a` along `axis` up to a multiple of `multiple`. Padding with Δ = 0 leaves the
-    state untouched, so final states stay exact."""
+def delta_from_projection(dt, dt_bias=None, softplus: bool = False):
+    """Δ from the raw Δ projection, fp32: dt (+ dt_bias per channel) (then softplus). The Pallas
+    selective scan computes this in place from the raw projection (mamba_ssm's `delta_bias`,
+    `delta_softplus`); the other implementations call this first."""
+    dt = dt.astype(jnp.float32)
+    if dt_bias is not None:
+        dt = dt + dt_bias.astype(jnp.float32)
+    return jax.nn.softplus(dt) if softplus else dt
+
+
+def gate_input(z, channels: int):
+    """The gate's last `channels` columns: z may be wider, so a projection's [x | z] output can
+    be passed whole (the fused kernel reads the columns in place; no copy of the slice)."""
+    if z.ndim != 3 or z.shape[-1] < channels:
+        raise ValueError(f"gate z must be [b, l, >= {channels}] (its last {channels} columns are "
+                         f"the gate); got shape {z.shape}")
+    return z[..., z.shape[-1] - channels:]
+
+
+def apply_gate(y, z):
+    """y · silu(z) in fp32 (mamba_ssm's selective_scan_fn with z)."""
+    z = z.astype(jnp.float32)
+    return y * (z * jax.nn.sigmoid(z))
+
+
+def pad_time(a, multiple: int, axis: int = 1, value=0):
+    """Pads `a` along `axis` up to a multiple of `multiple` with `value` (zeros). Padding with
+    Δ = 0 leaves the state untouched, so final states stay exact."""
     length = a.shape[axis]
     pad = (-length) % multiple
     if pad == 0:
         return a
     widths = [(0, 0)] * a.ndim
     widths[axis] = (0, pad)
-    return jnp.pad(a, widths)
+    return jnp.pad(a, widths, constant_values=value)
 
 
 def check_implementation(implementation: str) -> None:

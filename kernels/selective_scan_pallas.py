@@ -6,6 +6,10 @@ Per channel e and state n:
     y_t[e]    = Σ_n h_t[e, n] C_t[n] + D[e] x_t[e]
     Δ_t[e] := 0 where Δ_t[e] <= threshold[e]        (the folded LongMamba filter)
 
+Optionally fused around it, as mamba_ssm's CUDA kernel does: Δ from the raw projection
+(Δ = softplus(dt + dt_bias), so Δ is never written to memory in fp32) and the gate
+(y := y · silu(z), written in bf16 for the out projection).
+
 Two layouts (`SelectiveScanPallasConfig.layout`); the recurrence has no matmul form (the decay
 depends on both e and n), so neither uses tensor cores, and both compute each decay as one exp2
 of A pre-scaled by log2 e (`common.LOG2E`), compiled as one `ex2.approx.ftz`, and each state
@@ -44,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from longmamba_kernels.common import LOG2E, pad_time
+from longmamba_kernels.common import LOG2E, delta_from_projection, gate_input, pad_time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +164,26 @@ def _math(fast):
     return jnp.exp2, lambda u, v, w: u * v + w
 
 
+def _delta(dt, bias, softplus, thr, exp2):
+    """Δ of one token from what the kernel loaded: (dt + bias), softplus'ed as max(v, 0) +
+    log1p(exp(-|v|)) (jax.nn.softplus's form, the exponential in base 2), then the LongMamba
+    filter."""
+    dt = dt.astype(jnp.float32)
+    if bias is not None:
+        dt = dt + bias
+    if softplus:
+        dt = jnp.maximum(dt, 0.0) + jnp.log1p(exp2(jnp.abs(dt) * -LOG2E))
+    return jnp.where(dt <= thr, 0.0, dt)  # LongMamba filter
+
+
+def _gate(y, z, exp2):
+    """y · silu(z) = y z / (1 + exp(-z))."""
+    if z is None:
+        return y
+    z = z.astype(jnp.float32)
+    return y * z / (1.0 + exp2(z * -LOG2E))
+
+
 def _time_loop(n_steps, load, compute, carry, prefetch):
     """Runs `carry = compute(step, load(step), carry)` for each step. With `prefetch` the loop
     carries the next step's loads, issued before this step is computed (registers double-buffer
@@ -175,17 +199,20 @@ def _time_loop(n_steps, load, compute, carry, prefetch):
 
 
 def _selective_scan_kernel(
-    x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, h0_ref,  # inputs
+    x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_ref, h0_ref, z_ref,  # inputs
     y_ref, h_ref,  # outputs
-    *, block_e, block_t, n_steps, has_d, has_init, prefetch, fast,
+    *, block_e, block_t, n_steps, has_d, has_init, prefetch, fast, has_bias, softplus, has_z,
+    z_off,
 ):
     f32 = jnp.float32
     bi, ei = pl.program_id(0), pl.program_id(1)
     e_sl = pl.ds(ei * block_e, block_e)
+    z_sl = pl.ds(z_off + ei * block_e, block_e)
     n = a_ref.shape[-1]
     a = a_ref[e_sl, :].astype(f32)  # [e_blk, n], A log2(e): base-2 decays
     d = d_ref[e_sl] if has_d else None  # [e_blk]
     thr = thr_ref[e_sl]  # [e_blk]; -inf where unfiltered
+    bias = bias_ref[e_sl] if has_bias else None
     h = h0_ref[bi, e_sl, :].astype(f32) if has_init else jnp.zeros((block_e, n), f32)
     exp2, fma = _math(fast)
 
@@ -196,18 +223,19 @@ def _selective_scan_kernel(
         for k in range(block_t):  # unrolled
             t = step * block_t + k
             toks.append((x_ref[bi, t, e_sl], dt_ref[bi, t, e_sl], b_ref[bi, t, :],
-                         c_ref[bi, t, :]))  # [e_blk], [e_blk], [n], [n]; cast at use
+                         c_ref[bi, t, :], z_ref[bi, t, z_sl] if has_z else None))
+            # [e_blk], [e_blk], [n], [n], [e_blk]; cast at use
         return toks
 
     def compute(step, toks, h):
-        for k, (x, dt, bt, ct) in enumerate(toks):
-            x, dt, bt, ct = (v.astype(f32) for v in (x, dt, bt, ct))
-            dt = jnp.where(dt <= thr, 0.0, dt)  # LongMamba filter
+        for k, (x, dt, bt, ct, z) in enumerate(toks):
+            x, bt, ct = (v.astype(f32) for v in (x, bt, ct))
+            dt = _delta(dt, bias, softplus, thr, exp2)
             h = fma(exp2(dt[:, None] * a), h, (dt * x)[:, None] * bt[None, :])  # [e_blk, n]
             y = jnp.sum(h * ct[None, :], axis=1)  # [e_blk]
             if has_d:
                 y = fma(d, x, y)
-            y_ref[bi, step * block_t + k, e_sl] = y
+            y_ref[bi, step * block_t + k, e_sl] = _gate(y, z, exp2).astype(y_ref.dtype)
         return h
 
     h_ref[bi, e_sl, :] = _time_loop(n_steps, load, compute, h, prefetch)
@@ -215,14 +243,15 @@ def _selective_scan_kernel(
 
 # ------------------------------------------------ the "lane" layout: a thread owns whole channels
 def _lane_walk(x_ref, dt_ref, b_ref, c_ref, y_ref, *, bi, e_sl, t0, n_steps, block_t, a, thr, d,
-               h, sdt, prefetch, fast):
+               h, sdt, prefetch, fast, bias=None, softplus=False, z_ref=None, z_sl=None):
     """Walks `n_steps * block_t` tokens from `t0` for the channels `e_sl`.
 
     The state is n separate [e_blk] vectors, so every state element of a channel lives in the
     thread that owns the channel (each thread owns e_blk / 32 / num_warps whole channels) and
     the y sum needs no cross-thread reduction. B_t and C_t are loaded as scalars (uniform across
     the warp) and broadcast for free. With `c_ref` None only the state (and `sdt`, the running
-    sum of Δ) is computed. Returns (h, sdt).
+    sum of Δ) is computed. `bias` / `softplus`: Δ from the raw projection (`_delta`); `z_ref`
+    (columns `z_sl`): the gate, y := y · silu(z). Returns (h, sdt).
     """
     f32 = jnp.float32
     n = len(h)
@@ -235,14 +264,15 @@ def _lane_walk(x_ref, dt_ref, b_ref, c_ref, y_ref, *, bi, e_sl, t0, n_steps, blo
             t = t0 + step * block_t + k
             toks.append((x_ref[bi, t, e_sl], dt_ref[bi, t, e_sl],
                          [b_ref[bi, t, j] for j in range(n)],
-                         [c_ref[bi, t, j] for j in range(n)] if with_y else []))
+                         [c_ref[bi, t, j] for j in range(n)] if with_y else [],
+                         z_ref[bi, t, z_sl] if with_y and z_ref is not None else None))
         return toks
 
     def compute(step, toks, carry):
         h, sdt = carry
-        for k, (x, dt, bt, ct) in enumerate(toks):
+        for k, (x, dt, bt, ct, z) in enumerate(toks):
             x = x.astype(f32)
-            dt = jnp.where(dt <= thr, 0.0, dt)  # LongMamba filter
+            dt = _delta(dt, bias, softplus, thr, exp2)
             u = dt * x
             if sdt is not None:
                 sdt = sdt + dt
@@ -253,14 +283,14 @@ def _lane_walk(x_ref, dt_ref, b_ref, c_ref, y_ref, *, bi, e_sl, t0, n_steps, blo
                     y = fma(h[j], ct[j].astype(f32), y)
                 if d is not None:
                     y = fma(d, x, y)
-                y_ref[bi, t0 + step * block_t + k, e_sl] = y
+                y_ref[bi, t0 + step * block_t + k, e_sl] = _gate(y, z, exp2).astype(y_ref.dtype)
         return h, sdt
 
     return _time_loop(n_steps, load, compute, (h, sdt), prefetch)
 
 
-def _lane_states_kernel(x_ref, dt_ref, a_ref, b_ref, thr_ref, hs_ref, sdt_ref, *, block_e,
-                        block_t, seg_steps, prefetch, fast):
+def _lane_states_kernel(x_ref, dt_ref, a_ref, b_ref, thr_ref, bias_ref, hs_ref, sdt_ref, *,
+                        block_e, block_t, seg_steps, prefetch, fast, has_bias, softplus):
     """Pass 1 of the time-split scan: segment s's state from zero, and its sum of Δ."""
     bi, ei, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e_sl = pl.ds(ei * block_e, block_e)
@@ -270,15 +300,16 @@ def _lane_states_kernel(x_ref, dt_ref, a_ref, b_ref, thr_ref, hs_ref, sdt_ref, *
     h, sdt = _lane_walk(
         x_ref, dt_ref, b_ref, None, None, bi=bi, e_sl=e_sl, t0=si * seg_steps * block_t,
         n_steps=seg_steps, block_t=block_t, a=a, thr=thr_ref[e_sl], d=None, h=[zero] * n,
-        sdt=zero, prefetch=prefetch, fast=fast)
+        sdt=zero, prefetch=prefetch, fast=fast, bias=bias_ref[e_sl] if has_bias else None,
+        softplus=softplus)
     for j in range(n):
         hs_ref[bi, si, j, e_sl] = h[j]
     sdt_ref[bi, si, e_sl] = sdt
 
 
-def _lane_scan_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, h0_ref, hs_ref,
-                      sdt_ref, y_ref, h_ref, *, block_e, block_t, seg_steps, n_seg, has_d,
-                      has_init, prefetch, fast):
+def _lane_scan_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_ref, h0_ref,
+                      hs_ref, sdt_ref, z_ref, y_ref, h_ref, *, block_e, block_t, seg_steps, n_seg,
+                      has_d, has_init, prefetch, fast, has_bias, softplus, has_z, z_off):
     """Pass 2: segment s's outputs, from the state the earlier segments leave (combined here
     from pass 1's per-segment states: h <- exp2(A Σ Δ) h + h_s)."""
     f32 = jnp.float32
@@ -298,7 +329,9 @@ def _lane_scan_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, h0_ref
     h, _ = _lane_walk(
         x_ref, dt_ref, b_ref, c_ref, y_ref, bi=bi, e_sl=e_sl, t0=si * seg_steps * block_t,
         n_steps=seg_steps, block_t=block_t, a=a, thr=thr_ref[e_sl],
-        d=d_ref[e_sl] if has_d else None, h=h, sdt=None, prefetch=prefetch, fast=fast)
+        d=d_ref[e_sl] if has_d else None, h=h, sdt=None, prefetch=prefetch, fast=fast,
+        bias=bias_ref[e_sl] if has_bias else None, softplus=softplus,
+        z_ref=z_ref if has_z else None, z_sl=pl.ds(z_off + ei * block_e, block_e))
 
     @pl.when(si == n_seg - 1)
     def _():
@@ -307,28 +340,34 @@ def _lane_scan_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, h0_ref
 
 
 def selective_scan_pallas(
-    x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, interpret=False, config=None
+    x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, dt_bias=None,
+    dt_softplus=False, z=None, out_dtype=jnp.float32, interpret=False, config=None
 ):
-    """Mamba-1 selective scan, Pallas kernel. Same contract as `selective_scan_reference`.
+    """Mamba-1 selective scan, Pallas kernel. Same contract as `selective_scan_reference`, plus
+    the fused Δ prologue and gate of `selective_scan.selective_scan`.
 
     Args:
-      x: [b, l, e] fp32 or bf16. dt: [b, l, e] Δ after softplus (fp32). A: [e, n] fp32.
-      B, C: [b, l, n]. D: [e] or None. initial_state: [b, e, n] or None.
-      threshold: [e] fp32 folded filter or None.
+      x: [b, l, e] fp32 or bf16. dt: [b, l, e] Δ (fp32), or the raw projection (bf16 is read as
+        bf16) with dt_bias [e] / dt_softplus. A: [e, n] fp32. B, C: [b, l, n]. D: [e] or None.
+      initial_state: [b, e, n] or None. threshold: [e] fp32 folded filter or None.
+      z: None or the gate, its last e columns read in place ([b, l, >= e]).
+      out_dtype: dtype of y.
       interpret: run through the Pallas interpreter (any platform).
       config: `SelectiveScanPallasConfig`; None for the defaults.
 
     Returns:
-      (y [b, l, e] fp32, final_state [b, e, n] fp32).
+      (y [b, l, e] out_dtype, final_state [b, e, n] fp32).
     """
     config = SelectiveScanPallasConfig() if config is None else config
     return _selective_scan_pallas(
-        x, dt, A, B, C, D, initial_state, threshold, interpret=interpret, config=config
+        x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, softplus=bool(dt_softplus),
+        out_dtype=jnp.dtype(out_dtype), interpret=interpret, config=config
     )
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "config"))
-def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, config):
+@functools.partial(jax.jit, static_argnames=("softplus", "out_dtype", "interpret", "config"))
+def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, *, softplus,
+                           out_dtype, interpret, config):
     f32 = jnp.float32
     b, length, e = x.shape
     n = A.shape[-1]
@@ -348,29 +387,49 @@ def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, *, inter
     # The compare always runs (no filter: -inf, never true), so both cases share one kernel.
     thr = jnp.full((e,), -jnp.inf, f32) if threshold is None else threshold.astype(f32)
     thr = pad_e(thr, 0)
+    multiple = config.block_t * (1 if config.layout == "tile" else
+                                 (config.segments or lane_segments(b, ep // block_e, length)))
+    padded = length % multiple != 0
+    if dt_bias is not None and not softplus and padded:
+        # padded tokens need Δ = 0; with softplus a raw -inf gives that, with a bias alone not
+        dt, dt_bias = delta_from_projection(dt, dt_bias), None
+    has_bias = dt_bias is not None
+    bias = pad_e(dt_bias.astype(f32), 0) if has_bias else jnp.zeros((1,), f32)
+    # raw projections are read as they are (bf16: half the bytes); plain Δ is read as fp32
+    if not (has_bias or softplus):
+        dt = dt.astype(f32)
+    dt_pad = -jnp.inf if softplus else 0.0  # softplus(-inf) = 0: padded tokens keep the state
+    has_z = z is not None
+    if has_z and (padded or ep != e):
+        z = pad_e(pad_time(gate_input(z, e), multiple), 2)
+    z_off = z.shape[-1] - ep if has_z else 0
+    if not has_z:
+        z = jnp.zeros((1, 1, 1), x.dtype)
     common = dict(block_e=block_e, block_t=config.block_t, prefetch=config.prefetch,
-                  fast=config.fast_math and not interpret)
+                  fast=config.fast_math and not interpret, has_bias=has_bias, softplus=softplus)
+    fused = dict(bias=bias, z=z, has_z=has_z, z_off=z_off, dt_pad=dt_pad, out_dtype=out_dtype)
     from jax.experimental.pallas import triton as plgpu
 
     params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
     call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
     if config.layout == "lane":
         y, h = _lane_call(x, dt, A, B, C, d, thr, initial_state, has_d=has_d, ep=ep,
-                          pad_e=pad_e, segments=config.segments, call=call, **common)
+                          pad_e=pad_e, segments=config.segments, call=call, **fused, **common)
     else:
         y, h = _tile_call(x, dt, A, B, C, d, thr, initial_state, has_d=has_d, ep=ep,
-                          pad_e=pad_e, call=call, **common)
+                          pad_e=pad_e, call=call, **fused, **common)
     return y[:, :length, :e], h[:, :e, :n]
 
 
 def _lane_call(x, dt, A, B, C, d, thr, initial_state, *, has_d, ep, pad_e, segments, call,
-               block_e, block_t, prefetch, fast):
+               block_e, block_t, prefetch, fast, has_bias, softplus, bias, z, has_z, z_off,
+               dt_pad, out_dtype):
     f32 = jnp.float32
     b, length, e = x.shape
     n = A.shape[-1]
     n_seg = segments or lane_segments(b, ep // block_e, length)
     xs = pad_e(pad_time(x, block_t * n_seg), 2)  # [b, l', e']
-    dts = pad_e(pad_time(dt.astype(f32), block_t * n_seg), 2)  # Δ = 0 on padding
+    dts = pad_e(pad_time(dt, block_t * n_seg, value=dt_pad), 2)  # Δ = 0 on padding
     # B and C in fp32 (they are small: n per token): loaded as scalars, bf16 ones would be
     # carried over the loop packed two per register, and packing them waits for the load.
     Bs, Cs = (pad_time(a.astype(f32), block_t * n_seg) for a in (B, C))  # [b, l', n]
@@ -381,7 +440,7 @@ def _lane_call(x, dt, A, B, C, d, thr, initial_state, *, has_d, ep, pad_e, segme
     padded_len = xs.shape[1]
     seg_steps = padded_len // (block_t * n_seg)
     kw = dict(block_e=block_e, block_t=block_t, seg_steps=seg_steps, prefetch=prefetch,
-              fast=fast)
+              fast=fast, has_bias=has_bias, softplus=softplus)
     if n_seg > 1:
         hs, sdt = call(
             functools.partial(_lane_states_kernel, **kw),
@@ -389,22 +448,23 @@ def _lane_call(x, dt, A, B, C, d, thr, initial_state, *, has_d, ep, pad_e, segme
             out_shape=[jax.ShapeDtypeStruct((b, n_seg - 1, n, ep), f32),
                        jax.ShapeDtypeStruct((b, n_seg - 1, ep), f32)],
             name="selective_scan_states",
-        )(xs, dts, At, Bs, thr)
+        )(xs, dts, At, Bs, thr, bias)
     else:
         hs, sdt = jnp.zeros((1, 1, 1, 1), f32), jnp.zeros((1, 1, 1), f32)
     y, h = call(
         functools.partial(_lane_scan_kernel, n_seg=n_seg, has_d=has_d, has_init=has_init,
-                          **kw),
+                          has_z=has_z, z_off=z_off, **kw),
         grid=(b, ep // block_e, n_seg),
-        out_shape=[jax.ShapeDtypeStruct((b, padded_len, ep), f32),
+        out_shape=[jax.ShapeDtypeStruct((b, padded_len, ep), out_dtype),
                    jax.ShapeDtypeStruct((b, n, ep), f32)],
         name="selective_scan",
-    )(xs, dts, At, Bs, Cs, d, thr, h0, hs, sdt)
+    )(xs, dts, At, Bs, Cs, d, thr, bias, h0, hs, sdt, z)
     return y, h.transpose(0, 2, 1)
 
 
 def _tile_call(x, dt, A, B, C, d, thr, initial_state, *, has_d, ep, pad_e, call, block_e,
-               block_t, prefetch, fast):
+               block_t, prefetch, fast, has_bias, softplus, bias, z, has_z, z_off, dt_pad,
+               out_dtype):
     f32 = jnp.float32
     b, length, e = x.shape
     n = A.shape[-1]
@@ -413,7 +473,7 @@ def _tile_call(x, dt, A, B, C, d, thr, initial_state, *, has_d, ep, pad_e, call,
         a, [(0, np_ - n if i == a.ndim - 1 else 0) for i in range(a.ndim)]
     )
     xs = pad_e(pad_time(x, block_t), 2)  # [b, l', e']
-    dts = pad_e(pad_time(dt.astype(f32), block_t), 2)  # Δ = 0 on padding
+    dts = pad_e(pad_time(dt, block_t, value=dt_pad), 2)  # Δ = 0 on padding
     Bs, Cs = (pad_n(pad_time(a, block_t)) for a in (B, C))  # [b, l', n']
     As = pad_n(pad_e(A.astype(f32) * LOG2E, 0))  # [e', n'], base-2 decays in the kernel
     has_init = initial_state is not None
@@ -424,14 +484,14 @@ def _tile_call(x, dt, A, B, C, d, thr, initial_state, *, has_d, ep, pad_e, call,
     kernel = functools.partial(
         _selective_scan_kernel, block_e=block_e, block_t=block_t,
         n_steps=padded_len // block_t, has_d=has_d, has_init=has_init, prefetch=prefetch,
-        fast=fast,
+        fast=fast, has_bias=has_bias, softplus=softplus, has_z=has_z, z_off=z_off,
     )
     return call(
         kernel,
         grid=(b, ep // block_e),
         out_shape=[
-            jax.ShapeDtypeStruct((b, padded_len, ep), f32),
+            jax.ShapeDtypeStruct((b, padded_len, ep), out_dtype),
             jax.ShapeDtypeStruct((b, ep, np_), f32),
         ],
         name="selective_scan",
-    )(xs, dts, As, Bs, Cs, d, thr, h0)
+    )(xs, dts, As, Bs, Cs, d, thr, bias, h0, z)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from longmamba_jax.config import Mamba2Config, MambaConfig
-from longmamba_jax.layers import CausalConv1d, Linear, RMSNorm, rms_norm, silu
+from longmamba_jax.layers import CausalConv1d, Linear, RMSNorm, matmul_dtype, rms_norm, silu
 from longmamba_kernels.common import filter_threshold
 from longmamba_kernels.gated_rmsnorm import gated_rms_norm
 from longmamba_kernels.gated_rmsnorm import supported as gated_norm_supported
@@ -91,20 +91,23 @@ def _apply_mask(a, mask):
 
 class DtProj(nn.Module):
     """Mamba-1's Δ: softplus(dt_raw @ kernel + bias); the matmul in the parameter dtype, the bias
-    and softplus in fp32 (as torch adds the bias inside the scan)."""
+    and softplus in fp32 (as torch adds the bias inside the scan). With `raw=True` it returns
+    (dt_raw @ kernel, bias) for a scan that adds the bias and applies softplus itself."""
 
     features: int
     param_dtype: jnp.dtype = f32
 
     @nn.compact
-    def __call__(self, dt_raw):
+    def __call__(self, dt_raw, *, raw=False):
         kernel = self.param(
             "kernel", nn.initializers.lecun_normal(), (dt_raw.shape[-1], self.features),
             self.param_dtype,
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         dt = jnp.einsum("...r,re->...e", dt_raw.astype(kernel.dtype), kernel,
-                        preferred_element_type=f32).astype(kernel.dtype)
+                        preferred_element_type=matmul_dtype(kernel.dtype)).astype(kernel.dtype)
+        if raw:
+            return dt, bias
         return jax.nn.softplus(dt.astype(f32) + bias.astype(f32))
 
 
@@ -125,17 +128,29 @@ class Mamba1Mixer(nn.Module):
         )
         x = _apply_mask(silu(x), mask).astype(pd)  # [b, l, e]
         dt_raw, B, C = jnp.split(Linear(r + 2 * n, False, pd, name="x_proj")(x), [r, r + n], -1)
-        dt = DtProj(e, pd, name="dt_proj")(dt_raw)  # [b, l, e] fp32
-        dt = _apply_mask(dt, mask)
         A_log = self.param("A_log", lambda k, s: jnp.log(jnp.broadcast_to(
             jnp.arange(1, n + 1, dtype=f32), s)).astype(pd), (e, n))
         D = self.param("D", nn.initializers.ones, (e,), pd)
         A = -jnp.exp(A_log.astype(f32))  # [e, n]
+        glob, thr = dt_filter if dt_filter is not None else (None, None)
+        if not (step or capture_dt or mask is not None or decimate is not None):
+            # Δ's bias and softplus before the scan and the gate after it, in the scan call:
+            # the Pallas kernel does both in place (Δ never written in fp32, y written once, in
+            # the parameter dtype); the other implementations compute the same around the scan.
+            dt_lin, dt_bias = DtProj(e, pd, name="dt_proj")(dt_raw, raw=True)
+            y, ssm_state = selective_scan(
+                x, dt_lin, A, B, C, D, initial_state=ssm_state, dt_global=glob,
+                dt_threshold=thr, dt_bias=dt_bias, dt_softplus=True, z=xz, out_dtype=pd,
+                implementation=self.backend.implementation, interpret=self.backend.interpret,
+            )
+            aux = MixerAux(conv_state=conv_state, ssm_state=ssm_state)
+            return Linear(cfg.d_model, cfg.bias, pd, name="out_proj")(y), aux
+        dt = DtProj(e, pd, name="dt_proj")(dt_raw)  # [b, l, e] fp32
+        dt = _apply_mask(dt, mask)
         aux = MixerAux(dt=dt if capture_dt else None)
         if decimate is not None:
             aux.kept = decimation_indices(dt, *decimate)
             x, z, dt, B, C = (_take(a, aux.kept) for a in (x, z, dt, B, C))
-        glob, thr = dt_filter if dt_filter is not None else (None, None)
         if step:
             threshold = filter_threshold(glob, thr, e)
             y, ssm_state = selective_state_step(

@@ -502,7 +502,114 @@ def test_selective_scan_public_entry_dispatches_to_pallas():
     assert_close(h, h_ref, jnp.bfloat16, "selective_scan(implementation='pallas') final state")
 
 
+# ------------------------------------------- the fused Δ prologue (bias, softplus) and gate
+def fused_ss_inputs(shape: SSShape, dtype, seed=0):
+    """A Mamba-1 layer's raw Δ projection (Δ = softplus(dt + bias) spans ~0.01..3), its bias and
+    in_proj's [x | z] output (the gate is its last e columns), with the other scan inputs."""
+    (x, _, A, B, C, D), h0, filt = ss_inputs(shape, dtype, seed=seed)
+    b, l, e, _ = dataclasses.astuple(shape)
+    k = jax.random.split(jax.random.key(seed + 100), 3)
+    dt_raw = (jax.random.normal(k[0], (b, l, e)) * 1.5 - 2.0).astype(dtype)
+    dt_bias = jax.random.normal(k[1], (e,)) * 0.5
+    xz = jax.random.normal(k[2], (b, l, 2 * e)).astype(dtype)
+    # Δ near the threshold (0.3): the filter drops about a third of the global tokens
+    return (x, dt_raw, A, B, C, D), h0, filt, dt_bias, xz
+
+
+def numpy_fused_ss(x, dt_raw, A, B, C, D, h0, dt_global, dt_threshold, dt_bias, z):
+    """float64: Δ = softplus(dt + bias), the scan, then y · silu(z)."""
+    v = np.asarray(jnp.asarray(dt_raw, jnp.float32), np.float64) + np.asarray(dt_bias)
+    dt = np.logaddexp(v, 0.0)
+    y, h = numpy_ss(x, dt, A, B, C, D, h0, dt_global, dt_threshold)
+    z = np.asarray(jnp.asarray(z, jnp.float32), np.float64)
+    return y * z / (1.0 + np.exp(-z)), h
+
+
+FUSED_CASES = [
+    ("associative", None),
+    ("pallas", None),  # the public default: "lane" with its automatic time split
+    ("pallas", SS_TEST_CONFIG),  # 3 segments, ragged length: padding needs softplus(-inf) = 0
+    ("pallas", SelectiveScanPallasConfig(layout="tile", block_e=8, block_t=4)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", ["T1", "T63"])
+@pytest.mark.parametrize("impl,config", FUSED_CASES,
+                         ids=["associative", "pallas-default", "pallas-lane-seg3", "pallas-tile"])
+def test_selective_scan_fused_prologue_and_gate(impl, config, shape, dtype):
+    """Δ = softplus(dt + bias) computed in the scan from the raw projection, the filter on that
+    Δ, and y · silu(z) with z read as the last e columns of a wider [x | z] array, y written in
+    the input dtype: against a float64 numpy loop (interpret mode for Pallas)."""
+    sh = SS_SHAPES[shape]
+    args, h0, filt, dt_bias, xz = fused_ss_inputs(sh, dtype, seed=11)
+    y_np, h_np = numpy_fused_ss(*args, h0, filt["dt_global"], filt["dt_threshold"], dt_bias,
+                                xz[..., sh.e:])
+    kw = dict(initial_state=h0, dt_bias=dt_bias, dt_softplus=True, z=xz, out_dtype=dtype)
+    if impl == "associative":
+        y, h = selective_scan(*args, implementation="associative", **filt, **kw)
+    else:
+        thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], sh.e)
+        y, h = selective_scan_pallas(*args, threshold=thr, interpret=True, config=config, **kw)
+    assert y.dtype == jnp.dtype(dtype) and h.dtype == jnp.float32
+    assert_close(y, y_np, dtype, f"fused selective_scan {impl} y")
+    assert_close(h, h_np, dtype, f"fused selective_scan {impl} final state")
+
+
+@pytest.mark.parametrize("impl", ["associative", "pallas"])
+def test_selective_scan_bias_without_softplus_on_padded_time(impl):
+    """Δ = dt + bias with no softplus: padded tokens must still get Δ = 0 (the wrapper adds the
+    bias before padding), so the final state is exact."""
+    sh = SS_SHAPES["T63"]
+    (x, dt, A, B, C, D), h0, filt = ss_inputs(sh, jnp.float32, seed=12)
+    bias = jnp.full((sh.e,), 0.25)
+    y_np, h_np = numpy_ss(x, dt + bias, A, B, C, D, h0, filt["dt_global"],
+                          filt["dt_threshold"])
+    if impl == "associative":
+        y, h = selective_scan(x, dt, A, B, C, D, initial_state=h0, dt_bias=bias,
+                              implementation="associative", **filt)
+    else:
+        thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], sh.e)
+        y, h = selective_scan_pallas(x, dt, A, B, C, D, initial_state=h0, threshold=thr,
+                                     dt_bias=bias, interpret=True, config=SS_TEST_CONFIG)
+    assert_close(y, y_np, jnp.float32, f"selective_scan {impl} dt + bias y")
+    assert_close(h, h_np, jnp.float32, f"selective_scan {impl} dt + bias final state")
+
+
+def test_selective_scan_rejects_bad_gate_and_bias():
+    args, h0, _ = ss_inputs(SS_SHAPES["T34"], jnp.float32)
+    e = args[0].shape[-1]
+    with pytest.raises(ValueError, match=r"gate z must be \[b, l, >= 16\]"):
+        selective_scan(*args, z=jnp.zeros((1, 34, 8)))
+    with pytest.raises(ValueError, match="disagree on"):
+        selective_scan(*args, z=jnp.zeros((1, 33, e)))
+    with pytest.raises(ValueError, match=r"dt_bias must have shape \(16,\)"):
+        selective_scan(*args, dt_bias=jnp.zeros((e + 1,)))
+
+
 # ------------------------------------------------------------ compiled, realistic tile sizes
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("config", [
+    SelectiveScanPallasConfig(),
+    # tile with fewer unrolled tokens than its default 32: that body, with the softplus and
+    # the gate per token, takes minutes to compile (the model uses "lane")
+    SelectiveScanPallasConfig(layout="tile", block_t=4),
+], ids=["lane", "tile-t4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_selective_scan_pallas_gpu_fused_prologue_and_gate(dtype, config):
+    """Compiled (fast-math exponentials) with the Δ prologue and the gate, realistic blocks."""
+    sh = SSShape(b=2, l=1000, e=256, n=16)
+    args, h0, filt, dt_bias, xz = fused_ss_inputs(sh, dtype, seed=13)
+    y_np, h_np = numpy_fused_ss(*args, h0, filt["dt_global"], filt["dt_threshold"], dt_bias,
+                                xz[..., sh.e:])
+    thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], sh.e)
+    y, h = selective_scan_pallas(*args, initial_state=h0, threshold=thr, dt_bias=dt_bias,
+                                 dt_softplus=True, z=xz, out_dtype=dtype, config=config)
+    assert_close(y, y_np, dtype, f"fused selective_scan pallas-gpu {config.layout} y")
+    assert_close(h, h_np, dtype, f"fused selective_scan pallas-gpu {config.layout} final state")
+
+
 # ------------------------------------------------------------------ gradients (training)
 def _grads(fn, args, s0):
     """Gradients of a fixed random functional of (y, final state) w.r.t. every input."""
