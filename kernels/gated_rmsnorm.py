@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from longmamba_kernels.common import apply_gate
+
 f32 = jnp.float32
 
 
@@ -83,7 +85,7 @@ def gated_rms_norm(y, z, weight, *, eps: float = 1e-5, group_size: int | None = 
 
 def _reference(y, z, weight, eps, group_size):
     """The jnp form: `longmamba_jax.layers.rms_norm(y · silu(z), weight, eps, group_size)`."""
-    g = y.astype(f32) * (z.astype(f32) * jax.nn.sigmoid(z.astype(f32)))
+    g = apply_gate(y.astype(f32), z)
     *lead, e = g.shape
     gg = g.reshape(*lead, e // group_size, group_size)
     gg = gg * jax.lax.rsqrt(jnp.mean(gg * gg, axis=-1, keepdims=True) + eps)

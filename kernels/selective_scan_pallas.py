@@ -387,8 +387,9 @@ def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, dt_bias,
     # The compare always runs (no filter: -inf, never true), so both cases share one kernel.
     thr = jnp.full((e,), -jnp.inf, f32) if threshold is None else threshold.astype(f32)
     thr = pad_e(thr, 0)
-    multiple = config.block_t * (1 if config.layout == "tile" else
-                                 (config.segments or lane_segments(b, ep // block_e, length)))
+    n_seg = (1 if config.layout == "tile" else
+             config.segments or lane_segments(b, ep // block_e, length))
+    multiple = config.block_t * n_seg  # time is padded to this
     padded = length % multiple != 0
     if dt_bias is not None and not softplus and padded:
         # padded tokens need Δ = 0; with softplus a raw -inf gives that, with a bias alone not
@@ -414,20 +415,19 @@ def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, dt_bias,
     call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
     if config.layout == "lane":
         y, h = _lane_call(x, dt, A, B, C, d, thr, initial_state, has_d=has_d, ep=ep,
-                          pad_e=pad_e, segments=config.segments, call=call, **fused, **common)
+                          pad_e=pad_e, n_seg=n_seg, call=call, **fused, **common)
     else:
         y, h = _tile_call(x, dt, A, B, C, d, thr, initial_state, has_d=has_d, ep=ep,
                           pad_e=pad_e, call=call, **fused, **common)
     return y[:, :length, :e], h[:, :e, :n]
 
 
-def _lane_call(x, dt, A, B, C, d, thr, initial_state, *, has_d, ep, pad_e, segments, call,
+def _lane_call(x, dt, A, B, C, d, thr, initial_state, *, has_d, ep, pad_e, n_seg, call,
                block_e, block_t, prefetch, fast, has_bias, softplus, bias, z, has_z, z_off,
                dt_pad, out_dtype):
     f32 = jnp.float32
     b, length, e = x.shape
     n = A.shape[-1]
-    n_seg = segments or lane_segments(b, ep // block_e, length)
     xs = pad_e(pad_time(x, block_t * n_seg), 2)  # [b, l', e']
     dts = pad_e(pad_time(dt, block_t * n_seg, value=dt_pad), 2)  # Δ = 0 on padding
     # B and C in fp32 (they are small: n per token): loaded as scalars, bf16 ones would be

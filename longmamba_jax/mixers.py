@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from longmamba_jax.config import Mamba2Config, MambaConfig
-from longmamba_jax.layers import CausalConv1d, Linear, RMSNorm, matmul_dtype, rms_norm, silu
-from longmamba_kernels.common import filter_threshold
+from longmamba_jax.layers import CausalConv1d, Linear, RMSNorm, matmul_dtype, silu
+from longmamba_kernels.common import apply_gate, filter_threshold
 from longmamba_kernels.gated_rmsnorm import gated_rms_norm
 from longmamba_kernels.gated_rmsnorm import supported as gated_norm_supported
 from longmamba_kernels.selective_scan import selective_scan
@@ -162,7 +162,7 @@ class Mamba1Mixer(nn.Module):
                 x, dt, A, B, C, D, initial_state=ssm_state, dt_global=glob, dt_threshold=thr,
                 implementation=self.backend.implementation, interpret=self.backend.interpret,
             )
-        y = y * silu(z.astype(f32))
+        y = apply_gate(y, z)
         aux.conv_state, aux.ssm_state = conv_state, ssm_state
         return Linear(cfg.d_model, cfg.bias, pd, name="out_proj")(y.astype(pd)), aux
 
@@ -183,11 +183,11 @@ class GatedRMSNorm(nn.Module):
     def __call__(self, y, z):
         e = y.shape[-1]
         weight = self.param("weight", nn.initializers.ones, (e,), self.param_dtype)
-        if self.backend.implementation == "pallas" and gated_norm_supported(e, self.group_size):
-            return gated_rms_norm(y, z, weight, eps=self.eps, group_size=self.group_size,
-                                  implementation="pallas", interpret=self.backend.interpret)
-        z = z[..., :e]
-        return rms_norm(y.astype(f32) * silu(z.astype(f32)), weight, self.eps, self.group_size)
+        pallas = (self.backend.implementation == "pallas"
+                  and gated_norm_supported(e, self.group_size))
+        return gated_rms_norm(y, z, weight, eps=self.eps, group_size=self.group_size,
+                              implementation="pallas" if pallas else "reference",
+                              interpret=self.backend.interpret)
 
 
 class Mamba2Mixer(nn.Module):
