@@ -34,8 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from longmamba_kernels.selective_scan_associative import selective_scan_associative
+from longmamba_kernels.selective_scan_mgpu import SelectiveScanMosaicConfig
 from longmamba_kernels.selective_scan_pallas import (
     SelectiveScanPallasConfig,
+    default_config,
     selective_scan_pallas,
 )
 from longmamba_kernels.ssd_chunked import ssd_chunked
@@ -275,10 +277,15 @@ def bench_ss(lengths, bw, interpret, config, fallback_max_len, rows, n=16, offic
         )
     )
     fallback = jax.jit(lambda *a: selective_scan_associative(*a))
+    variants = {}
+    if isinstance(config, SelectiveScanMosaicConfig):  # the Triton "lane" kernel beside it
+        lane = SelectiveScanPallasConfig().resolve(n)
+        variants["kernel_lane_ms"] = jax.jit(
+            lambda *a: selective_scan_pallas(*a, interpret=interpret, config=lane))
     for length in lengths:
         args, thr = ss_inputs(length, n=n)
         _measure("selective_scan", dict(e=4096, n=n), kernel, kernel_f, fallback, args, thr,
-                 length, bw, fallback_max_len, rows, official)
+                 length, bw, fallback_max_len, rows, official, variants=variants)
         del args
 
 
@@ -289,6 +296,7 @@ def print_row(r):
     print(
         f"{r['op']:>15} {r['length']:>8} | kernel {r['kernel_ms']:8.3f} ms | "
         + (f"bf16 y {r['kernel_bf16_y_ms']:8.3f} | " if "kernel_bf16_y_ms" in r else "")
+        + (f"lane {r['kernel_lane_ms']:8.3f} | " if "kernel_lane_ms" in r else "")
         + "filtered "
         f"{r['kernel_filtered_ms']:8.3f} ({r['filter_overhead_pct']:+5.1f}%) | official {off} | "
         f"fallback {fb} | "
@@ -453,7 +461,13 @@ def main(argv=None):
     ap.add_argument("--skip-main", action="store_true", help="only the sweep")
     ap.add_argument("--ssd-config", default="",
                     help="SSDPallasConfig fields, e.g. chunk=64,block_p=32")
-    ap.add_argument("--ss-config", default="", help="SelectiveScanPallasConfig fields")
+    ap.add_argument("--ss-kernel", choices=("default", "mosaic", "lane", "tile"),
+                    default="default",
+                    help="selective-scan kernel: the library default (Mosaic GPU on Hopper, "
+                         "else the Triton lane layout) or one named")
+    ap.add_argument("--ss-config", default="",
+                    help="SelectiveScanMosaicConfig or SelectiveScanPallasConfig fields, for "
+                         "the kernel --ss-kernel picks")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke)")
     ap.add_argument("--quick", action="store_true", help="tiny lengths (smoke test)")
     args = ap.parse_args(argv)
@@ -462,7 +476,15 @@ def main(argv=None):
         return cls(**parse_fields(text))
 
     ssd_cfg = cfg(SSDPallasConfig, args.ssd_config)
-    ss_cfg = cfg(SelectiveScanPallasConfig, args.ss_config).resolve(args.ss_state)
+    kind = args.ss_kernel
+    if kind == "default":
+        kind = "mosaic" if isinstance(default_config(args.interpret),
+                                      SelectiveScanMosaicConfig) else "lane"
+    if kind == "mosaic":
+        ss_cfg = cfg(SelectiveScanMosaicConfig, args.ss_config)
+    else:
+        ss_cfg = SelectiveScanPallasConfig(**{"layout": kind, **parse_fields(args.ss_config)})
+        ss_cfg = ss_cfg.resolve(args.ss_state)
     if args.quick:
         args.ssd_lengths, args.ss_lengths = "256", "64"
     if not args.no_official:

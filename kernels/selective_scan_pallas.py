@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from longmamba_kernels.common import LOG2E, delta_from_projection, gate_input, pad_time
+from longmamba_kernels.selective_scan_mgpu import SelectiveScanMosaicConfig, selective_scan_mosaic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +112,27 @@ class SelectiveScanPallasConfig:
             block_e=self.block_e or 32 * self.num_warps * lane_channels(n),
             block_t=self.block_t or (2 if n <= 32 else 1),
         )
+
+
+def default_config(interpret: bool = False):
+    """The kernel `selective_scan_pallas` runs when given no config: the Mosaic GPU kernel
+    (`selective_scan_mgpu`, one pass over time) on a Hopper or newer GPU, measured 1.3–1.5×
+    faster than the "lane" layout on the H100 (evals/NOTES_kernels.md, "Session 12"); the
+    Triton "lane" layout elsewhere (older GPUs; interpret mode, where both run)."""
+    if not interpret and _is_hopper_or_newer():
+        return SelectiveScanMosaicConfig()
+    return SelectiveScanPallasConfig()
+
+
+def _is_hopper_or_newer() -> bool:
+    try:
+        device = jax.devices()[0]
+    except RuntimeError:
+        return False
+    if device.platform != "gpu":
+        return False
+    capability = getattr(device, "compute_capability", "0")
+    return float(capability) >= 9.0
 
 
 def lane_channels(n: int) -> int:
@@ -353,12 +375,18 @@ def selective_scan_pallas(
       z: None or the gate, its last e columns read in place ([b, l, >= e]).
       out_dtype: dtype of y.
       interpret: run through the Pallas interpreter (any platform).
-      config: `SelectiveScanPallasConfig`; None for the defaults.
+      config: `SelectiveScanPallasConfig` (Triton) or `SelectiveScanMosaicConfig` (Mosaic
+        GPU); None: `default_config(interpret)`.
 
     Returns:
       (y [b, l, e] out_dtype, final_state [b, e, n] fp32).
     """
-    config = SelectiveScanPallasConfig() if config is None else config
+    config = default_config(interpret) if config is None else config
+    if isinstance(config, SelectiveScanMosaicConfig):
+        return selective_scan_mosaic(
+            x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
+            dt_bias=dt_bias, dt_softplus=dt_softplus, z=z, out_dtype=out_dtype,
+            interpret=interpret, config=config)
     return _selective_scan_pallas(
         x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, softplus=bool(dt_softplus),
         out_dtype=jnp.dtype(out_dtype), interpret=interpret, config=config

@@ -21,8 +21,10 @@ import pytest
 from longmamba_kernels.common import RTOL, filter_threshold
 from longmamba_kernels.selective_scan import selective_scan
 from longmamba_kernels.selective_scan_associative import selective_scan_associative
+from longmamba_kernels.selective_scan_mgpu import SelectiveScanMosaicConfig, mosaic_blocks
 from longmamba_kernels.selective_scan_pallas import (
     SelectiveScanPallasConfig,
+    default_config,
     lane_channels,
     lane_segments,
     selective_scan_pallas,
@@ -38,10 +40,20 @@ SSD_TEST_CONFIG = SSDPallasConfig(chunk=16, block_p=16)
 # Three time segments (a states pass, then the scan from the combined states), even at T=1.
 SS_TEST_CONFIG = SelectiveScanPallasConfig(block_e=8, block_t=2, segments=3)
 
+# The Mosaic GPU selective scan with small blocks: 16 tokens a TMA block in groups of 4, two
+# blocks in flight, so T=63 walks 4 blocks through both buffers (the last one padded).
+SS_MOSAIC_TEST_CONFIG = SelectiveScanMosaicConfig(block_t=16, unroll=4, stages=2)
+
 IMPLS = [
     "associative",
     "pallas",
     pytest.param("pallas-gpu", marks=[pytest.mark.gpu, gpu_only]),
+]
+# the selective scan has a second kernel: "mosaic" runs it in the Mosaic GPU interpreter
+SS_IMPLS = [
+    *IMPLS,
+    "mosaic",
+    pytest.param("mosaic-gpu", marks=[pytest.mark.gpu, gpu_only]),
 ]
 DTYPES = [jnp.float32, jnp.bfloat16]
 
@@ -144,9 +156,11 @@ def run_ss(impl, args, h0, filt):
     if impl == "reference" or impl == "associative":
         return _ss_jnp(args, h0, filt, impl=impl)
     thr = filter_threshold(filt.get("dt_global"), filt.get("dt_threshold"), args[0].shape[-1])
+    config = {"pallas": SS_TEST_CONFIG, "pallas-gpu": SS_TEST_CONFIG,
+              "mosaic": SS_MOSAIC_TEST_CONFIG, "mosaic-gpu": SelectiveScanMosaicConfig()}[impl]
     return selective_scan_pallas(
-        *args, initial_state=h0, threshold=thr, interpret=(impl == "pallas"),
-        config=SS_TEST_CONFIG,
+        *args, initial_state=h0, threshold=thr, interpret=impl in ("pallas", "mosaic"),
+        config=config,
     )
 
 
@@ -429,7 +443,7 @@ def test_selective_scan_pallas_block_configs_match_reference(config):
 # --------------------------------------------------------------------- selective-scan tests
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("shape", SS_SHAPES, ids=str)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", SS_IMPLS)
 def test_selective_scan_matches_reference(impl, shape, dtype):
     args, h0, filt = ss_inputs(SS_SHAPES[shape], dtype)
     y_ref, h_ref = run_ss("reference", args, h0, filt)
@@ -441,7 +455,7 @@ def test_selective_scan_matches_reference(impl, shape, dtype):
 
 
 @pytest.mark.parametrize("with_filter,with_init", [(False, False), (True, False), (False, True)])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", SS_IMPLS)
 def test_selective_scan_filter_and_init_switches(impl, with_filter, with_init):
     args, h0, filt = ss_inputs(SS_SHAPES["T63"], jnp.float32, seed=1,
                                with_filter=with_filter, with_init=with_init)
@@ -451,7 +465,7 @@ def test_selective_scan_filter_and_init_switches(impl, with_filter, with_init):
     assert_close(h, h_ref, jnp.float32, f"selective_scan {impl} final state")
 
 
-@pytest.mark.parametrize("impl", ["reference", *IMPLS])
+@pytest.mark.parametrize("impl", ["reference", *SS_IMPLS])
 def test_selective_scan_filtered_tokens_leave_global_state_unchanged(impl):
     (x, dt, A, B, C, D), h0, filt = ss_inputs(SS_SHAPES["T63"], jnp.float32, seed=2)
     k = 29
@@ -465,7 +479,7 @@ def test_selective_scan_filtered_tokens_leave_global_state_unchanged(impl):
     assert np.all(np.isfinite(np.asarray(y_full)))
 
 
-@pytest.mark.parametrize("impl", ["reference", "pallas"])
+@pytest.mark.parametrize("impl", ["reference", "pallas", "mosaic"])
 def test_selective_scan_matches_independent_numpy(impl):
     args, h0, filt = ss_inputs(SSShape(b=2, l=21, e=12, n=8), jnp.float32, seed=3)
     y_np, h_np = numpy_ss(*args, h0, filt["dt_global"], filt["dt_threshold"])
@@ -530,13 +544,15 @@ FUSED_CASES = [
     ("pallas", None),  # the public default: "lane" with its automatic time split
     ("pallas", SS_TEST_CONFIG),  # 3 segments, ragged length: padding needs softplus(-inf) = 0
     ("pallas", SelectiveScanPallasConfig(layout="tile", block_e=8, block_t=4)),
+    ("pallas", SS_MOSAIC_TEST_CONFIG),  # Δ and the gate over whole tiles, in shared memory
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("shape", ["T1", "T63"])
 @pytest.mark.parametrize("impl,config", FUSED_CASES,
-                         ids=["associative", "pallas-default", "pallas-lane-seg3", "pallas-tile"])
+                         ids=["associative", "pallas-default", "pallas-lane-seg3", "pallas-tile",
+                              "pallas-mosaic"])
 def test_selective_scan_fused_prologue_and_gate(impl, config, shape, dtype):
     """Δ = softplus(dt + bias) computed in the scan from the raw projection, the filter on that
     Δ, and y · silu(z) with z read as the last e columns of a wider [x | z] array, y written in
@@ -556,7 +572,7 @@ def test_selective_scan_fused_prologue_and_gate(impl, config, shape, dtype):
     assert_close(h, h_np, dtype, f"fused selective_scan {impl} final state")
 
 
-@pytest.mark.parametrize("impl", ["associative", "pallas"])
+@pytest.mark.parametrize("impl", ["associative", "pallas", "mosaic"])
 def test_selective_scan_bias_without_softplus_on_padded_time(impl):
     """Δ = dt + bias with no softplus: padded tokens must still get Δ = 0 (the wrapper adds the
     bias before padding), so the final state is exact."""
@@ -570,8 +586,9 @@ def test_selective_scan_bias_without_softplus_on_padded_time(impl):
                               implementation="associative", **filt)
     else:
         thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], sh.e)
+        config = SS_TEST_CONFIG if impl == "pallas" else SS_MOSAIC_TEST_CONFIG
         y, h = selective_scan_pallas(x, dt, A, B, C, D, initial_state=h0, threshold=thr,
-                                     dt_bias=bias, interpret=True, config=SS_TEST_CONFIG)
+                                     dt_bias=bias, interpret=True, config=config)
     assert_close(y, y_np, jnp.float32, f"selective_scan {impl} dt + bias y")
     assert_close(h, h_np, jnp.float32, f"selective_scan {impl} dt + bias final state")
 
@@ -595,7 +612,8 @@ def test_selective_scan_rejects_bad_gate_and_bias():
     # tile with fewer unrolled tokens than its default 32: that body, with the softplus and
     # the gate per token, takes minutes to compile (the model uses "lane")
     SelectiveScanPallasConfig(layout="tile", block_t=4),
-], ids=["lane", "tile-t4"])
+    SelectiveScanMosaicConfig(),
+], ids=["lane", "tile-t4", "mosaic"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_selective_scan_pallas_gpu_fused_prologue_and_gate(dtype, config):
     """Compiled (fast-math exponentials) with the Δ prologue and the gate, realistic blocks."""
@@ -606,8 +624,8 @@ def test_selective_scan_pallas_gpu_fused_prologue_and_gate(dtype, config):
     thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], sh.e)
     y, h = selective_scan_pallas(*args, initial_state=h0, threshold=thr, dt_bias=dt_bias,
                                  dt_softplus=True, z=xz, out_dtype=dtype, config=config)
-    assert_close(y, y_np, dtype, f"fused selective_scan pallas-gpu {config.layout} y")
-    assert_close(h, h_np, dtype, f"fused selective_scan pallas-gpu {config.layout} final state")
+    assert_close(y, y_np, dtype, f"fused selective_scan pallas-gpu {config} y")
+    assert_close(h, h_np, dtype, f"fused selective_scan pallas-gpu {config} final state")
 
 
 # ------------------------------------------------------------------ gradients (training)
@@ -678,9 +696,10 @@ def test_ssd_pallas_gpu_default_blocks_segmented(dtype):
 @pytest.mark.gpu
 @gpu_only
 @pytest.mark.parametrize("config", [
-    None, SelectiveScanPallasConfig(prefetch=False, fast_math=False),
+    None, SelectiveScanPallasConfig(), SelectiveScanPallasConfig(prefetch=False, fast_math=False),
     SelectiveScanPallasConfig(layout="tile"),
-], ids=["default", "plain", "tile"])
+    SelectiveScanMosaicConfig(block_t=128, unroll=8, stages=2),
+], ids=["default", "lane", "plain", "tile", "mosaic-t128"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_selective_scan_pallas_gpu_default_blocks(dtype, config):
     args, h0, filt = ss_inputs(SSShape(b=2, l=1000, e=256, n=16), dtype, seed=5)
@@ -693,15 +712,65 @@ def test_selective_scan_pallas_gpu_default_blocks(dtype, config):
 
 @pytest.mark.gpu
 @gpu_only
-@pytest.mark.parametrize("n", [8, 32, 64])
-def test_selective_scan_pallas_gpu_default_blocks_state_sizes(n):
-    """The default config's per-n blocks (8 / 2 / 1 channels a thread) compiled."""
+@pytest.mark.parametrize("n,config", [
+    *((n, SelectiveScanPallasConfig()) for n in (8, 32, 64)),
+    *((n, SelectiveScanMosaicConfig()) for n in (8, 32, 64, 128)),
+], ids=["lane-n8", "lane-n32", "lane-n64", "mosaic-n8", "mosaic-n32", "mosaic-n64",
+        "mosaic-n128"])
+def test_selective_scan_pallas_gpu_default_blocks_state_sizes(n, config):
+    """The per-n blocks compiled: lane 8 / 2 / 1 / 1 channels a thread; mosaic 4 states a
+    thread (8 at n = 128, so a warpgroup keeps 8 channels: a 16-byte TMA row in bf16)."""
     args, h0, filt = ss_inputs(SSShape(b=1, l=700, e=256, n=n), jnp.bfloat16, seed=9)
     y_ref, h_ref = run_ss("reference", args, h0, filt)
     thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], 256)
-    y, h = selective_scan_pallas(*args, initial_state=h0, threshold=thr)
+    y, h = selective_scan_pallas(*args, initial_state=h0, threshold=thr, config=config)
     assert_close(y, y_ref, jnp.bfloat16, f"selective_scan pallas-gpu n={n} y")
     assert_close(h, h_ref, jnp.bfloat16, f"selective_scan pallas-gpu n={n} final state")
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_selective_scan_mosaic_gpu_ragged_shapes(dtype):
+    """Compiled Mosaic GPU kernel where every dimension needs padding: 63 tokens (blocks of
+    64), 20 channels (a warpgroup holds 32), n = 12 (padded to 16), batch 2; filter and
+    initial state on."""
+    args, h0, filt = ss_inputs(SS_SHAPES["T63"], dtype, seed=14)
+    y_np, h_np = numpy_ss(*args, h0, filt["dt_global"], filt["dt_threshold"])
+    y, h = run_ss("mosaic-gpu", args, h0, filt)
+    assert_close(y, y_np, dtype, "selective_scan mosaic-gpu ragged y")
+    assert_close(h, h_np, dtype, "selective_scan mosaic-gpu ragged final state")
+
+
+def test_selective_scan_default_config_follows_the_device():
+    """No config: the Mosaic GPU kernel only when compiling for a Hopper (or newer) GPU; the
+    Triton lane layout otherwise, and always in interpret mode."""
+    assert default_config(interpret=True) == SelectiveScanPallasConfig()
+    dev = jax.devices()[0]
+    hopper = dev.platform == "gpu" and float(getattr(dev, "compute_capability", 0)) >= 9
+    expected = SelectiveScanMosaicConfig() if hopper else SelectiveScanPallasConfig()
+    assert default_config() == expected
+
+
+@pytest.mark.parametrize("n,blocks", [
+    (16, (16, 4, 32)),  # Mamba-1: 4 states a thread, 4 lanes a channel, 32 channels
+    (12, (16, 4, 32)),  # padded to a power of two
+    (4, (4, 4, 128)),  # one thread holds a whole channel
+    (64, (64, 4, 8)),
+    (128, (128, 8, 8)),  # 8 states a thread: a warpgroup keeps 8 channels (16-byte TMA rows)
+    (256, (256, 16, 8)),
+])
+def test_selective_scan_mosaic_blocks(n, blocks):
+    assert mosaic_blocks(n, 4) == blocks
+
+
+def test_selective_scan_mosaic_config_rejects_bad_fields():
+    with pytest.raises(ValueError, match="per_thread"):
+        SelectiveScanMosaicConfig(per_thread=3)
+    with pytest.raises(ValueError, match="multiple of unroll"):
+        SelectiveScanMosaicConfig(block_t=20, unroll=8)
+    with pytest.raises(ValueError, match="stages"):
+        SelectiveScanMosaicConfig(stages=0)
 
 
 # ---------------------------------------------------------------------------------------------
