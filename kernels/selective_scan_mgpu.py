@@ -32,11 +32,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from longmamba_kernels.common import LOG2E, gate_input, pad_time
 
 _WARPS = 4  # per warpgroup
+# Above 64 states a warpgroup would hold fewer than 8 channels at 4 states a thread (TMA rows
+# of x under 16 bytes), and 8 fp32 states a thread do not load as one vector.
+MAX_STATE = 64
 _LANES = 32
 LN2 = 0.6931471805599453
 
@@ -73,19 +77,26 @@ def _state_layout(block_e: int, n: int, per_thread: int):
     lanes per channel, the other lanes and the 4 warps over channels."""
     lanes_n = n // per_thread
     lanes_e = _LANES // lanes_n
-    return plgpu.Layout.TILED(
-        plgpu.Tiling(((block_e, n), (lanes_e, n), (per_thread,))),
-        warp_dims=(-5,),
-        lane_dims=(-3, -2),
-        vector_dim=-1,
-    )
+    # tiled shape [.., block_e / lanes_e, 1, lanes_e, lanes_n, per_thread]: warps, lanes, vector;
+    # Mosaic GPU wants the canonical form of it (trivial tiles dropped)
+    layout = mgpu.TiledLayout(
+        plgpu.Tiling(((block_e, n), (lanes_e, n), (1, per_thread))),
+        warp_dims=(-6,), lane_dims=(-4, -3), vector_dim=-1, _check_canonical=False,
+    ).canonicalize()
+    return plgpu.Layout.TILED(layout.tiling, warp_dims=layout.warp_dims,
+                              lane_dims=layout.lane_dims, vector_dim=layout.vector_dim)
 
 
 def mosaic_blocks(n: int, per_thread: int) -> tuple[int, int, int]:
-    """(padded n, states per thread, channels per warpgroup): n padded to a power of two >=
-    per_thread; more states per thread where n needs more than 32 lanes a channel, or where
-    the warpgroup would hold fewer than 8 channels (a TMA box row needs 16 bytes)."""
-    n_pad = max(per_thread, 1 << max(n - 1, 0).bit_length())
+    """(padded n, states per thread, channels per warpgroup): n padded to a power of two >= 4;
+    fewer states per thread where the warpgroup would hold more than 64 channels (its tiles
+    would not fit in shared memory), more where n needs more than 32 lanes a channel or the
+    warpgroup would hold fewer than 8 channels (a TMA box row needs 16 bytes)."""
+    n_pad = max(4, 1 << max(n - 1, 0).bit_length())
+    if n_pad > MAX_STATE:
+        raise ValueError(f"the Mosaic GPU selective scan takes state sizes up to {MAX_STATE}; "
+                         f"got n={n} (use SelectiveScanPallasConfig, the Triton kernels)")
+    per_thread = min(per_thread, n_pad // 2)  # at most 64 channels (shared memory)
     per_thread = max(per_thread, n_pad // _LANES, 8 * n_pad // (_WARPS * _LANES))
     return n_pad, per_thread, _WARPS * _LANES * per_thread // n_pad
 
@@ -135,10 +146,11 @@ def _selective_scan_mosaic(x, dt, A, B, C, D, initial_state, threshold, dt_bias,
     dts = pad_e(pad_time(dt, block_t, value=dt_pad), 2)
     Bs, Cs = (pad_n(pad_time(a.astype(f32), block_t)) for a in (B, C))
     A2 = pad_n(pad_e(A.astype(f32) * LOG2E, 0))
-    chan = jnp.stack([
+    chan = jnp.stack([  # 4 rows: a TMA copy of a multiple of 128 bytes
         jnp.zeros((e,), f32) if D is None else D.astype(f32),
         jnp.full((e,), -jnp.inf, f32) if threshold is None else threshold.astype(f32),
         jnp.zeros((e,), f32) if dt_bias is None else dt_bias.astype(f32),
+        jnp.zeros((e,), f32),
     ])
     chan = pad_e(chan, 1)
     has_init = initial_state is not None
@@ -301,7 +313,7 @@ def _call(x, dt, A2, B, C, chan, h0, z, *, block_e, n, per_thread, block_t, unro
             smem((block_t, block_e) if prologue else (8, 8), f32),
             smem((block_t, block_e) if has_z else (8, 8), f32),
             smem((block_e, n), f32),
-            smem((3, block_e), f32),
+            smem((4, block_e), f32),
             smem((block_e, n), f32),
             smem((block_t, block_e) if has_bias else (8, 8), f32),
             tuple(plgpu.Barrier(num_arrivals=1, num_barriers=stages)

@@ -15,7 +15,10 @@ depends on both e and n), so neither uses tensor cores, and both compute each de
 of A pre-scaled by log2 e (`common.LOG2E`), compiled as one `ex2.approx.ftz`, and each state
 update as one `fma`.
 
-- "lane" (the default): each thread owns whole channels (4 at n = 16), their n states in
+On Hopper GPUs (n <= 64) the default is neither: `default_config` picks the Mosaic GPU kernel
+of `selective_scan_mgpu.py` (one pass over time), 1.3–1.4× faster on the H100.
+
+- "lane" (the default elsewhere): each thread owns whole channels (4 at n = 16), their n states in
   registers, so y's sum over n stays in the thread; B_t and C_t are loaded as scalars, the
   same for the whole warp. That leaves too few programs at batch 1 (4,096 channels are 32
   one-warp programs), so time is split into segments (`lane_segments`): a states pass walks
@@ -49,6 +52,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from longmamba_kernels.common import LOG2E, delta_from_projection, gate_input, pad_time
+from longmamba_kernels.selective_scan_mgpu import MAX_STATE as MOSAIC_MAX_STATE
 from longmamba_kernels.selective_scan_mgpu import SelectiveScanMosaicConfig, selective_scan_mosaic
 
 
@@ -114,12 +118,13 @@ class SelectiveScanPallasConfig:
         )
 
 
-def default_config(interpret: bool = False):
-    """The kernel `selective_scan_pallas` runs when given no config: the Mosaic GPU kernel
-    (`selective_scan_mgpu`, one pass over time) on a Hopper or newer GPU, measured 1.3–1.5×
-    faster than the "lane" layout on the H100 (evals/NOTES_kernels.md, "Session 12"); the
-    Triton "lane" layout elsewhere (older GPUs; interpret mode, where both run)."""
-    if not interpret and _is_hopper_or_newer():
+def default_config(interpret: bool = False, n: int = 16):
+    """The kernel `selective_scan_pallas` runs when given no config, for state size n: the
+    Mosaic GPU kernel (`selective_scan_mgpu`, one pass over time) on a Hopper or newer GPU for
+    n <= 64, measured 1.3–1.5× faster than the "lane" layout on the H100
+    (evals/NOTES_kernels.md, "Session 12"); the Triton "lane" layout elsewhere (older GPUs,
+    larger n; interpret mode, where both run)."""
+    if not interpret and n <= MOSAIC_MAX_STATE and _is_hopper_or_newer():
         return SelectiveScanMosaicConfig()
     return SelectiveScanPallasConfig()
 
@@ -381,7 +386,7 @@ def selective_scan_pallas(
     Returns:
       (y [b, l, e] out_dtype, final_state [b, e, n] fp32).
     """
-    config = default_config(interpret) if config is None else config
+    config = default_config(interpret, A.shape[-1]) if config is None else config
     if isinstance(config, SelectiveScanMosaicConfig):
         return selective_scan_mosaic(
             x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,

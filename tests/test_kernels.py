@@ -714,12 +714,12 @@ def test_selective_scan_pallas_gpu_default_blocks(dtype, config):
 @gpu_only
 @pytest.mark.parametrize("n,config", [
     *((n, SelectiveScanPallasConfig()) for n in (8, 32, 64)),
-    *((n, SelectiveScanMosaicConfig()) for n in (8, 32, 64, 128)),
-], ids=["lane-n8", "lane-n32", "lane-n64", "mosaic-n8", "mosaic-n32", "mosaic-n64",
-        "mosaic-n128"])
+    *((n, SelectiveScanMosaicConfig()) for n in (4, 8, 32, 64)),
+], ids=["lane-n8", "lane-n32", "lane-n64", "mosaic-n4", "mosaic-n8", "mosaic-n32",
+        "mosaic-n64"])
 def test_selective_scan_pallas_gpu_default_blocks_state_sizes(n, config):
-    """The per-n blocks compiled: lane 8 / 2 / 1 / 1 channels a thread; mosaic 4 states a
-    thread (8 at n = 128, so a warpgroup keeps 8 channels: a 16-byte TMA row in bf16)."""
+    """The per-n blocks compiled: lane 8 / 2 / 1 channels a thread; mosaic 4 states a thread
+    (2 at n = 4, so a warpgroup holds 64 channels)."""
     args, h0, filt = ss_inputs(SSShape(b=1, l=700, e=256, n=n), jnp.bfloat16, seed=9)
     y_ref, h_ref = run_ss("reference", args, h0, filt)
     thr = filter_threshold(filt["dt_global"], filt["dt_threshold"], 256)
@@ -755,13 +755,37 @@ def test_selective_scan_default_config_follows_the_device():
 @pytest.mark.parametrize("n,blocks", [
     (16, (16, 4, 32)),  # Mamba-1: 4 states a thread, 4 lanes a channel, 32 channels
     (12, (16, 4, 32)),  # padded to a power of two
-    (4, (4, 4, 128)),  # one thread holds a whole channel
-    (64, (64, 4, 8)),
-    (128, (128, 8, 8)),  # 8 states a thread: a warpgroup keeps 8 channels (16-byte TMA rows)
-    (256, (256, 16, 8)),
+    (8, (8, 4, 64)),
+    (4, (4, 2, 64)),  # 2 states a thread: at most 64 channels (shared memory)
+    (2, (4, 2, 64)),
+    (64, (64, 4, 8)),  # 8 channels: 16-byte TMA rows of bf16 x
 ])
 def test_selective_scan_mosaic_blocks(n, blocks):
     assert mosaic_blocks(n, 4) == blocks
+
+
+def test_selective_scan_mosaic_rejects_large_states_and_default_avoids_them():
+    with pytest.raises(ValueError, match="state sizes up to 64; got n=128"):
+        mosaic_blocks(128, 4)
+    assert default_config(n=128) == SelectiveScanPallasConfig()
+
+
+@pytest.mark.parametrize("n", [4, 8, 16, 32, 64])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_selective_scan_mosaic_lowers_for_cuda(n, fused):
+    """The compiled kernel's layouts, TMA copies and shared memory are checked when it is
+    lowered for CUDA, which runs on any platform: each state size's blocks, with and without
+    the fused options (more buffers)."""
+    b, l, e = 1, 200, 64
+    x = jnp.zeros((b, l, e), jnp.bfloat16)
+    A, B = jnp.zeros((e, n)), jnp.zeros((b, l, n))
+    kw = dict(D=jnp.zeros((e,)), initial_state=jnp.zeros((b, e, n)),
+              threshold=jnp.zeros((e,)), dt_bias=jnp.zeros((e,)), dt_softplus=True,
+              z=jnp.zeros((b, l, 2 * e), jnp.bfloat16)) if fused else {}
+    f = jax.jit(lambda x, dt, A, B, C: selective_scan_pallas(
+        x, dt, A, B, C, config=SelectiveScanMosaicConfig(), **kw))
+    text = f.trace(x, x, A, B, B).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 1
 
 
 def test_selective_scan_mosaic_config_rejects_bad_fields():
