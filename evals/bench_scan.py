@@ -478,7 +478,7 @@ def main(argv=None):
     ssd_cfg = cfg(SSDPallasConfig, args.ssd_config)
     kind = args.ss_kernel
     if kind == "default":
-        kind = "mosaic" if isinstance(default_config(args.interpret),
+        kind = "mosaic" if isinstance(default_config(args.interpret, args.ss_state),
                                       SelectiveScanMosaicConfig) else "lane"
     if kind == "mosaic":
         ss_cfg = cfg(SelectiveScanMosaicConfig, args.ss_config)

@@ -85,16 +85,21 @@ def apply_gate(y, z):
     return y * (z * jax.nn.sigmoid(z))
 
 
-def pad_time(a, multiple: int, axis: int = 1, value=0):
-    """Pads `a` along `axis` up to a multiple of `multiple` with `value` (zeros). Padding with
-    Δ = 0 leaves the state untouched, so final states stay exact."""
-    length = a.shape[axis]
-    pad = (-length) % multiple
+def pad_axis(a, axis: int, size: int, value=0):
+    """Pads `a` at the end of `axis` to `size` with `value` (zeros); `a` itself if it is that
+    long already."""
+    pad = size - a.shape[axis]
     if pad == 0:
         return a
     widths = [(0, 0)] * a.ndim
     widths[axis] = (0, pad)
     return jnp.pad(a, widths, constant_values=value)
+
+
+def pad_time(a, multiple: int, axis: int = 1, value=0):
+    """Pads `a` along `axis` up to a multiple of `multiple` with `value` (zeros). Padding with
+    Δ = 0 leaves the state untouched, so final states stay exact."""
+    return pad_axis(a, axis, -(-a.shape[axis] // multiple) * multiple, value)
 
 
 def check_implementation(implementation: str) -> None:

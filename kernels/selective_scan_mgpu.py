@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from longmamba_kernels.common import LOG2E, gate_input, pad_time
+from longmamba_kernels.common import LOG2E, gate_input, pad_axis, pad_time
 
 _WARPS = 4  # per warpgroup
 # Above 64 states a warpgroup would hold fewer than 8 channels at 4 states a thread (TMA rows
@@ -130,10 +130,8 @@ def _selective_scan_mosaic(x, dt, A, B, C, D, initial_state, threshold, dt_bias,
     n_pad, per_thread, block_e = mosaic_blocks(n, config.per_thread)
     block_t = config.block_t
     ep = -(-e // block_e) * block_e
-    pad_e = lambda a, axis: a if ep == e else jnp.pad(
-        a, [(0, ep - e if i == axis else 0) for i in range(a.ndim)])
-    pad_n = lambda a: a if n_pad == n else jnp.pad(
-        a, [(0, n_pad - n if i == a.ndim - 1 else 0) for i in range(a.ndim)])
+    pad_e = lambda a, axis: pad_axis(a, axis, ep)
+    pad_n = lambda a: pad_axis(a, a.ndim - 1, n_pad)
     padded = length % block_t != 0
     if dt_bias is not None and not softplus and padded:
         # padded tokens need Δ = 0; with softplus a raw -inf gives that, with a bias alone not

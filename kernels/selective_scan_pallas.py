@@ -51,7 +51,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from longmamba_kernels.common import LOG2E, delta_from_projection, gate_input, pad_time
+from longmamba_kernels.common import (
+    LOG2E,
+    delta_from_projection,
+    gate_input,
+    pad_axis,
+    pad_time,
+)
 from longmamba_kernels.selective_scan_mgpu import MAX_STATE as MOSAIC_MAX_STATE
 from longmamba_kernels.selective_scan_mgpu import SelectiveScanMosaicConfig, selective_scan_mosaic
 
@@ -412,9 +418,7 @@ def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, dt_bias,
     config = config.resolve(n)
     block_e = min(config.block_e, _next_pow2(e))
     ep = -(-e // block_e) * block_e
-    pad_e = lambda a, axis: a if ep == e else jnp.pad(
-        a, [(0, ep - e if i == axis else 0) for i in range(a.ndim)]
-    )
+    pad_e = lambda a, axis: pad_axis(a, axis, ep)
     has_d = D is not None
     d = pad_e((D if has_d else jnp.zeros((e,))).astype(f32), 0)
     # The compare always runs (no filter: -inf, never true), so both cases share one kernel.
@@ -502,9 +506,7 @@ def _tile_call(x, dt, A, B, C, d, thr, initial_state, *, has_d, ep, pad_e, call,
     b, length, e = x.shape
     n = A.shape[-1]
     np_ = _next_pow2(n)
-    pad_n = lambda a: a if np_ == n else jnp.pad(
-        a, [(0, np_ - n if i == a.ndim - 1 else 0) for i in range(a.ndim)]
-    )
+    pad_n = lambda a: pad_axis(a, a.ndim - 1, np_)
     xs = pad_e(pad_time(x, block_t), 2)  # [b, l', e']
     dts = pad_e(pad_time(dt, block_t, value=dt_pad), 2)  # Δ = 0 on padding
     Bs, Cs = (pad_n(pad_time(a, block_t)) for a in (B, C))  # [b, l', n']
