@@ -15,7 +15,10 @@ Shapes: one mamba2-1.3b layer for SSD (h=64, p=64, n=128, g=1, bf16 x/B/C, fp32 
 l = 4K, 16K, 64K, 256K) and one mamba-1.4b layer for the selective scan (e=4096, n=16). The
 filtered kernel runs with half the channels global and a threshold at Δ's median, to measure the
 cost of the fused filter. Times are medians over repeated batches of back-to-back launches
-(asynchronous dispatch, one sync per batch), after a warm-up that compiles.
+(asynchronous dispatch, one sync per batch), after a warm-up that compiles. The filter's
+overhead (`filter_overhead_pct`) is the median ratio over interleaved rounds of the filtered
+and unfiltered calls (`time_paired`); `filter_overhead_seq_pct` is the ratio of the two
+medians timed one after the other, as sessions before 13 reported it.
 """
 
 from __future__ import annotations
@@ -71,6 +74,39 @@ def time_fn(fn, *args, reps=20, batches=5, min_batch_s=0.05, sync=jax.block_unti
         sync(out)
         times.append((time.perf_counter() - t0) / reps)
     return statistics.median(times), times
+
+
+def time_paired(calls, rounds=15, min_batch_s=0.02, sync=jax.block_until_ready):
+    """Interleaved timing of a few calls, for ratios between them (the filter's overhead).
+
+    `calls` is {name: (fn, args)}. Each round times one batch of each call back to back, in an
+    order that rotates from round to round, so clock ramps and other drift fall on every call
+    alike; a batch holds enough launches for `min_batch_s`. Returns ({name: median seconds per
+    call}, {name: per-round seconds}); ratios should be taken round by round (`paired_ratio`).
+    """
+    names = list(calls)
+    reps = {}
+    for name, (fn, args) in calls.items():
+        sync(fn(*args))  # compile + warm up
+        sync(fn(*args))
+        t0 = time.perf_counter()
+        sync(fn(*args))
+        reps[name] = max(1, int(min_batch_s / max(time.perf_counter() - t0, 1e-6)) + 1)
+    per_round = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, args = calls[name]
+            t0 = time.perf_counter()
+            for _ in range(reps[name]):
+                out = fn(*args)
+            sync(out)
+            per_round[name].append((time.perf_counter() - t0) / reps[name])
+    return {n: statistics.median(v) for n, v in per_round.items()}, per_round
+
+
+def paired_ratio(per_round, num, den):
+    """Median over rounds of per_round[num] / per_round[den]."""
+    return statistics.median(a / b for a, b in zip(per_round[num], per_round[den], strict=True))
 
 
 def copy_bandwidth(nbytes=2 * K**3):
@@ -234,12 +270,26 @@ def _measure(op, shape_fields, kernel, kernel_f, fallback, args, thr, length, bw
     t_k, _ = time_fn(kernel, *args)
     t_f, _ = time_fn(kernel_f, *args, thr)
     y_f, _ = kernel_f(*args, thr)
+    # The overhead is a ratio of two ~0.1 ms calls at 4K: timed one after the other (above),
+    # drift between them reads as several percent. Interleaved rounds take it round by round;
+    # "no-drop" is the filtered call with a -inf threshold (same compiled code, no token
+    # dropped), which separates the cost of dropping tokens from the threshold's being an input.
+    _, per_round = time_paired({
+        "plain": (kernel, args), "filtered": (kernel_f, (*args, thr)),
+        "no_drop": (kernel_f, (*args, jnp.full_like(thr, -jnp.inf))),
+    })
+    extra.update(
+        filter_overhead_paired_pct=(paired_ratio(per_round, "filtered", "plain") - 1) * 100,
+        filter_drop_vs_no_drop_pct=(paired_ratio(per_round, "filtered", "no_drop") - 1) * 100,
+        paired_ms={k: [t * 1e3 for t in v] for k, v in per_round.items()},
+    )
     for key, fn in (variants or {}).items():
         extra[key] = time_fn(fn, *args)[0] * 1e3
     row = dict(
         op=op, length=length, **shape_fields, dtype="bfloat16",
         kernel_ms=t_k * 1e3, kernel_filtered_ms=t_f * 1e3,
-        filter_overhead_pct=(t_f / t_k - 1) * 100,
+        filter_overhead_seq_pct=(t_f / t_k - 1) * 100,
+        filter_overhead_pct=extra.pop("filter_overhead_paired_pct"),
         floor_ms=floor_bytes / bw * 1e3, floor_bytes=floor_bytes,
         nan_free=bool(jnp.isfinite(y).all() and jnp.isfinite(y_f).all()), **extra,
     )
@@ -298,7 +348,9 @@ def print_row(r):
         + (f"bf16 y {r['kernel_bf16_y_ms']:8.3f} | " if "kernel_bf16_y_ms" in r else "")
         + (f"lane {r['kernel_lane_ms']:8.3f} | " if "kernel_lane_ms" in r else "")
         + "filtered "
-        f"{r['kernel_filtered_ms']:8.3f} ({r['filter_overhead_pct']:+5.1f}%) | official {off} | "
+        f"{r['kernel_filtered_ms']:8.3f} (paired {r['filter_overhead_pct']:+5.1f}%, "
+        f"seq {r['filter_overhead_seq_pct']:+5.1f}%, drop {r['filter_drop_vs_no_drop_pct']:+5.1f}%)"
+        f" | official {off} | "
         f"fallback {fb} | "
         f"floor {r['floor_ms']:7.3f} | x floor {r['kernel_ms'] / r['floor_ms']:5.2f} | "
         f"err {err} | nan-free {r['nan_free']}"

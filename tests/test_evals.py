@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -504,6 +505,28 @@ def test_bench_scan_parse_fields():
     assert parse_fields("") == {}
     with pytest.raises(ValueError, match="segments must be >= 0"):
         SelectiveScanPallasConfig(**parse_fields("segments=-1"))
+
+
+def test_bench_scan_time_paired_rotates_and_ratios():
+    """Interleaved timing: every call runs once per round, the order rotates (so no call always
+    goes first), and the per-round ratio of a 3 ms call to a 1 ms one reads about 3."""
+    from longmamba_evals.bench_scan import paired_ratio, time_paired
+
+    order = []
+
+    def sleeper(name, ms):
+        def fn():
+            order.append(name)
+            time.sleep(ms / 1e3)
+            return name
+        return fn
+
+    calls = {"a": (sleeper("a", 1), ()), "b": (sleeper("b", 3), ()), "c": (sleeper("c", 1), ())}
+    medians, per_round = time_paired(calls, rounds=3, min_batch_s=0.0, sync=lambda out: out)
+    assert {k: len(v) for k, v in per_round.items()} == {"a": 3, "b": 3, "c": 3}
+    assert order[9:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # after 3 warm-ups each
+    assert 2.0 < paired_ratio(per_round, "b", "a") < 4.5
+    assert medians["b"] > medians["a"]
 
 
 def test_profile_prefill_classify_and_summarize():
