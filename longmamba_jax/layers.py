@@ -8,9 +8,14 @@ transposed weight) so that conversion is a table.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from longmamba_kernels.causal_conv import causal_conv1d
+from longmamba_kernels.causal_conv import default_block_c as conv_block_c
 
 f32 = jnp.float32
 
@@ -80,7 +85,12 @@ class CausalConv1d(nn.Module):
     """Depthwise causal conv over time: y_t[c] = Σ_k kernel[k, c] · x_{t−K+1+k}[c] + bias[c].
 
     `state` [b, K−1, c] holds the inputs before this chunk (zeros at the start of a sequence);
-    the new state (the last K−1 inputs) is returned for decoding and chunked prefill.
+    the new state (the last K−1 inputs, fp32) is returned for decoding and chunked prefill.
+
+    With `fused` (a `FusedConv`), x is the wider array the channels are read from (in place,
+    columns `offset` … `offset + channels`), and the conv, bias, silu and the rounding to
+    `out_dtype` run as one Pallas kernel that writes its output split in `splits`
+    (`kernels/causal_conv.py`); it returns (tuple of outputs, state). Without it: fp32 y, state.
     """
 
     width: int
@@ -88,14 +98,33 @@ class CausalConv1d(nn.Module):
     param_dtype: jnp.dtype = f32
 
     @nn.compact
-    def __call__(self, x, state=None):
-        b, length, c = x.shape
-        k = self.width
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, c), self.param_dtype)
-        if state is None:
-            state = jnp.zeros((b, k - 1, c), f32)
-        full = jnp.concatenate([state.astype(f32), x.astype(f32)], axis=1)  # [b, K−1+l, c]
-        y = sum(full[:, i : i + length] * kernel[i].astype(f32) for i in range(k))
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(f32)
-        return y, full[:, full.shape[1] - (k - 1) :]
+    def __call__(self, x, state=None, fused: FusedConv | None = None):
+        c = x.shape[-1] if fused is None else fused.channels
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.width, c),
+                            self.param_dtype)
+        bias = (self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+                if self.use_bias else None)
+        if fused is None:
+            (y,), new_state = causal_conv1d(x, kernel, bias, initial_state=state, out_dtype=f32)
+            return y, new_state
+        return causal_conv1d(
+            x, kernel, bias, initial_state=state, offset=fused.offset, splits=fused.splits,
+            activation="silu", out_dtype=fused.out_dtype, implementation="pallas",
+            interpret=fused.interpret,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedConv:
+    """How `CausalConv1d` runs as one Pallas kernel: which columns of its input it reads, the
+    widths of the outputs it writes, their dtype, and whether through the interpreter."""
+
+    offset: int
+    channels: int
+    splits: tuple[int, ...]
+    out_dtype: jnp.dtype
+    interpret: bool = False
+
+    @staticmethod
+    def supported(splits) -> bool:
+        return conv_block_c(splits) > 0

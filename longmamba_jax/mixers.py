@@ -35,7 +35,14 @@ import jax
 import jax.numpy as jnp
 
 from longmamba_jax.config import Mamba2Config, MambaConfig
-from longmamba_jax.layers import CausalConv1d, Linear, RMSNorm, matmul_dtype, silu
+from longmamba_jax.layers import (
+    CausalConv1d,
+    FusedConv,
+    Linear,
+    RMSNorm,
+    matmul_dtype,
+    silu,
+)
 from longmamba_kernels.common import apply_gate, filter_threshold
 from longmamba_kernels.gated_rmsnorm import gated_rms_norm
 from longmamba_kernels.gated_rmsnorm import supported as gated_norm_supported
@@ -53,6 +60,17 @@ class ScanBackend:
 
     implementation: str = "associative"
     interpret: bool = False
+
+    def fused_conv(self, offset, splits, out_dtype, mask, step) -> FusedConv | None:
+        """How the mixer's conv runs as one Pallas kernel, or None for the jnp form: the
+        kernel serves the Pallas backend's prefill without a padding mask (a mask and single
+        decode steps take the jnp form) when every output width is a multiple of 16."""
+        if self.implementation != "pallas" or mask is not None or step:
+            return None
+        if not FusedConv.supported(splits):
+            return None
+        return FusedConv(offset, sum(splits), tuple(splits), jnp.dtype(out_dtype),
+                         self.interpret)
 
 
 @dataclasses.dataclass
@@ -123,10 +141,13 @@ class Mamba1Mixer(nn.Module):
         e, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
         xz = Linear(2 * e, cfg.bias, pd, name="in_proj")(u)  # [b, l, 2e]
         x, z = jnp.split(xz, 2, axis=-1)
-        x, conv_state = CausalConv1d(cfg.d_conv, cfg.conv_bias, pd, name="conv1d")(
-            _apply_mask(x, mask), conv_state
-        )
-        x = _apply_mask(silu(x), mask).astype(pd)  # [b, l, e]
+        conv = CausalConv1d(cfg.d_conv, cfg.conv_bias, pd, name="conv1d")
+        fused = self.backend.fused_conv(0, (e,), pd, mask, step)
+        if fused is not None:  # conv + silu in one kernel, x read in place from xz
+            (x,), conv_state = conv(xz, conv_state, fused=fused)
+        else:
+            x, conv_state = conv(_apply_mask(x, mask), conv_state)
+            x = _apply_mask(silu(x), mask).astype(pd)  # [b, l, e]
         dt_raw, B, C = jnp.split(Linear(r + 2 * n, False, pd, name="x_proj")(x), [r, r + n], -1)
         A_log = self.param("A_log", lambda k, s: jnp.log(jnp.broadcast_to(
             jnp.arange(1, n + 1, dtype=f32), s)).astype(pd), (e, n))
@@ -203,11 +224,14 @@ class Mamba2Mixer(nn.Module):
         b, length, _ = u.shape
         zxbcdt = Linear(cfg.in_proj_dim, cfg.bias, pd, name="in_proj")(u)
         z, xBC, dt = jnp.split(zxbcdt, [E, E + cfg.conv_dim], axis=-1)
-        xBC, conv_state = CausalConv1d(cfg.d_conv, cfg.conv_bias, pd, name="conv1d")(
-            _apply_mask(xBC, mask), conv_state
-        )
-        xBC = _apply_mask(silu(xBC), mask).astype(pd)
-        x, B, C = jnp.split(xBC, [E, E + g * n], axis=-1)
+        conv = CausalConv1d(cfg.d_conv, cfg.conv_bias, pd, name="conv1d")
+        fused = self.backend.fused_conv(E, (E, g * n, g * n), pd, mask, step)
+        if fused is not None:  # conv + silu in one kernel: xBC read in place, x, B, C written
+            (x, B, C), conv_state = conv(zxbcdt, conv_state, fused=fused)
+        else:
+            xBC, conv_state = conv(_apply_mask(xBC, mask), conv_state)
+            xBC = _apply_mask(silu(xBC), mask).astype(pd)
+            x, B, C = jnp.split(xBC, [E, E + g * n], axis=-1)
         dt_bias = self.param("dt_bias", nn.initializers.zeros, (h,), pd)
         A_log = self.param("A_log", lambda k, s: jnp.log(jnp.arange(1, h + 1, dtype=f32))
                            .astype(pd), (h,))

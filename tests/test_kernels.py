@@ -855,3 +855,109 @@ def test_gated_rms_norm_rejects_bad_shapes():
     with pytest.raises(ValueError, match="unknown implementation"):
         gated_rms_norm(y, y, w, implementation="associative")
     assert supported(4096, 4096) and not supported(1536, 1536) and not supported(64, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The causal depthwise conv1d + silu (kernels/causal_conv.py)
+
+CONV_IMPLS = [
+    "pallas",
+    pytest.param("pallas-gpu", marks=[pytest.mark.gpu, gpu_only]),
+]
+
+
+def _conv_numpy(x, w, bias, state, silu):
+    """float64 numpy, a loop over taps: y_t = Σ_i w[i] · x_{t−K+1+i} (+ bias), silu."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    b, length, c = x.shape
+    k = w.shape[0]
+    prev = np.zeros((b, k - 1, c)) if state is None else np.asarray(state, np.float64)
+    full = np.concatenate([prev, x], axis=1)
+    y = np.zeros((b, length, c))
+    for t in range(length):
+        for i in range(k):
+            y[:, t] += w[i] * full[:, t + i]
+    if bias is not None:
+        y += np.asarray(bias, np.float64)
+    return y / (1.0 + np.exp(-y)) if silu else y
+
+
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+@pytest.mark.parametrize("length,k,with_state,with_bias,splits", [
+    (1, 4, False, True, (64,)),  # one token: three of the four taps read zeros
+    (1, 4, True, True, (32, 16, 16)),  # one token: three taps read the state
+    (2, 4, True, False, (32, 16, 16)),  # fewer tokens than the state holds
+    (37, 4, False, True, (32, 16, 16)),  # ragged: the last block is partly past the end
+    (37, 4, True, True, (64,)),
+    (100, 2, True, True, (48, 16)),  # K = 2; a block of 16 channels
+])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_causal_conv_pallas_matches_reference(impl, length, k, with_state, with_bias, splits,
+                                              dtype):
+    """The kernel reads its channels in place from a wider array (offset 16 of 96 columns) and
+    writes them split; against the jnp form and a float64 loop. The final state is the last
+    K−1 inputs, from the initial state when fewer tokens came in."""
+    from longmamba_kernels.causal_conv import causal_conv1d
+
+    c = sum(splits)
+    key = jax.random.split(jax.random.key(length + k), 4)
+    src = jax.random.normal(key[0], (2, length, 96)).astype(dtype)
+    w = 0.5 * jax.random.normal(key[1], (k, c))
+    bias = jax.random.normal(key[2], (c,)) if with_bias else None
+    state = jax.random.normal(key[3], (2, k - 1, c)) if with_state else None
+    kw = dict(initial_state=state, offset=16, splits=splits, activation="silu", out_dtype=dtype)
+    ref, ref_state = causal_conv1d(src, w, bias, **kw)
+    out, out_state = causal_conv1d(src, w, bias, implementation="pallas",
+                                   interpret=impl == "pallas", block_t=16, **kw)
+    assert [o.shape for o in out] == [(2, length, s) for s in splits]
+    assert all(o.dtype == jnp.dtype(dtype) for o in out)
+    out_all, ref_all = jnp.concatenate(out, -1), jnp.concatenate(ref, -1)
+    assert_close(out_all, ref_all, dtype, "causal_conv pallas vs jnp")
+    want = _conv_numpy(src[..., 16:16 + c], w, bias, state, silu=True)
+    err = np.linalg.norm(np.asarray(out_all, np.float64) - want) / np.linalg.norm(want)
+    assert err <= RTOL[jnp.dtype(dtype)], f"causal_conv vs numpy: {err:.2e}"
+    x = np.asarray(src[..., 16:16 + c], np.float32)
+    prev = np.zeros((2, k - 1, c), np.float32) if state is None else np.asarray(state)
+    want_state = np.concatenate([prev, x], axis=1)[:, length:]
+    np.testing.assert_array_equal(np.asarray(out_state), want_state)
+    np.testing.assert_array_equal(np.asarray(ref_state), want_state)
+
+
+def test_causal_conv_lowers_for_cuda():
+    """The kernel lowers through Pallas's Triton path for a CUDA target at the models' shapes
+    (mamba2-1.3b's x | B | C in place in in_proj's output; mamba-1.4b's x), on CPU."""
+    from longmamba_kernels.causal_conv import causal_conv1d
+
+    for width, offset, splits in ((8512, 4096, (4096, 128, 128)), (8192, 0, (4096,))):
+        c = sum(splits)
+        f = jax.jit(lambda s, w, b, st, offset=offset, splits=splits: causal_conv1d(
+            s, w, b, initial_state=st, offset=offset, splits=splits, activation="silu",
+            out_dtype=jnp.bfloat16, implementation="pallas"))
+        args = (jax.ShapeDtypeStruct((1, 1000, width), jnp.bfloat16),
+                jax.ShapeDtypeStruct((4, c), jnp.bfloat16),
+                jax.ShapeDtypeStruct((c,), jnp.bfloat16),
+                jax.ShapeDtypeStruct((1, 3, c), jnp.float32))
+        text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "causal_conv1d" in text
+
+
+def test_causal_conv_rejects_bad_input():
+    from longmamba_kernels.causal_conv import causal_conv1d, default_block_c
+
+    src, w = jnp.ones((2, 5, 96)), jnp.ones((4, 64))
+    with pytest.raises(ValueError, match="do not fit in src of width 96"):
+        causal_conv1d(src, w, offset=40)
+    with pytest.raises(ValueError, match="bias \\(32,\\) must be \\(64,\\)"):
+        causal_conv1d(src, w, jnp.ones((32,)))
+    with pytest.raises(ValueError, match="initial_state \\(2, 4, 64\\) must be \\(2, 3, 64\\)"):
+        causal_conv1d(src, w, initial_state=jnp.ones((2, 4, 64)))
+    with pytest.raises(ValueError, match="splits \\(32, 16\\) must be positive and sum to 64"):
+        causal_conv1d(src, w, splits=(32, 16))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        causal_conv1d(src, w, splits=(56, 8), implementation="pallas", interpret=True)
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        causal_conv1d(src, w, activation="relu")
+    with pytest.raises(ValueError, match="unknown implementation"):
+        causal_conv1d(src, w, implementation="associative")
+    assert default_block_c((4096, 128, 128)) == 128 and default_block_c((64, 8, 8)) == 0
+    assert default_block_c((48, 16)) == 16

@@ -6,6 +6,7 @@ layout, then loaded through `longmamba_jax.load(dir)` like a user would.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from torch_models import make_torch_model, rel_err, save_hf, save_native, torch_logits
@@ -55,16 +56,35 @@ def test_fp32_logits_match_torch(checkpoints, name, backend, batch, length):
     assert rel_err(out[..., : ref.shape[-1]], ref) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["mamba2-hd16-ds12", "mamba2-g1-untied", "mamba1-untied-bias"])
+@pytest.mark.parametrize("name", ["mamba2-hd16-ds12", "mamba2-g1-untied", "mamba2-g2-tied",
+                                  "mamba1-untied-bias"])
 def test_pallas_interpret_backend_matches_torch(checkpoints, name):
     """The Pallas kernels (through the interpreter here; compiled on GPU) inside the model.
-    mamba2-g1-untied (one group of 64 channels) also takes the gated-norm kernel."""
+    mamba2-g1-untied (one group of 64 channels) also takes the gated-norm kernel; mamba2-g2-tied
+    (x | B | C = 64 | 16 | 16) and mamba1-untied-bias (x = 64) take the conv kernel, the others'
+    B and C widths (8, 24) are not multiples of 16 and keep the jnp conv."""
     model, directory = checkpoints[name]
     params = lmj.load(directory)
     tokens = _tokens(2, 21, seed=5)
     ref = torch_logits(model, tokens)
     out = np.asarray(lmj.forward(params, tokens, backend="pallas-interpret"))
     assert rel_err(out[..., : ref.shape[-1]], ref) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["mamba2-g2-tied", "mamba1-untied-bias"])
+def test_pallas_interpret_chunked_prefill_matches_one_shot(checkpoints, name):
+    """Prefill in two chunks through the Pallas kernels: the second chunk's conv reads the
+    first's last inputs from the cache (the conv kernel's initial state) and its scans start
+    from the first's state, so logits and the final cache equal one 21-token prefill."""
+    _, directory = checkpoints[name]
+    params = lmj.load(directory)
+    tokens = _tokens(2, 21, seed=9)
+    full, cache_full = lmj.prefill(params, tokens, backend="pallas-interpret")
+    first, cache = lmj.prefill(params, tokens[:, :13], backend="pallas-interpret")
+    second, cache = lmj.prefill(params, tokens[:, 13:], cache=cache, backend="pallas-interpret")
+    assert rel_err(np.asarray(second), np.asarray(full)) <= 1e-5
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(cache_full), strict=True):
+        assert rel_err(np.asarray(a, np.float32), np.asarray(b, np.float32)) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["mamba2-g2-tied", "mamba1-untied-bias"])

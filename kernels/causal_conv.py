@@ -1,0 +1,210 @@
+"""Depthwise causal conv1d over time (+ bias, + silu), as one Pallas GPU kernel for prefill.
+
+    ys, state = causal_conv1d(src, weight, bias, offset=E, splits=(E, gn, gn),
+                              activation="silu", out_dtype=jnp.bfloat16, implementation="pallas")
+
+y_t[c] = act(Σ_k weight[k, c] · x_{t−K+1+k}[c] + bias[c]), with x the K−1 inputs of
+`initial_state` (zeros when None) before the first token. Both mixers run it right after
+in_proj, on a block of in_proj's output columns: Mamba-1 on x (the first e columns of [x | z]),
+Mamba2 on xBC (columns E … E + conv_dim of [z | xBC | dt]).
+
+Implementations: "reference" (jnp; fp32 math, what `longmamba_jax.layers.CausalConv1d` has
+always computed) and "pallas" (Triton lowering; `interpret=True` runs it through the Pallas
+interpreter on any platform). The kernel:
+- reads its channels in place from the wider source array (`offset`), so no slice is copied;
+- writes its output already split (`splits`), e.g. Mamba2's x, B and C as three arrays, so no
+  slice of the output is copied either (a program's channel block lies in one piece);
+- evaluates in fp32 in the reference's order (taps k = 0 … K−1, then the bias, then silu), and
+  rounds once to `out_dtype`.
+Why: XLA compiles the jnp form to a fusion that converts the window to fp32 and pads it,
+0.17 ms a layer at mamba2-1.3b's shapes and 16K tokens against 0.11 ms for causal_conv1d's CUDA
+kernel (evals/NOTES_model.md, session 10). The final state (the last K−1 inputs, fp32) is a
+slice the wrapper takes in XLA.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+f32 = jnp.float32
+
+ACTIVATIONS = (None, "silu")
+
+
+def supported_splits(splits, block_c: int) -> bool:
+    """Whether the Pallas kernel can write outputs of these widths: each a multiple of block_c."""
+    return all(w % block_c == 0 for w in splits)
+
+
+def default_block_c(splits) -> int:
+    """The widest power-of-two channel block (≤ 128, ≥ 16) dividing every output width, or 0."""
+    for bc in (128, 64, 32, 16):
+        if supported_splits(splits, bc):
+            return bc
+    return 0
+
+
+def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0,
+                  splits=None, activation=None, out_dtype=None, implementation="reference",
+                  interpret: bool = False, block_t: int = 64):
+    """Depthwise causal conv of channels `offset … offset + C` of `src` along time.
+
+    Args:
+      src: [b, l, W] (any float dtype); the conv reads columns offset … offset + C, C =
+        weight.shape[1].
+      weight: [K, C] taps (tap K−1 multiplies the current token).
+      bias: [C] or None.
+      initial_state: [b, K−1, C], the inputs before the first token, or None (zeros).
+      offset: the first column of src that the conv reads.
+      splits: output widths summing to C (default (C,)); the output comes back as that many
+        arrays [b, l, w_i], channel order kept.
+      activation: None or "silu".
+      out_dtype: the outputs' dtype (default src's).
+      implementation: "reference" | "pallas".
+      interpret: run the Pallas kernel through the interpreter; only for "pallas".
+      block_t: tokens per program (Pallas).
+
+    Returns:
+      (tuple of outputs, one per split; final state [b, K−1, C] fp32: the last K−1 inputs,
+      earlier ones taken from initial_state when l < K−1).
+    """
+    b, length, width = src.shape
+    k, c = weight.shape
+    splits = (c,) if splits is None else tuple(int(w) for w in splits)
+    out_dtype = jnp.dtype(src.dtype if out_dtype is None else out_dtype)
+    if offset < 0 or offset + c > width:
+        raise ValueError(
+            f"causal_conv1d: channels {offset} … {offset + c} (offset {offset}, weight "
+            f"{weight.shape}) do not fit in src of width {width} (src {src.shape})"
+        )
+    if bias is not None and bias.shape != (c,):
+        raise ValueError(
+            f"causal_conv1d: bias {bias.shape} must be ({c},) for weight {weight.shape}"
+        )
+    if initial_state is not None and initial_state.shape != (b, k - 1, c):
+        raise ValueError(
+            f"causal_conv1d: initial_state {initial_state.shape} must be {(b, k - 1, c)}"
+        )
+    if sum(splits) != c or min(splits) <= 0:
+        raise ValueError(f"causal_conv1d: splits {splits} must be positive and sum to {c}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"causal_conv1d: activation {activation!r} not in {ACTIVATIONS}")
+    if length == 0:
+        raise ValueError("causal_conv1d: src has no tokens (l = 0)")
+    x = jax.lax.slice_in_dim(src, offset, offset + c, axis=2)
+    state = _final_state(x, initial_state, k)
+    if implementation == "reference":
+        y = _reference(x, weight, bias, initial_state, activation).astype(out_dtype)
+        bounds = [sum(splits[:i]) for i in range(len(splits) + 1)]
+        return tuple(y[..., lo:hi] for lo, hi in zip(bounds, bounds[1:], strict=False)), state
+    if implementation != "pallas":
+        raise ValueError(
+            f"causal_conv1d: unknown implementation {implementation!r} "
+            "(expected 'reference' or 'pallas')"
+        )
+    block_c = default_block_c(splits)
+    if not block_c:
+        raise ValueError(
+            f"causal_conv1d(implementation='pallas') needs every output width to be a multiple "
+            f"of 16; got splits {splits}: use 'reference'"
+        )
+    if block_t < 1 or block_t & (block_t - 1):
+        raise ValueError(f"causal_conv1d: block_t must be a power of two, got {block_t}")
+    ys = _pallas(src, weight, bias, initial_state, offset=offset, splits=splits,
+                 activation=activation, out_dtype=out_dtype, interpret=interpret,
+                 block_t=min(block_t, max(16, 1 << (length - 1).bit_length())), block_c=block_c)
+    return tuple(ys), state
+
+
+def _final_state(x, initial_state, k):
+    """The last K−1 inputs in fp32 (what the next chunk or decode step reads)."""
+    b, length, c = x.shape
+    if length >= k - 1:
+        return x[:, length - (k - 1):].astype(f32)
+    prev = jnp.zeros((b, k - 1, c), f32) if initial_state is None else initial_state.astype(f32)
+    return jnp.concatenate([prev, x.astype(f32)], axis=1)[:, length:]
+
+
+def _reference(x, weight, bias, initial_state, activation):
+    """The jnp form, fp32: the sum of the K shifted windows in tap order, the bias, silu."""
+    b, length, c = x.shape
+    k = weight.shape[0]
+    state = jnp.zeros((b, k - 1, c), f32) if initial_state is None else initial_state
+    full = jnp.concatenate([state.astype(f32), x.astype(f32)], axis=1)  # [b, K−1+l, c]
+    y = sum(full[:, i : i + length] * weight[i].astype(f32) for i in range(k))
+    if bias is not None:
+        y = y + bias.astype(f32)
+    if activation == "silu":
+        y = y * jax.nn.sigmoid(y)
+    return y
+
+
+def _kernel(src_ref, w_ref, b_ref, s_ref, *o_refs, k, length, offset, starts, block_t,
+            block_c, has_bias, has_state, activation):
+    from jax.experimental.pallas import triton as plgpu
+
+    pb, pt, pc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    t = pt * block_t + jnp.arange(block_t, dtype=jnp.int32)  # [T] this block's tokens
+    ch = pc * block_c + jnp.arange(block_c, dtype=jnp.int32)  # [C'] channels of the conv
+    col = ch + offset  # their columns in src
+    acc = jnp.zeros((block_t, block_c), f32)
+    for i in range(k):
+        src_t = t + (i - (k - 1))  # [T] the token tap i reads (negative: initial state)
+        in_x = (src_t >= 0) & (src_t < length)
+        # indices clamped in range, values masked: no load ever leaves the array
+        xi = plgpu.load(
+            src_ref.at[pb, jnp.clip(src_t, 0, length - 1)[:, None], col[None, :]],
+            mask=in_x[:, None], other=0.0,
+        ).astype(f32)
+        if has_state and i < k - 1:
+            in_s = src_t < 0
+            si = plgpu.load(
+                s_ref.at[pb, jnp.clip(src_t + (k - 1), 0, k - 2)[:, None], ch[None, :]],
+                mask=in_s[:, None], other=0.0,
+            ).astype(f32)
+            xi = jnp.where(in_s[:, None], si, xi)
+        acc = acc + xi * w_ref[i, pl.ds(pc * block_c, block_c)].astype(f32)[None, :]
+    if has_bias:
+        acc = acc + b_ref[pl.ds(pc * block_c, block_c)].astype(f32)[None, :]
+    if activation == "silu":
+        acc = acc * jax.nn.sigmoid(acc)
+    t_ok = (t < length)[:, None]
+    for j, o_ref in enumerate(o_refs):  # the output this channel block belongs to
+        lo, hi = starts[j], starts[j + 1]
+
+        @pl.when((pc * block_c >= lo) & (pc * block_c < hi))
+        def _(o_ref=o_ref, lo=lo):
+            # rows past the end are masked (Triton) and dropped as out of range (interpreter);
+            # clipping them onto the last row would let the interpreter's masked write of the
+            # old value land there
+            plgpu.store(o_ref.at[pb, t[:, None], (ch - lo)[None, :]], acc.astype(o_ref.dtype),
+                        mask=t_ok)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "offset", "splits", "activation", "out_dtype", "interpret", "block_t", "block_c"))
+def _pallas(src, weight, bias, initial_state, *, offset, splits, activation, out_dtype,
+            interpret, block_t, block_c):
+    from jax.experimental.pallas import triton as plgpu
+
+    b, length, _ = src.shape
+    k, c = weight.shape
+    has_bias, has_state = bias is not None, initial_state is not None
+    starts = tuple(sum(splits[:i]) for i in range(len(splits) + 1))
+    return pl.pallas_call(
+        functools.partial(
+            _kernel, k=k, length=length, offset=offset, starts=starts, block_t=block_t,
+            block_c=block_c, has_bias=has_bias, has_state=has_state, activation=activation,
+        ),
+        grid=(b, pl.cdiv(length, block_t), c // block_c),
+        out_shape=[jax.ShapeDtypeStruct((b, length, w), out_dtype) for w in splits],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="causal_conv1d",
+    )(src, weight, bias if has_bias else np.zeros((1,), np.float32),
+      initial_state if has_state else np.zeros((1, 1, 1), np.float32))  # unused placeholders
