@@ -67,6 +67,7 @@ def main(argv=None):
     ap.add_argument("--lengths", default="4K,16K,64K")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--block-t", type=int, default=64)
+    ap.add_argument("--num-warps", type=int, default=8)
     ap.add_argument("--official-src", default=os.environ.get("MAMBA_SSM_SRC", ".official"))
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke)")
@@ -92,12 +93,13 @@ def main(argv=None):
             f_pal = jax.jit(functools.partial(
                 causal_conv1d, offset=offset, splits=splits, activation="silu",
                 out_dtype=jnp.bfloat16, implementation="pallas", interpret=args.interpret,
-                block_t=args.block_t))
+                block_t=args.block_t, num_warps=args.num_warps))
             f_pal = (lambda f: lambda *a: f(*a)[0])(f_pal)  # the outputs, not the state
             ref, out = f_jnp(src, w, bias), f_pal(src, w, bias)
             err = rel_err(jnp.concatenate(out, -1), jnp.concatenate(ref, -1))
             floor = 2 * (length * c * 2) / bw
             row = dict(shape=name, length=length, channels=c, block_t=args.block_t,
+                       num_warps=args.num_warps,
                        jnp_ms=time_fn(f_jnp, src, w, bias)[0] * 1e3,
                        pallas_ms=time_fn(f_pal, src, w, bias)[0] * 1e3,
                        floor_ms=floor * 1e3, rel_err_pallas_vs_jnp=err)

@@ -51,7 +51,7 @@ def default_block_c(splits) -> int:
 
 def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0,
                   splits=None, activation=None, out_dtype=None, implementation="reference",
-                  interpret: bool = False, block_t: int = 64):
+                  interpret: bool = False, block_t: int = 64, num_warps: int = 8):
     """Depthwise causal conv of channels `offset … offset + C` of `src` along time.
 
     Args:
@@ -68,6 +68,7 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
       implementation: "reference" | "pallas".
       interpret: run the Pallas kernel through the interpreter; only for "pallas".
       block_t: tokens per program (Pallas).
+      num_warps: warps per program (Pallas).
 
     Returns:
       (tuple of outputs, one per split; final state [b, K−1, C] fp32: the last K−1 inputs,
@@ -117,7 +118,8 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
         raise ValueError(f"causal_conv1d: block_t must be a power of two, got {block_t}")
     ys = _pallas(src, weight, bias, initial_state, offset=offset, splits=splits,
                  activation=activation, out_dtype=out_dtype, interpret=interpret,
-                 block_t=min(block_t, max(16, 1 << (length - 1).bit_length())), block_c=block_c)
+                 block_t=min(block_t, max(16, 1 << (length - 1).bit_length())), block_c=block_c,
+                 num_warps=num_warps)
     return tuple(ys), state
 
 
@@ -187,9 +189,10 @@ def _kernel(src_ref, w_ref, b_ref, s_ref, *o_refs, k, length, offset, starts, bl
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "offset", "splits", "activation", "out_dtype", "interpret", "block_t", "block_c"))
+    "offset", "splits", "activation", "out_dtype", "interpret", "block_t", "block_c",
+    "num_warps"))
 def _pallas(src, weight, bias, initial_state, *, offset, splits, activation, out_dtype,
-            interpret, block_t, block_c):
+            interpret, block_t, block_c, num_warps):
     from jax.experimental.pallas import triton as plgpu
 
     b, length, _ = src.shape
@@ -203,7 +206,7 @@ def _pallas(src, weight, bias, initial_state, *, offset, splits, activation, out
         ),
         grid=(b, pl.cdiv(length, block_t), c // block_c),
         out_shape=[jax.ShapeDtypeStruct((b, length, w), out_dtype) for w in splits],
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="causal_conv1d",
     )(src, weight, bias if has_bias else np.zeros((1,), np.float32),
