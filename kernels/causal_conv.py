@@ -16,10 +16,12 @@ interpreter on any platform). The kernel:
   slice of the output is copied either (a program's channel block lies in one piece);
 - evaluates in fp32 in the reference's order (taps k = 0 … K−1, then the bias, then silu), and
   rounds once to `out_dtype`.
-Why: XLA compiles the jnp form to a fusion that converts the window to fp32 and pads it,
-0.17 ms a layer at mamba2-1.3b's shapes and 16K tokens against 0.11 ms for causal_conv1d's CUDA
-kernel (evals/NOTES_model.md, session 10). The final state (the last K−1 inputs, fp32) is a
-slice the wrapper takes in XLA.
+Why: XLA compiles the jnp form to a fusion that converts the window to fp32 and pads it. At
+mamba2-1.3b's shapes and 16K tokens on an H100 that takes 0.187 ms a layer, this kernel 0.149
+and causal_conv1d's CUDA kernel 0.118 (the floor is 0.097; `evals/bench_conv.py`,
+evals/NOTES_model.md, session 13). Each tap loads its shifted window on its own (L1 hits), which
+is where the rest to the floor goes. The final state (the last K−1 inputs, fp32) is a slice the
+wrapper takes in XLA.
 """
 
 from __future__ import annotations
