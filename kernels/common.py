@@ -107,3 +107,15 @@ def check_implementation(implementation: str) -> None:
         raise ValueError(
             f"unknown scan implementation {implementation!r}; choose one of {IMPLEMENTATIONS}"
         )
+
+
+def check_selective_scan_shapes(where: str, x, dt, A, B, C):
+    """One error, naming `where` and every shape, unless x/Δ [b, l, e], A [e, n] and B/C
+    [b, l, n] agree (the selective-scan kernels' wrappers)."""
+    b, length, e = x.shape
+    n = A.shape[-1]
+    if dt.shape != x.shape or A.shape != (e, n) or B.shape != (b, length, n) or (
+            C.shape != B.shape):
+        raise ValueError(
+            f"{where} shapes disagree: x {x.shape}, dt {dt.shape}, A {A.shape}, "
+            f"B {B.shape}, C {C.shape}")

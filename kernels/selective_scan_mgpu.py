@@ -35,7 +35,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from longmamba_kernels.common import LOG2E, gate_input, pad_axis, pad_time
+from longmamba_kernels.common import (
+    LOG2E,
+    check_selective_scan_shapes,
+    gate_input,
+    pad_axis,
+    pad_time,
+)
 
 _WARPS = 4  # per warpgroup
 # Above 64 states a warpgroup would hold fewer than 8 channels at 4 states a thread (TMA rows
@@ -122,11 +128,7 @@ def _selective_scan_mosaic(x, dt, A, B, C, D, initial_state, threshold, dt_bias,
     f32 = jnp.float32
     b, length, e = x.shape
     n = A.shape[-1]
-    if dt.shape != x.shape or A.shape != (e, n) or B.shape != (b, length, n) or (
-            C.shape != B.shape):
-        raise ValueError(
-            f"selective_scan_mosaic shapes disagree: x {x.shape}, dt {dt.shape}, A {A.shape}, "
-            f"B {B.shape}, C {C.shape}")
+    check_selective_scan_shapes("selective_scan_mosaic", x, dt, A, B, C)
     n_pad, per_thread, block_e = mosaic_blocks(n, config.per_thread)
     block_t = config.block_t
     ep = -(-e // block_e) * block_e

@@ -53,6 +53,7 @@ from jax.experimental import pallas as pl
 
 from longmamba_kernels.common import (
     LOG2E,
+    check_selective_scan_shapes,
     delta_from_projection,
     gate_input,
     pad_axis,
@@ -410,11 +411,7 @@ def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, dt_bias,
     f32 = jnp.float32
     b, length, e = x.shape
     n = A.shape[-1]
-    if dt.shape != x.shape or A.shape != (e, n) or B.shape != (b, length, n):
-        raise ValueError(
-            f"selective_scan_pallas shapes disagree: x {x.shape}, dt {dt.shape}, A {A.shape}, "
-            f"B {B.shape}"
-        )
+    check_selective_scan_shapes("selective_scan_pallas", x, dt, A, B, C)
     config = config.resolve(n)
     block_e = min(config.block_e, _next_pow2(e))
     ep = -(-e // block_e) * block_e

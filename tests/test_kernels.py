@@ -961,3 +961,15 @@ def test_causal_conv_rejects_bad_input():
         causal_conv1d(src, w, implementation="associative")
     assert default_block_c((4096, 128, 128)) == 128 and default_block_c((64, 8, 8)) == 0
     assert default_block_c((48, 16)) == 16
+
+
+@pytest.mark.parametrize("config", [SelectiveScanPallasConfig(), SS_MOSAIC_TEST_CONFIG],
+                         ids=["lane", "mosaic"])
+def test_selective_scan_pallas_rejects_disagreeing_shapes(config):
+    """Both kernels' wrappers name every shape when B and C (or x and Δ) disagree."""
+    x = jnp.ones((1, 8, 16))
+    A, B = -jnp.ones((16, 4)), jnp.ones((1, 8, 4))
+    with pytest.raises(ValueError, match=r"shapes disagree: .*C \(1, 8, 5\)"):
+        selective_scan_pallas(x, x, A, B, jnp.ones((1, 8, 5)), interpret=True, config=config)
+    with pytest.raises(ValueError, match=r"shapes disagree: x \(1, 8, 16\), dt \(1, 7, 16\)"):
+        selective_scan_pallas(x, jnp.ones((1, 7, 16)), A, B, B, interpret=True, config=config)
