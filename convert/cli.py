@@ -23,14 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-from longmamba_jax.checkpoint import (
+from longmamba_jax.checkpoints.files import (
     CONFIG_FILE,
     SAFETENSORS_INDEX,
     CheckpointError,
-    load_torch_checkpoint,
-    resolve_source,
     weight_files,
 )
+from longmamba_jax.checkpoints.source import resolve_source
+from longmamba_jax.checkpoints.torch_format import load_torch_checkpoint
 from longmamba_jax.config import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -87,7 +87,7 @@ def convert(args: argparse.Namespace) -> Path:
     import jax.numpy as jnp
 
     import longmamba_jax
-    from longmamba_jax.orbax_io import (
+    from longmamba_jax.checkpoints.converted import (
         atomic_directory,
         check_output_dir,
         load_converted,
@@ -168,7 +168,7 @@ def convert(args: argparse.Namespace) -> Path:
 def _read_manifest(directory: Path) -> dict:
     import json
 
-    from longmamba_jax.orbax_io import MANIFEST
+    from longmamba_jax.checkpoints.converted import MANIFEST
 
     return json.loads((directory / MANIFEST).read_text())
 

@@ -64,7 +64,7 @@ def torch_model(params):
     import torch
     import transformers
 
-    from longmamba_jax.export import iter_torch_tensors, to_hf_config
+    from longmamba_jax.checkpoints.export import iter_torch_tensors, to_hf_config
 
     config = params.config
     hf = to_hf_config(config)

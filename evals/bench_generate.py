@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import longmamba_jax as lmj
-from longmamba_jax.generate import _decode_loop
-from longmamba_jax.sampling import Greedy
+from longmamba_jax.generation.generate import _decode_loop
+from longmamba_jax.generation.sampling import Greedy
 
 CONFIGS = {
     # state-spaces/mamba2-1.3b

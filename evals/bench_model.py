@@ -47,9 +47,9 @@ import numpy as np
 
 import longmamba_jax as lmj
 from longmamba_evals.bench_generate import CONFIGS, DTYPES, SMALL, _device, _timed, _tokens
-from longmamba_jax.generate import _decode_loop
+from longmamba_jax.generation.generate import _decode_loop
+from longmamba_jax.generation.sampling import Greedy
 from longmamba_jax.model import LayerFilters, apply_model
-from longmamba_jax.sampling import Greedy
 
 # name -> XLA_FLAGS added for that variant of the decode measurement (flag values checked in the
 # jaxlib of this repo's environment: CommandBufferCmdType and WhileLoopUnrolling enums).
@@ -215,8 +215,8 @@ def _decode_once(params, cache, logits0, *, new_tokens, impl, backend):
 
 
 def _one_step_logits(params, cache, tok, impl, backend):
-    from longmamba_jax.decode_unrolled import prepare_fused, split_layers
-    from longmamba_jax.generate import _step_body
+    from longmamba_jax.generation.decode_steps import prepare_fused, split_layers
+    from longmamba_jax.generation.generate import _step_body
 
     layers = {"unrolled": split_layers, "fused": lambda p: prepare_fused(p, None)}.get(
         impl, lambda p: None)(params)
@@ -341,13 +341,13 @@ def step_census(text: str, n_layer: int) -> dict:
 
 
 def sec_stepcheck(args) -> dict:
-    """The Mamba2 decode-step kernel (`longmamba_kernels.ssd_step`) compiled on this device
+    """The Mamba2 decode-step kernel (`longmamba_kernels.ssd.step`) compiled on this device
     against its jnp reference at mamba2-1.3b's shapes (batch 1 and 8, LongMamba filter off and
     on), then the parts of a decode step timed alone, each as a chain of n_layer calls with
     the real per-layer shapes (so that one call's time ≈ one step's share of that part):
     the step kernel vs the reference step, the in_proj GEMV, the out_proj GEMV as written
     (one row: XLA rewrites it into multiply + reduce) and with the row padded to two."""
-    from longmamba_kernels.ssd_step import ssd_decode_step
+    from longmamba_kernels.ssd.step import ssd_decode_step
 
     cfg = _config("mamba2", args.small)
     L, h, p, n, G = cfg.n_layer, cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups

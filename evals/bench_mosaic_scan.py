@@ -19,8 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from longmamba_evals.bench_scan import parse_lengths, ss_inputs, time_fn
-from longmamba_kernels.selective_scan_mgpu import SelectiveScanMosaicConfig, selective_scan_mosaic
-from longmamba_kernels.selective_scan_pallas import selective_scan_pallas
+from longmamba_kernels.selective_scan import selective_scan_pallas
+from longmamba_kernels.selective_scan.pallas_mosaic import (
+    SelectiveScanMosaicConfig,
+    selective_scan_mosaic,
+)
 
 
 def main(argv=None):

@@ -36,15 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longmamba_kernels.selective_scan_associative import selective_scan_associative
-from longmamba_kernels.selective_scan_mgpu import SelectiveScanMosaicConfig
-from longmamba_kernels.selective_scan_pallas import (
-    SelectiveScanPallasConfig,
-    default_config,
-    selective_scan_pallas,
-)
-from longmamba_kernels.ssd_chunked import ssd_chunked
-from longmamba_kernels.ssd_pallas import (
+from longmamba_kernels.selective_scan import default_config, selective_scan_pallas
+from longmamba_kernels.selective_scan.associative import selective_scan_associative
+from longmamba_kernels.selective_scan.pallas_mosaic import SelectiveScanMosaicConfig
+from longmamba_kernels.selective_scan.pallas_triton import SelectiveScanPallasConfig
+from longmamba_kernels.ssd.chunked import ssd_chunked
+from longmamba_kernels.ssd.pallas_triton import (
     SSDPallasConfig,
     _segment_initial_states,
     ssd_pallas,

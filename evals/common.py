@@ -1,7 +1,7 @@
 """Shared machinery of the evaluations: model runner, methods, filler text, prompts, outputs.
 
 Every task (passkey, ruler, perplexity, longbench, latency) builds token prompts here, runs them
-through a `Runner` (by default `LMRunner`, i.e. `longmamba_jax.generate` / `forward`) with one
+through a `Runner` (by default `LMRunner`, i.e. `generate` / `forward`) with one
 method (`vanilla`, `longmamba`, `decimamba`), and saves, per (task, method):
 
     OUT/{task}_{method}.json   every sample (prompt length, expected, produced) + summary curves
@@ -202,7 +202,7 @@ def _load_calibration(path: str):
         raise FileNotFoundError(f"calibration file {path!r} does not exist")
     calibration_cls = getattr(lm, "Calibration", None)
     if calibration_cls is None:  # not re-exported at the top level (yet)
-        from longmamba_jax.calibration import Calibration as calibration_cls
+        from longmamba_jax.calibration.artifact import Calibration as calibration_cls
     return calibration_cls.load(path)
 
 

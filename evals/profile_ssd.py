@@ -17,11 +17,9 @@ import time
 import jax
 
 from longmamba_evals.bench_scan import parse_fields, ss_inputs, ssd_inputs
-from longmamba_kernels.selective_scan_pallas import (
-    SelectiveScanPallasConfig,
-    selective_scan_pallas,
-)
-from longmamba_kernels.ssd_pallas import SSDPallasConfig, ssd_pallas
+from longmamba_kernels.selective_scan import selective_scan_pallas
+from longmamba_kernels.selective_scan.pallas_triton import SelectiveScanPallasConfig
+from longmamba_kernels.ssd.pallas_triton import SSDPallasConfig, ssd_pallas
 
 
 def main(argv=None) -> None:

@@ -20,8 +20,8 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from longmamba_kernels.selective_scan_associative import selective_scan_associative
-from longmamba_kernels.selective_scan_reference import selective_scan_reference
+from longmamba_kernels.selective_scan.associative import selective_scan_associative
+from longmamba_kernels.selective_scan.reference import selective_scan_reference
 
 
 def temp_gb(fn, b: int, l: int, e: int, n: int) -> float:

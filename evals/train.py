@@ -28,7 +28,7 @@ Text: `evals/data/lambada_train.txt` (the LAMBADA novel text after the part kept
 
 Resumable (Orbax checkpoints under OUT/ckpt; every step's batch is a function of (seed, step)),
 so a resumed run continues identically. After training: OUT/model (mamba_ssm native torch
-layout, bf16 safetensors, via `longmamba_jax.export.export_torch`) and OUT/calibration.npz
+layout, bf16 safetensors, via `longmamba_jax.export_torch`) and OUT/calibration.npz
 (LongMamba, calibrated on `calib_windows` training-format prompts of exactly `train_len`).
 
     python -m longmamba_evals.train --arch mamba2 --steps 3000 --out runs/m2 [--time-budget-s 200]
@@ -789,7 +789,7 @@ def export_and_calibrate(params: Params, tc: TrainConfig, out: str | os.PathLike
                          backend: str = "associative", quiet: bool = False):
     """Writes OUT/model (native torch layout, bf16) and OUT/calibration.npz (calibrated on the
     re-loaded export, i.e. exactly the shipped model). Returns (loaded params, calibration)."""
-    from longmamba_jax.export import export_torch
+    from longmamba_jax.checkpoints.export import export_torch
 
     out = Path(out)
     export_torch(params.astype(bf16), out / "model", layout="native", force=True)

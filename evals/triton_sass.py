@@ -70,17 +70,15 @@ def capture_triton_ir(op: str, fields: dict, length: int, n: int | None):
     try:
         # The benchmark's own inputs (shapes and dtypes only: nothing is allocated).
         if op == "selective_scan":
-            from longmamba_kernels.selective_scan_pallas import (
-                SelectiveScanPallasConfig,
-                selective_scan_pallas,
-            )
+            from longmamba_kernels.selective_scan import selective_scan_pallas
+            from longmamba_kernels.selective_scan.pallas_triton import SelectiveScanPallasConfig
 
             n = n or 16
             config = SelectiveScanPallasConfig(**fields).resolve(n)
             args, _ = jax.eval_shape(lambda: bench_scan.ss_inputs(length, n=n))
             run = selective_scan_pallas
         else:
-            from longmamba_kernels.ssd_pallas import SSDPallasConfig, ssd_pallas
+            from longmamba_kernels.ssd.pallas_triton import SSDPallasConfig, ssd_pallas
 
             config = SSDPallasConfig(**fields)
             args, _ = jax.eval_shape(lambda: bench_scan.ssd_inputs(length, n=n or 128))

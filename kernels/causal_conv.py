@@ -18,8 +18,8 @@ interpreter on any platform). The kernel:
   rounds once to `out_dtype`.
 Why: XLA compiles the jnp form to a fusion that converts the window to fp32 and pads it. At
 mamba2-1.3b's shapes and 16K tokens on an H100 that takes 0.187 ms a layer, this kernel 0.149
-and causal_conv1d's CUDA kernel 0.118 (the floor is 0.097; `evals/bench_conv.py`,
-evals/NOTES_model.md, session 13). Each tap loads its shifted window on its own (L1 hits), which
+and causal_conv1d's CUDA kernel 0.118 (the floor is 0.097; docs/kernels.md, "Causal conv").
+Each tap loads its shifted window on its own (L1 hits), which
 is where the rest to the floor goes. The final state (the last K−1 inputs, fp32) is a slice the
 wrapper takes in XLA.
 """

@@ -3,7 +3,7 @@
 Notation used across `kernels/`: b batch, l length, e Mamba-1 channels (d_inner), n state size,
 h Mamba2 heads, p head dim, g groups (B/C shared by h/g heads), c chunks, s chunk size.
 
-The LongMamba filter (SPEC §2 "Scan backends", §3.2) is given to every implementation as two
+The LongMamba filter (docs/design.md, "LongMamba filtering") is given to every implementation as two
 per-channel arrays and applied inside the scan:
 
     Δ_eff = where(is_global & (Δ <= threshold), 0, Δ)
@@ -27,9 +27,9 @@ HIGHEST = jax.lax.Precision.HIGHEST
 # log2(e) outside the kernel, so every decay is one exp2. Pallas lowers jnp.exp to libdevice's
 # expf (a range reduction around one ex2.approx) and jnp.exp2 to exp2f, whose results matched a
 # bare inline ex2.approx bit for bit on the H100. The scans evaluate a decay for every element
-# they touch (evals/NOTES_kernels.md, session 5). exp2f still wraps the ex2.approx in a
+# they touch (docs/kernels.md, "Decays as exp2"). exp2f still wraps the ex2.approx in a
 # subnormal range check (an FSETP and two FMULs in the SASS), which the selective scan, issue
-# bound, skips by default with an inline `ex2.approx.ftz` (session 6).
+# bound, skips by default with an inline `ex2.approx.ftz`.
 LOG2E = 1.4426950408889634
 
 

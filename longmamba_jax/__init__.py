@@ -8,24 +8,20 @@ context extension (LongMamba, DeciMamba).
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib import metadata as _metadata
 
-from longmamba_jax._demo import demo_model
 from longmamba_jax.backends import BACKENDS, resolve_backend
-from longmamba_jax.calibrate import calibrate
-from longmamba_jax.calibration import Calibration
-from longmamba_jax.checkpoint import CheckpointError
+from longmamba_jax.calibration import Calibration, calibrate
+from longmamba_jax.checkpoints import CheckpointError, export_torch, load
 from longmamba_jax.config import ConfigError, Mamba2Config, MambaConfig
-from longmamba_jax.export import export_torch
-from longmamba_jax.generate import decode_step, generate, prefill
-from longmamba_jax.loading import load
-from longmamba_jax.longprompt import prefill_chunked
+from longmamba_jax.demo import demo_model
+from longmamba_jax.generation import decode_step, generate, prefill, prefill_chunked
 from longmamba_jax.methods import DeciMamba, LongMamba
 from longmamba_jax.model import Cache, Params, apply_model, empty_cache, forward, init_params
 
 try:
-    __version__ = version("longmamba-jax")
-except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = _metadata.version("longmamba-jax")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [

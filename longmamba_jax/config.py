@@ -1,6 +1,6 @@
 """Model configurations for Mamba-1 and Mamba2, built from either checkpoint schema.
 
-Two schemas exist in the wild (SPEC §5):
+Two schemas exist in the wild (docs/design.md, "Checkpoint formats"):
 - mamba_ssm native `config.json`: `d_model, n_layer, vocab_size, ssm_cfg{layer: "Mamba2", ...},
   rms_norm, residual_in_fp32, fused_add_norm, pad_vocab_size_multiple, tie_embeddings,
   d_intermediate, attn_layer_idx, attn_cfg`. Mixer geometry is mostly omitted and takes
@@ -102,7 +102,7 @@ class MambaConfig(_Common):
 
     @property
     def channels(self) -> int:
-        """Units that own a Δ (SPEC §3): the d_inner channels."""
+        """Units that own a Δ: the d_inner channels."""
         return self.d_inner
 
     @property
@@ -152,7 +152,7 @@ class Mamba2Config(_Common):
 
     @property
     def channels(self) -> int:
-        """Units that own a Δ (SPEC §3): the heads."""
+        """Units that own a Δ: the heads."""
         return self.nheads
 
     @property

@@ -1,4 +1,4 @@
-"""Training-free context extension: LongMamba (SPEC §3.2) and DeciMamba (SPEC §4).
+"""Training-free context extension: LongMamba and DeciMamba (docs/design.md).
 
 A method turns a prompt length into extra inputs of `apply_model` (`model_kwargs`), so every
 backend applies it inside the same compiled forward:
@@ -27,7 +27,7 @@ class LongMamba:
     """LongMamba filtering of low-Δ tokens in the global channels.
 
     Args:
-      calibration: a `Calibration` of this model (see `longmamba_jax.calibrate`).
+      calibration: a `Calibration` of this model (see `longmamba_jax.calibration.record`).
       channel_threshold: c_thr; channels whose decay fraction tA_prod exceeds it are global.
       scale: b; a token is kept in a global channel when Δ > b·θ_S.
       min_len: filtering is on only for prompts longer than this (default: the calibration's

@@ -1,4 +1,4 @@
-"""The Mamba-1 and Mamba2 mixers as Flax modules (SPEC §2).
+"""The Mamba-1 and Mamba2 mixers as Flax modules (docs/design.md, "The mixers").
 
 Mamba-1 (per layer; e = d_inner channels, n = d_state):
     x, z   = split(in_proj(u), [e, e])
@@ -47,9 +47,9 @@ from longmamba_kernels.common import apply_gate, filter_threshold
 from longmamba_kernels.gated_rmsnorm import gated_rms_norm
 from longmamba_kernels.gated_rmsnorm import supported as gated_norm_supported
 from longmamba_kernels.selective_scan import selective_scan
-from longmamba_kernels.selective_scan_reference import selective_state_step
+from longmamba_kernels.selective_scan.reference import selective_state_step
 from longmamba_kernels.ssd import ssd
-from longmamba_kernels.ssd_reference import ssd_step
+from longmamba_kernels.ssd.reference import ssd_step
 
 f32 = jnp.float32
 
@@ -84,7 +84,7 @@ class MixerAux:
 
 
 def decimation_indices(dt, keep: int, keep_last: int):
-    """DeciMamba's choice (SPEC §4): score = ‖Δ_t‖₂ over channels; among the first l − keep_last
+    """DeciMamba's choice (docs/design.md, "DeciMamba"): score = ‖Δ_t‖₂ over channels; among the first l − keep_last
     tokens take the `keep` highest scores, in their original order, then the last keep_last.
 
     dt: [b, l, channels] -> int32 [b, keep + keep_last] ascending positions.
@@ -271,7 +271,7 @@ class Mamba2Mixer(nn.Module):
 
 
 class Block(nn.Module):
-    """x + mixer(rmsnorm(x)) with the residual stream x in fp32 (SPEC §2)."""
+    """x + mixer(rmsnorm(x)) with the residual stream x in fp32."""
 
     config: MambaConfig | Mamba2Config
     backend: ScanBackend = ScanBackend()

@@ -1,4 +1,4 @@
-"""Tests for longmamba_jax.calibration (SPEC §3.1): hand-computed cases, an independent
+"""Tests for longmamba_jax.calibration: hand-computed cases, an independent
 implementation of the published rule, the 1% bound of the grid storage, and the artifact."""
 
 import json

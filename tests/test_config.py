@@ -1,4 +1,4 @@
-"""Configs from both checkpoint schemas, and the precision policy (SPEC §2, §5, §7)."""
+"""Configs from both checkpoint schemas, and the precision policy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The converter (`python -m convert`, issue 3) on checkpoints these tests build themselves.
+"""The converter (`python -m convert`) on checkpoints these tests build themselves.
 
 Tiny random transformers models (save_pretrained) and mamba_ssm native directories written here
 (native key names, `ssm_cfg`, unpadded vocab + pad_vocab_size_multiple, `pytorch_model.bin` via

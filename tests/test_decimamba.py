@@ -1,4 +1,4 @@
-"""DeciMamba (SPEC §4): the plan, the kept indices, and the shorter sequence downstream."""
+"""DeciMamba: the plan, the kept indices, and the shorter sequence downstream."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fused decode step (issue 7): the Mamba2 step kernel (`longmamba_kernels.ssd_step`) against
+"""The fused decode step: the Mamba2 step kernel (`longmamba_kernels.ssd.step`) against
 its jnp reference and the Flax mixer's step, and `generate(decode_impl="fused")` against the
 default scan decode (same greedy tokens, logits within fp32 rounding).
 
@@ -19,7 +19,7 @@ import longmamba_jax as lmj
 from longmamba_jax.mixers import Mamba2Mixer, ScanBackend
 from longmamba_jax.model import LayerFilters
 from longmamba_kernels.common import RTOL
-from longmamba_kernels.ssd_step import ssd_decode_step
+from longmamba_kernels.ssd.step import ssd_decode_step
 
 f32 = jnp.float32
 
@@ -187,8 +187,8 @@ def test_fused_generate_matches_scan(name, batch):
 def test_fused_decode_keeps_one_layer_loop_out_and_gemm_rows():
     """The fused loop body has no layer loop, and at batch 1 every projection is a [2, i] dot
     (the padded row that keeps XLA:GPU from rewriting it into multiply + reduce)."""
-    from longmamba_jax.generate import _decode_loop
-    from longmamba_jax.sampling import Greedy
+    from longmamba_jax.generation.generate import _decode_loop
+    from longmamba_jax.generation.sampling import Greedy
 
     params = _params(MODELS["mamba2-g1"]())
     logits0, cache = lmj.prefill(params, np.zeros((1, 5), np.int32), backend="reference")

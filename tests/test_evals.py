@@ -400,7 +400,7 @@ def test_decimamba_tiny_model(tiny_params):
 
 @pytest.fixture(scope="module")
 def calibration_file(tiny_params, tmp_path_factory):
-    from longmamba_jax.calibrate import calibrate
+    from longmamba_jax.calibration.record import calibrate
 
     tokens = np.asarray(TOK.encode(load_text()[:5000]))
     cal = calibrate(tiny_params, tokens, train_len=100, num_windows=2, backend="reference",
@@ -498,7 +498,7 @@ def test_bench_scan_parse_fields():
     """Config fields from the benchmark's command line: booleans, integers (negative ones
     too, so the config rejects them with its own message), strings."""
     from longmamba_evals.bench_scan import parse_fields
-    from longmamba_kernels.selective_scan_pallas import SelectiveScanPallasConfig
+    from longmamba_kernels.selective_scan.pallas_triton import SelectiveScanPallasConfig
 
     assert parse_fields("layout=tile,block_e=8,prefetch=False,segments=-1") == dict(
         layout="tile", block_e=8, prefetch=False, segments=-1)

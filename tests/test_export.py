@@ -1,4 +1,4 @@
-"""JAX -> torch export (`longmamba_jax.export`) and the converted format (`orbax_io`).
+"""JAX -> torch export (`longmamba_jax.checkpoints.export`) and the converted format (`orbax_io`).
 
 Round trips: export -> `longmamba_jax.load` gives the same weights (both layouts, safetensors
 and .bin, fp32 and bf16); export in the transformers layout -> `from_pretrained` gives the
@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 import longmamba_jax as lmj
-from longmamba_jax.checkpoint import CheckpointError
-from longmamba_jax.config import from_dict
-from longmamba_jax.export import (
+from longmamba_jax.checkpoints import CheckpointError
+from longmamba_jax.checkpoints.converted import atomic_directory, load_converted, save_converted
+from longmamba_jax.checkpoints.export import (
     export_torch,
     to_hf_config,
     to_native_config,
     torch_state_dict,
 )
-from longmamba_jax.orbax_io import atomic_directory, load_converted, save_converted
+from longmamba_jax.config import from_dict
 
 CONFIGS = {
     "mamba2-tied": lmj.Mamba2Config.tiny(),  # vocab 61 padded to 64

@@ -1,4 +1,4 @@
-"""Generation (SPEC §2 decoding paragraph, issue 4): prefill + recurrent decode vs the full
+"""Generation: prefill + recurrent decode vs the full
 forward and vs transformers' `generate`; chunked prefill; left padding; EOS; sampling filters;
 no per-step recompilation; method plumbing (LongMamba filter, DeciMamba).
 
@@ -17,9 +17,9 @@ import pytest
 from torch_models import make_torch_model, rel_err, save_hf, torch
 
 import longmamba_jax as lmj
-from longmamba_jax.generate import _decode_loop, _step
+from longmamba_jax.generation.generate import _decode_loop, _step
+from longmamba_jax.generation.sampling import Greedy, Sampling, make_sampler, sample_logits
 from longmamba_jax.model import LayerFilters
-from longmamba_jax.sampling import Greedy, Sampling, make_sampler, sample_logits
 
 pytestmark = pytest.mark.torch
 

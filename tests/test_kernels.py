@@ -19,19 +19,17 @@ import numpy as np
 import pytest
 
 from longmamba_kernels.common import RTOL, filter_threshold
-from longmamba_kernels.selective_scan import selective_scan
-from longmamba_kernels.selective_scan_associative import selective_scan_associative
-from longmamba_kernels.selective_scan_mgpu import SelectiveScanMosaicConfig, mosaic_blocks
-from longmamba_kernels.selective_scan_pallas import (
+from longmamba_kernels.selective_scan import default_config, selective_scan, selective_scan_pallas
+from longmamba_kernels.selective_scan.associative import selective_scan_associative
+from longmamba_kernels.selective_scan.pallas_mosaic import SelectiveScanMosaicConfig, mosaic_blocks
+from longmamba_kernels.selective_scan.pallas_triton import (
     SelectiveScanPallasConfig,
-    default_config,
     lane_channels,
     lane_segments,
-    selective_scan_pallas,
 )
-from longmamba_kernels.selective_scan_reference import selective_scan_reference
+from longmamba_kernels.selective_scan.reference import selective_scan_reference
 from longmamba_kernels.ssd import ssd
-from longmamba_kernels.ssd_pallas import SSDPallasConfig, ssd_pallas, ssd_segments
+from longmamba_kernels.ssd.pallas_triton import SSDPallasConfig, ssd_pallas, ssd_segments
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 gpu_only = pytest.mark.skipif(not HAS_GPU, reason="compiled Pallas kernels need a CUDA GPU")
@@ -208,7 +206,7 @@ def test_ssd_matches_reference(impl, shape, dtype):
     args, s0, filt = ssd_inputs(SSD_SHAPES[shape], dtype)
     y_ref, s_ref = run_ssd("reference", args, s0, filt)
     y, s = run_ssd(impl, args, s0, filt)
-    assert y.dtype == jnp.float32 and s.dtype == jnp.float32  # precision policy (SPEC §7)
+    assert y.dtype == jnp.float32 and s.dtype == jnp.float32  # precision policy
     assert y.shape == y_ref.shape and s.shape == s_ref.shape
     assert_close(y, y_ref, dtype, f"ssd {impl} y")
     assert_close(s, s_ref, dtype, f"ssd {impl} final state")
@@ -399,7 +397,7 @@ def test_selective_scan_pallas_config_rejects_bad_fields():
 
 def test_selective_scan_lane_channels_per_thread():
     """The lane layout's default channels per thread keep 2 n × channels near 128 registers,
-    a power of two from 1 to 8 (the H100 sweep of session 8: n = 8 / 16 / 32 / 64 ran fastest
+    a power of two from 1 to 8 (the H100 sweep in docs/kernels.md: n = 8 / 16 / 32 / 64 ran fastest
     at 8 / 4 / 2 / 1)."""
     assert [lane_channels(n) for n in (1, 4, 8, 12, 16, 24, 32, 48, 64, 256)] == \
         [8, 8, 8, 4, 4, 2, 2, 1, 1, 1]

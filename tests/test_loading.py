@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import longmamba_jax as lmj
-from longmamba_jax.checkpoint import CheckpointError
-from longmamba_jax.export import export_torch
+from longmamba_jax.checkpoints import CheckpointError
+from longmamba_jax.checkpoints.export import export_torch
 
 
 @pytest.fixture(scope="module")

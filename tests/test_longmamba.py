@@ -1,4 +1,4 @@
-"""LongMamba inside the model (SPEC §3.2): the filter in every backend, its exact effect on the
+"""LongMamba inside the model: the filter in every backend, its exact effect on the
 state of global channels, when it is off, and calibration matched to its model."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import longmamba_jax as lmj
-from longmamba_jax.calibrate import calibrate, layer_A, record_deltas
-from longmamba_jax.calibration import Calibration
+from longmamba_jax.calibration import Calibration, calibrate, layer_A, record_deltas
 from longmamba_jax.model import LayerFilters, apply_model
 
 CONFIGS = {
@@ -147,11 +146,11 @@ def test_calibration_round_trip_and_mismatched_model_refused(tmp_path):
 
 
 def test_calibrate_cli(tmp_path):
-    from longmamba_jax.calibrate import main
+    from longmamba_jax.calibration.cli import main
 
     cfg = lmj.Mamba2Config.tiny(n_layer=2, d_state=8, headdim=8, vocab_size=257)
     params = lmj.init_params(cfg, seed=9)
-    from longmamba_jax.export import export_torch
+    from longmamba_jax.checkpoints.export import export_torch
 
     model_dir = tmp_path / "model"
     export_torch(params, model_dir, layout="native")

@@ -1,5 +1,5 @@
-"""Chunked prefill of long prompts (`longmamba_jax.longprompt`, issue 7) and the unrolled decode
-step (`longmamba_jax.decode_unrolled`): both must compute what the one-shot / scan paths do.
+"""Chunked prefill of long prompts (`longmamba_jax.generation.chunked`) and the unrolled decode
+step (`longmamba_jax.generation.decode_steps`): both must compute what the one-shot / scan paths do.
 
 Tiny random-weight models on the CPU (fp32; ‖a − b‖ / ‖b‖ ≤ 1e-5). LongMamba runs with a real
 `Calibration` of the tiny model (train_len 16) and channel_threshold 0.0, so that its filters
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import longmamba_jax as lmj
-from longmamba_jax.longprompt import chunk_plan
+from longmamba_jax.generation.chunked import chunk_plan
 
 RTOL = 1e-5
 TRAIN_LEN = 16
@@ -149,8 +149,8 @@ def test_unrolled_decode_matches_scan(model):
 
 def test_unrolled_step_is_straight_line(model):
     """The unrolled loop body holds no inner loop over layers (the point of the variant)."""
-    from longmamba_jax.generate import _decode_loop
-    from longmamba_jax.sampling import Greedy
+    from longmamba_jax.generation.generate import _decode_loop
+    from longmamba_jax.generation.sampling import Greedy
 
     params, _ = model
     logits0, cache = lmj.prefill(params, _tokens(params), backend=BACKEND)

@@ -1,4 +1,4 @@
-"""Parity of `longmamba_jax.forward` with the transformers torch models (SPEC §2, §5, §7).
+"""Parity of `longmamba_jax.forward` with the transformers torch models.
 
 Checkpoints are written by `save_pretrained` (transformers layout) or in the mamba_ssm native
 layout, then loaded through `longmamba_jax.load(dir)` like a user would.

@@ -1,4 +1,4 @@
-"""Training script (evals/train.py) and the bundled demo (longmamba_jax/demo.py)."""
+"""The short-training script and the bundled demo (`longmamba_jax.demo`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 9 pipeline end to end on CPU with tiny models: several seeds trained together, export,
+"""The train-short-test-long pipeline end to end on CPU with tiny models: several seeds trained together, export,
 calibration, evaluation (`evals/train_eval.py`), and the aggregation over seeds
 (`evals/aggregate_seeds.py`)."""
 

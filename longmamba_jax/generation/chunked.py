@@ -1,6 +1,6 @@
 """Prompts of any length (1M tokens and more) in fixed-size chunks, memory bounded by the chunk.
 
-Both architectures are recurrences with a fixed-size state per layer (SPEC §2), so a prompt
+Both architectures are recurrences with a fixed-size state per layer, so a prompt
 x[0:S] cut into chunks x[0:c], x[c:2c], … gives exactly the one-shot result when each chunk
 starts from the state the previous one left:
 
@@ -8,7 +8,7 @@ starts from the state the previous one left:
 
 Only one chunk's activations are alive at a time (the `Cache` carried between chunks is a few
 hundred MB at most: n_layer × b × state), so peak memory is set by `chunk_size`, not by S.
-LongMamba (SPEC §3.2) filters every chunk with θ for the *total* length S (`total_len`), as the
+LongMamba filters every chunk with θ for the *total* length S (`total_len`), as the
 one-shot prefill of S tokens would. DeciMamba decimates a whole prompt at once and is rejected.
 
 Compiled programs (the bucketing): one for the full chunks (shape [b, chunk_size], shared by
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from longmamba_jax.generate import prefill
+from longmamba_jax.generation.generate import prefill
 from longmamba_jax.model import Cache, Params, empty_cache
 
 REMAINDER_MODES = ("single", "binary")

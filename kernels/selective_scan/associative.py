@@ -8,9 +8,9 @@ Under autodiff each chunk is rematerialised (`jax.checkpoint`): the backward pas
 chunk-boundary states [b, e, n] and recomputes a chunk's internals, instead of storing every
 level of its associative scan ([b, s, e, n] each). For one layer at b=16, l=512, e=768, n=16 the
 gradient's XLA temporaries are 1.8 GB at chunk 128 and 0.48 GB at chunk 32, against the
-sequential reference's 1.3 GB (`python evals/scan_grad_memory.py`, CPU memory analysis; the
+sequential reference's 1.3 GB (`python evals/bench/scan_grad_memory.py`, CPU memory analysis; the
 same measurement without the remat gave 4.7 GB at chunk 128); this is what makes Mamba-1
-trainable through this backend (`evals/train.py`). Without differentiation it changes nothing.
+trainable through this backend. Without differentiation it changes nothing.
 """
 
 from __future__ import annotations

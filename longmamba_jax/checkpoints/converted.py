@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longmamba_jax.checkpoint import CheckpointError, expected_shapes, read_json
+from longmamba_jax.checkpoints.files import CheckpointError, read_json
+from longmamba_jax.checkpoints.torch_format import expected_shapes
 from longmamba_jax.config import ConfigError, from_dict
 
 CONVERTED_CONFIG = "longmamba_config.json"

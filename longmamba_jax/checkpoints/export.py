@@ -1,8 +1,8 @@
 """JAX -> PyTorch: configs and state dicts for transformers and mamba_ssm, and `export_torch`.
 
-The inverse of the key table in `longmamba_jax.checkpoint`: every parameter path maps back to
-its torch key, `kernel` [in, out] back to a Linear weight [out, in], and the conv kernel [K, C]
-back to a depthwise Conv1d weight [C, 1, K]. Layer-stacked parameters [n_layer, ...] become one
+The inverse of the key table in `torch_format.py`: every parameter path maps back to its
+torch key, `kernel` [in, out] back to a Linear weight [out, in], and the conv kernel [K, C] back
+to a depthwise Conv1d weight [C, 1, K]. Layer-stacked parameters [n_layer, ...] become one
 tensor per layer.
 
 Vocab padding: the embedding (and untied head) keep their padded size `padded_vocab_size`.
@@ -26,7 +26,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from longmamba_jax.checkpoint import torch_key
+from longmamba_jax.checkpoints.torch_format import torch_key
 from longmamba_jax.config import Config, Mamba2Config, MambaConfig
 
 LAYOUTS = ("transformers", "native")
@@ -254,7 +254,7 @@ def export_torch(params, out_dir, *, layout: str = "transformers",
     Returns:
       The output directory.
     """
-    from longmamba_jax.orbax_io import atomic_directory
+    from longmamba_jax.checkpoints.converted import atomic_directory
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")

@@ -1,23 +1,16 @@
-"""LongMamba calibration, recording side (SPEC §3.1): run the model on windows of `train_len`
-tokens taken evenly across a token stream, record Δ of every layer (after softplus), and stream
-them batch by batch into a `CalibrationBuilder` (the pure math, `calibration.py`).
-
-CLI:
-    python -m longmamba_jax.calibrate --model SRC --text FILE --tokenizer NAME_OR_DIR|bytes \\
-        --train-len N --out FILE [--num-windows 100] [--clamp-top 0.10] [--aggregate mean]
-"""
+"""`calibrate`: run the model on windows of `train_len` tokens taken evenly across a token
+stream, record Δ of every layer (after softplus), and stream them batch by batch into a
+`CalibrationBuilder`."""
 
 from __future__ import annotations
-
-import argparse
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from longmamba_jax.backends import resolve_backend
-from longmamba_jax.calibration import Calibration, CalibrationBuilder
+from longmamba_jax.calibration.artifact import Calibration
+from longmamba_jax.calibration.builder import CalibrationBuilder
 from longmamba_jax.config import Mamba2Config
 from longmamba_jax.model import Params, apply_model
 
@@ -80,7 +73,7 @@ def record_deltas(params: Params, tokens, *, train_len: int, num_windows: int = 
 def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
               clamp_top: float = 0.10, aggregate: str = "mean", backend: str = "auto",
               batch_size: int = 4, progress: bool = True) -> Calibration:
-    """LongMamba calibration of `params` on a 1-D token stream (SPEC §3.1).
+    """LongMamba calibration of `params` on a 1-D token stream (docs/design.md, "LongMamba calibration").
 
     Windows are streamed through a `CalibrationBuilder` batch by batch, so host memory is one
     batch of Δ plus the per-channel result, whatever `num_windows` (a 48-layer, 4096-channel
@@ -113,46 +106,3 @@ def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
         model_info={"arch": cfg.arch, "n_layer": cfg.n_layer, "channels": cfg.channels,
                     "kind": "heads" if isinstance(cfg, Mamba2Config) else "channels"},
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m longmamba_jax.calibrate",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    parser.add_argument("--text", required=True, help="a long plain-text file")
-    parser.add_argument("--tokenizer", required=True,
-                        help="'bytes' or a local Hugging Face tokenizer directory / name")
-    parser.add_argument("--train-len", type=int, required=True)
-    parser.add_argument("--out", required=True, help="calibration file to write (.npz)")
-    parser.add_argument("--num-windows", type=int, default=100)
-    parser.add_argument("--clamp-top", type=float, default=0.10)
-    parser.add_argument("--aggregate", choices=("mean", "max"), default="mean")
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--batch-size", type=int, default=4)
-    args = parser.parse_args(argv)
-
-    from longmamba_jax.loading import load
-    from longmamba_jax.tokenizer import load_tokenizer
-
-    try:
-        params = load(args.model)
-        tokenizer = load_tokenizer(args.tokenizer)
-        with open(args.text, encoding="utf-8", errors="replace") as f:
-            tokens = np.asarray(tokenizer.encode(f.read()), np.int64)
-        print(f"{args.text}: {tokens.size} tokens; {args.num_windows} windows of "
-              f"{args.train_len}", file=sys.stderr)
-        cal = calibrate(params, tokens, train_len=args.train_len, num_windows=args.num_windows,
-                        clamp_top=args.clamp_top, aggregate=args.aggregate,
-                        backend=args.backend, batch_size=args.batch_size)
-        cal.save(args.out)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    n_global = sum(int(np.sum(g)) for g in cal.global_channels(0.05))
-    print(f"wrote {args.out}: {params.config.n_layer} layers, {n_global} global channels "
-          f"(tA_prod > 0.05)", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,7 @@ pass first walks segments 0..k-2, each split in `state_splits` pieces (so that p
 programs too), and writes each piece's local final state from zero and its log-decay Σ Δ A.
 XLA folds them in fp32 (one elementwise fusion, S ← exp(Σ Δ A) S + S_piece) into every
 segment's initial state, and the scan programs start from those. Measurements behind these
-choices: evals/NOTES_kernels.md.
+choices: docs/kernels.md, "SSD".
 
 C Bᵀ is computed in the kernel by default (the shared memory then fits two programs per SM);
 `precompute_cb` instead computes it once per (chunk, group) with one batched XLA matmul.
@@ -304,7 +304,7 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
     # Constants and placeholders as numpy arrays: XLA literals, not broadcast kernels.
     d = D.astype(f32) if has_d else np.zeros((h,), np.float32)
     # The compare always runs (no filter: -inf, never true): one code path for both, and on
-    # the H100 the variant without it compiled to a slower kernel (evals/NOTES_kernels.md).
+    # the H100 the variant without it compiled to a slower kernel (docs/kernels.md, "SSD").
     thr = np.full((h,), -np.inf, np.float32) if threshold is None else threshold.astype(f32)
     if has_init:
         s0 = initial_state.astype(f32)

@@ -27,12 +27,12 @@ of `selective_scan_mgpu.py` (one pass over time), 1.3–1.4× faster on the H100
   h <- exp2(A Σ_segment Δ) h + h_segment (combined in its prologue), and walks it again writing
   y. Two exponentials per state element and token, but 1.7× fewer instructions per channel
   and token than "tile" over both passes; on the H100 the ex2 unit is their busiest pipe
-  (evals/NOTES_kernels.md, "Session 7"). A thread holds 2 × n × channels fp32 values (states
+  (docs/kernels.md, "Selective scan (Triton)"). A thread holds 2 × n × channels fp32 values (states
   and decay rates), so by default it owns fewer channels as n grows (`lane_channels`): 4 at
-  Mamba-1's n = 16, 2 at n = 32, 1 from n = 64, 8 at n <= 8 ("Session 8").
+  Mamba-1's n = 16, 2 at n = 32, 1 from n = 64, 8 at n <= 8.
 - "tile": one program per (batch, block of e channels) walks all of time once, its state slice
   [e_blk, n] spread over a warp, so the sum over n crosses threads (about 42 instructions per
-  warp and token for 4 channels × 16 states, "Session 6").
+  warp and token for 4 channels × 16 states).
 
 In both, each loop step handles `block_t` tokens, unrolled, and the loads of step s+1 are issued
 before step s is computed (registers double-buffer them). Every input is read once per pass and
@@ -59,8 +59,6 @@ from longmamba_kernels.common import (
     pad_axis,
     pad_time,
 )
-from longmamba_kernels.selective_scan_mgpu import MAX_STATE as MOSAIC_MAX_STATE
-from longmamba_kernels.selective_scan_mgpu import SelectiveScanMosaicConfig, selective_scan_mosaic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,32 +123,10 @@ class SelectiveScanPallasConfig:
         )
 
 
-def default_config(interpret: bool = False, n: int = 16):
-    """The kernel `selective_scan_pallas` runs when given no config, for state size n: the
-    Mosaic GPU kernel (`selective_scan_mgpu`, one pass over time) on a Hopper or newer GPU for
-    n <= 64, measured 1.3–1.5× faster than the "lane" layout on the H100
-    (evals/NOTES_kernels.md, "Session 12"); the Triton "lane" layout elsewhere (older GPUs,
-    larger n; interpret mode, where both run)."""
-    if not interpret and n <= MOSAIC_MAX_STATE and _is_hopper_or_newer():
-        return SelectiveScanMosaicConfig()
-    return SelectiveScanPallasConfig()
-
-
-def _is_hopper_or_newer() -> bool:
-    try:
-        device = jax.devices()[0]
-    except RuntimeError:
-        return False
-    if device.platform != "gpu":
-        return False
-    capability = getattr(device, "compute_capability", "0")
-    return float(capability) >= 9.0
-
-
 def lane_channels(n: int) -> int:
     """The "lane" layout's default channels per thread for state size n: a power of two near
     64 / n, from 1 to 8, so the states and decay rates a thread holds stay near 128 fp32
-    registers. Measured on the H100 at 16K tokens (evals/NOTES_kernels.md, "Session 8"): n = 8
+    registers. Measured on the H100 at 16K tokens (docs/kernels.md, "Selective scan (Triton)"): n = 8
     runs fastest with 8, n = 16 with 4, n = 32 with 2, n = 64 with 1; at n = 128 one channel
     spills but still beats the "tile" layout."""
     return min(8, 1 << max(64 // max(n, 1), 1).bit_length() - 1)
@@ -373,32 +349,15 @@ def _lane_scan_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_r
             h_ref[bi, j, e_sl] = h[j]
 
 
-def selective_scan_pallas(
+def selective_scan_triton(
     x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, dt_bias=None,
-    dt_softplus=False, z=None, out_dtype=jnp.float32, interpret=False, config=None
+    dt_softplus=False, z=None, out_dtype=jnp.float32, interpret=False,
+    config: SelectiveScanPallasConfig | None = None,
 ):
-    """Mamba-1 selective scan, Pallas kernel. Same contract as `selective_scan_reference`, plus
-    the fused Δ prologue and gate of `selective_scan.selective_scan`.
-
-    Args:
-      x: [b, l, e] fp32 or bf16. dt: [b, l, e] Δ (fp32), or the raw projection (bf16 is read as
-        bf16) with dt_bias [e] / dt_softplus. A: [e, n] fp32. B, C: [b, l, n]. D: [e] or None.
-      initial_state: [b, e, n] or None. threshold: [e] fp32 folded filter or None.
-      z: None or the gate, its last e columns read in place ([b, l, >= e]).
-      out_dtype: dtype of y.
-      interpret: run through the Pallas interpreter (any platform).
-      config: `SelectiveScanPallasConfig` (Triton) or `SelectiveScanMosaicConfig` (Mosaic
-        GPU); None: `default_config(interpret)`.
-
-    Returns:
-      (y [b, l, e] out_dtype, final_state [b, e, n] fp32).
-    """
-    config = default_config(interpret, A.shape[-1]) if config is None else config
-    if isinstance(config, SelectiveScanMosaicConfig):
-        return selective_scan_mosaic(
-            x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
-            dt_bias=dt_bias, dt_softplus=dt_softplus, z=z, out_dtype=out_dtype,
-            interpret=interpret, config=config)
+    """Mamba-1 selective scan, Pallas Triton kernel. Same contract as
+    `longmamba_kernels.selective_scan.selective_scan_pallas`, which chooses between this kernel
+    and the Mosaic GPU one; `config` None is the "lane" layout's defaults."""
+    config = SelectiveScanPallasConfig() if config is None else config
     return _selective_scan_pallas(
         x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, softplus=bool(dt_softplus),
         out_dtype=jnp.dtype(out_dtype), interpret=interpret, config=config

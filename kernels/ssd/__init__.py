@@ -10,8 +10,8 @@ platform). Asking for one that cannot run raises; nothing falls back silently.
 from __future__ import annotations
 
 from longmamba_kernels.common import check_implementation, filter_threshold
-from longmamba_kernels.ssd_chunked import ssd_chunked
-from longmamba_kernels.ssd_reference import ssd_reference
+from longmamba_kernels.ssd.chunked import ssd_chunked
+from longmamba_kernels.ssd.reference import ssd_reference
 
 
 def ssd(
@@ -51,7 +51,7 @@ def ssd(
             x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
             chunk_size=chunk_size,
         )
-    from longmamba_kernels.ssd_pallas import ssd_pallas
+    from longmamba_kernels.ssd.pallas_triton import ssd_pallas
 
     return ssd_pallas(
         x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold, interpret=interpret

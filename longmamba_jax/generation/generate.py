@@ -1,6 +1,6 @@
 """Autoregressive generation: prefill once, then a jitted recurrent decode loop on device.
 
-Both architectures are recurrences with a fixed-size state per layer (SPEC §2), so decoding is
+Both architectures are recurrences with a fixed-size state per layer, so decoding is
     prefill:  (logits_L, cache_L) = model(tokens[0:L])        # full forward, once
     step t:   (logits_t, cache_t) = model_step(cache_{t−1}, token_{t−1})
 where `Cache` holds each layer's conv window (the last d_conv − 1 conv inputs) and SSM state, both
@@ -14,7 +14,7 @@ Public pieces, for users who build their own loops:
 - `decode_step(params, cache, token) -> (logits, cache)` (jitted; the input cache is donated
   unless `donate=False`).
 
-Methods (SPEC §3.2, §4):
+Methods (docs/design.md, "LongMamba filtering" and "DeciMamba"):
 - LongMamba: the prompt is filtered with θ for the prompt length (for chunked prefill: θ for
   `total_len`, so every chunk uses the same thresholds). Decode steps are unfiltered unless
   `method.filter_decode` is true; then every decode step uses θ for the *final* length
@@ -35,13 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from longmamba_jax.backends import resolve_backend
-from longmamba_jax.decode_unrolled import (
+from longmamba_jax.generation.decode_steps import (
     DECODE_IMPLS,
     prepare_fused,
     split_layers,
     step_fused,
     step_unrolled,
 )
+from longmamba_jax.generation.sampling import Sampler, make_sampler, sample_logits
 from longmamba_jax.mixers import ScanBackend
 from longmamba_jax.model import (
     Cache,
@@ -53,7 +54,6 @@ from longmamba_jax.model import (
     empty_cache,
     method_kwargs,
 )
-from longmamba_jax.sampling import Sampler, make_sampler, sample_logits
 
 f32 = jnp.float32
 i32 = jnp.int32
@@ -138,7 +138,7 @@ def _step_body(params: Params, cache: Cache, token, filters: LayerFilters | None
                layers=None, impl: str = "scan"):
     """One recurrent step: token int32 [b] -> (logits fp32 [b, V], new cache); with `layers`
     (`split_layers(params)`, or `prepare_fused(params, filters)` for impl="fused") the layers
-    run unrolled (`decode_unrolled`)."""
+    run unrolled (`decode_steps.py`)."""
     if impl == "fused":
         return step_fused(params, layers, cache, token, backend)
     if layers is not None:
@@ -307,7 +307,7 @@ def generate(params: Params, tokens, *, max_new_tokens: int, temperature: float 
       tokens: int [b, l] prompts (left-padded when lengths differ, with `attention_mask`).
       max_new_tokens: tokens to generate per sequence (≥ 1).
       temperature: 0 for greedy, else the sampling temperature.
-      top_k / top_p: sampling filters (need temperature > 0); see `longmamba_jax.sampling`.
+      top_k / top_p: sampling filters (need temperature > 0); see `sampling.py`.
       eos_token_id: an id or a list of ids that end a sequence (None: never stop early).
       pad_token_id: id written after a sequence's EOS (default: the first EOS id, else 0).
       attention_mask: [b, l] 1 for real tokens, 0 for left padding; each sequence then gets
@@ -319,7 +319,7 @@ def generate(params: Params, tokens, *, max_new_tokens: int, temperature: float 
       decode_impl: "scan" (the layers under one `lax.scan`), "unrolled" (layers unrolled,
         weights split once before the loop) or "fused" (unrolled, Mamba2's conv + SSM + gate
         as one Pallas kernel per layer on the "pallas" backend, projections kept GEMMs at
-        batch 1); see `longmamba_jax.decode_unrolled`. Same results up to fp32 rounding.
+        batch 1); see `longmamba_jax.generation.decode_steps`. Same results up to fp32 rounding.
 
     Returns:
       int32 [b, max_new_tokens], or a `GenerateOutput` when return_logits.

@@ -1,17 +1,22 @@
-"""`load(source)`: one entry point for every kind of checkpoint.
+"""Checkpoints: reading torch checkpoints (mamba_ssm native and transformers layouts), the
+converter's Orbax format, and writing torch checkpoints back.
 
-`source` is a local directory or a hub id. The directory may hold a torch checkpoint in the
-mamba_ssm native or transformers layout (safetensors, sharded safetensors, pytorch_model.bin),
-or the output of our converter (`python -m convert`), recognised by its `longmamba_config.json`.
+`load(source)` is the one entry point for every kind: a local directory or a hub id holding a
+torch checkpoint (safetensors, sharded safetensors, `pytorch_model.bin`), or the output of the
+converter (`python -m convert`), recognised by its `longmamba_config.json`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from longmamba_jax.checkpoint import load_torch_checkpoint, resolve_source
+from longmamba_jax.checkpoints.converted import CONVERTED_CONFIG
+from longmamba_jax.checkpoints.export import export_torch
+from longmamba_jax.checkpoints.files import CheckpointError
+from longmamba_jax.checkpoints.source import resolve_source
+from longmamba_jax.checkpoints.torch_format import load_torch_checkpoint
 
-CONVERTED_CONFIG = "longmamba_config.json"
+__all__ = ["CheckpointError", "export_torch", "load", "load_torch_checkpoint", "resolve_source"]
 
 
 def load(source, *, dtype=None, revision: str | None = None, progress: bool = False):
@@ -30,7 +35,7 @@ def load(source, *, dtype=None, revision: str | None = None, progress: bool = Fa
     """
     directory = resolve_source(source, revision=revision)
     if (Path(directory) / CONVERTED_CONFIG).exists():
-        from longmamba_jax.orbax_io import load_converted
+        from longmamba_jax.checkpoints.converted import load_converted
 
         return load_converted(directory, dtype=dtype)
     params, _ = load_torch_checkpoint(directory, dtype=dtype, progress=progress)

@@ -1,7 +1,4 @@
-"""Implementation of `longmamba_jax.demo` (kept apart so that `import longmamba_jax` does not
-import the module `python -m longmamba_jax.demo` runs).
-
-The bundled demo: a 5.8M-parameter byte-level Mamba2 trained at L_train = 512 bytes for passkey
+"""The bundled demo: a 5.8M-parameter byte-level Mamba2 trained at L_train = 512 bytes for passkey
 retrieval, with its LongMamba calibration (see `data/demo/README.md` for how it was made).
 
     python -m longmamba_jax.demo [--multiple 16] [--depth 0.5] [--key 12345 | --seed 0]
@@ -23,18 +20,16 @@ evaluation suite uses). The answer is the first 5 digits of the greedy continuat
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
 
 from longmamba_jax.prompts import Filler, make_passkey_prompt, parse_answer
 
-__all__ = ["DEMO_DIR", "DemoModel", "demo_model", "main"]
+__all__ = ["DEMO_DIR", "DemoModel", "demo_model"]
 
-DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
 @dataclasses.dataclass
@@ -77,7 +72,7 @@ class DemoModel:
         """The first 5 digits of the greedy continuation ("" if no digit comes)."""
         import jax.numpy as jnp
 
-        from longmamba_jax.generate import generate
+        from longmamba_jax.generation.generate import generate
 
         ids = jnp.asarray(np.asarray(prompt_ids, np.int32)[None])
         out = generate(self.params, ids, max_new_tokens=8, method=method, backend=backend)
@@ -88,7 +83,7 @@ def demo_model(path: str | Path | None = None) -> DemoModel:
     """Loads the bundled demo model (or a directory laid out like `data/demo`: `model/` holding
     a torch checkpoint, `calibration.npz`)."""
     from longmamba_jax.calibration import Calibration
-    from longmamba_jax.loading import load
+    from longmamba_jax.checkpoints import load
     from longmamba_jax.tokenizer import ByteTokenizer
 
     root = Path(path) if path is not None else DEMO_DIR
@@ -99,45 +94,3 @@ def demo_model(path: str | Path | None = None) -> DemoModel:
     cal.check_compatible(params.config.fingerprint, params.config.n_layer,
                          [params.config.channels] * params.config.n_layer)
     return DemoModel(params, cal, ByteTokenizer(), int(cal.train_len))
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m longmamba_jax.demo",
-                                     description="Passkey retrieval far beyond the training "
-                                                 "context: vanilla vs LongMamba.")
-    parser.add_argument("--multiple", type=float, default=16.0,
-                        help="prompt length as a multiple of L_train (default 16)")
-    parser.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1]")
-    parser.add_argument("--key", default=None, help="5-digit key (default: drawn from --seed)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the key (default 0)")
-    parser.add_argument("--filler", default=None, help="filler text file (default: bundled)")
-    parser.add_argument("--backend", default="auto")
-    args = parser.parse_args(argv)
-
-    import jax
-
-    t0 = time.time()
-    demo = demo_model()
-    key = args.key or str(np.random.default_rng(args.seed).integers(10_000, 100_000))
-    text = Path(args.filler or DEMO_DIR / "filler.txt").read_text(encoding="utf-8")
-    n = int(round(args.multiple * demo.train_len))
-    try:
-        prompt = demo.passkey_prompt(key, text, n, args.depth)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
-    print(f"model: byte-level Mamba2, {demo.params.config.n_layer} layers, "
-          f"{sum(int(x.size) for x in jax.tree.leaves(demo.params.weights)):,} "
-          f"parameters, trained at L_train = {demo.train_len} tokens (loaded in "
-          f"{time.time() - t0:.1f}s)")
-    print(f"prompt: {len(prompt):,} tokens ({len(prompt) / demo.train_len:g}x L_train), "
-          f"needle at depth {args.depth:g}")
-    print(f"true key:  {key}")
-    for name, method in (("vanilla", None), ("LongMamba", demo.longmamba())):
-        t = time.time()
-        got = demo.answer(prompt, method, backend=args.backend)
-        mark = "correct" if got == key else "wrong"
-        print(f"{name:>9}: {got or '(no digits)':<5}  {mark:<7}  ({time.time() - t:.1f}s)")
-    print(f"total time: {time.time() - t0:.1f}s")
-    return 0
-
-

@@ -27,7 +27,7 @@ instead of through the Flax blocks, shaped for few and lean kernels per layer:
     h = h + gated_rmsnorm(g) @ out_proj                                      # XLA: norm, GEMM
 
 - Mamba2's conv + Δ + LongMamba filter + state update + y·C + D·x + silu(z) gate are one Pallas
-  kernel per layer (`longmamba_kernels.ssd_step`, on the "pallas" backend; its jnp reference on
+  kernel per layer (`longmamba_kernels.ssd.step`, on the "pallas" backend; its jnp reference on
   the others), which updates the stacked SSM cache in place (no per-step re-stacking of
   n_layer states); Mamba-1 runs the same recurrence in jnp (`selective_state_step`), its state
   written back with an in-place dynamic-update-slice.
@@ -35,7 +35,7 @@ instead of through the Flax blocks, shaped for few and lean kernels per layer:
   vector × matrix product whose (i + o)·i is under 10M elements (out_proj 4096×2048) into a
   multiply + reduce, and on the H100 that multiply was emitted as its own kernel writing a
   [4096, 2048] fp32 product (32 MiB written and read back per layer: ~1.2 ms of the 3.5 ms
-  step, evals/NOTES_model.md). Two rows keep it a GEMM.
+  step, docs/kernels.md, "Decode step"). Two rows keep it a GEMM.
 - Loop-invariant per-layer arrays (A = −exp(A_log), the folded LongMamba thresholds) are
   computed once, before the decode loop (`prepare_fused`).
 Same math and the same rounding points as the Flax block (tests/test_decode_kernel.py).
@@ -51,8 +51,8 @@ from longmamba_jax.layers import rms_norm, silu
 from longmamba_jax.mixers import Block, ScanBackend
 from longmamba_jax.model import Cache, LayerFilters, Params, lm_head
 from longmamba_kernels.common import filter_threshold
-from longmamba_kernels.selective_scan_reference import selective_state_step
-from longmamba_kernels.ssd_step import ssd_decode_step
+from longmamba_kernels.selective_scan.reference import selective_state_step
+from longmamba_kernels.ssd.step import ssd_decode_step
 
 f32 = jnp.float32
 

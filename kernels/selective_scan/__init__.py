@@ -1,0 +1,149 @@
+"""The Mamba-1 selective scan: one signature, an explicit implementation, chosen here.
+
+    h_t[e, n] = exp(Δ_t[e] A[e, n]) h_{t-1}[e, n] + Δ_t[e] x_t[e] B_t[n]
+    y_t[e]    = Σ_n h_t[e, n] C_t[n] + D[e] x_t[e]
+
+    y, final_state = selective_scan(x, dt, A, B, C, D, implementation="associative")
+
+Implementations: "reference" (`reference.py`, sequential lax.scan, the fp32 ground truth),
+"associative" (`associative.py`, chunked associative scan, runs everywhere), "pallas" (GPU
+kernels; `interpret=True` runs them through the Pallas interpreter on any platform). Of the two
+Pallas kernels, `selective_scan_pallas` runs the Mosaic GPU one (`pallas_mosaic.py`) on Hopper
+or newer GPUs for n <= 64 and the Triton one (`pallas_triton.py`) elsewhere, unless a config
+names one. Asking for an implementation that cannot run raises; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from longmamba_kernels.common import (
+    apply_gate,
+    check_implementation,
+    delta_from_projection,
+    filter_threshold,
+    gate_input,
+)
+from longmamba_kernels.selective_scan.associative import selective_scan_associative
+from longmamba_kernels.selective_scan.reference import selective_scan_reference
+
+
+def selective_scan(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    *,
+    initial_state=None,
+    dt_global=None,
+    dt_threshold=None,
+    dt_bias=None,
+    dt_softplus: bool = False,
+    z=None,
+    out_dtype=jnp.float32,
+    implementation: str = "associative",
+    interpret: bool = False,
+):
+    """Mamba-1 selective scan with the LongMamba Δ filter applied inside the scan.
+
+    Args:
+      x: [b, l, e] (fp32 or bf16). dt: [b, l, e] Δ (fp32), or the raw Δ projection (any float
+        dtype) with `dt_bias` / `dt_softplus`. A: [e, n] fp32. B, C: [b, l, n]. D: [e] or None.
+      initial_state: [b, e, n] fp32 or None.
+      dt_global: [e] bool, dt_threshold: [e] fp32 (both or neither): in global channels a token
+        with Δ <= threshold gets Δ := 0 (Δ after bias and softplus).
+      dt_bias: [e] or None, added to dt; dt_softplus: then Δ = softplus(dt) (mamba_ssm's
+        `delta_bias`, `delta_softplus`).
+      z: None, or the gate: y := y · silu(z) taken from z's last e columns ([b, l, >= e], so
+        in_proj's [x | z] output can be passed whole).
+      out_dtype: dtype of y (the state is always fp32).
+      implementation: "reference" | "associative" | "pallas". The Pallas kernel computes the
+        Δ prologue and the gate in place; the others compute them around the scan.
+      interpret: run the Pallas kernel in interpret mode (CPU); only for "pallas".
+
+    Returns:
+      (y [b, l, e] out_dtype, final_state [b, e, n] fp32).
+    """
+    check_implementation(implementation)
+    e = x.shape[-1]
+    threshold = filter_threshold(dt_global, dt_threshold, e)
+    if dt_bias is not None and dt_bias.shape != (e,):
+        raise ValueError(f"dt_bias must have shape ({e},); got {dt_bias.shape}")
+    if z is not None:
+        gate_input(z, e)  # validates the shape
+        if z.shape[:2] != x.shape[:2]:
+            raise ValueError(f"gate z {z.shape} and x {x.shape} disagree on [b, l]")
+    if implementation == "pallas":
+        return selective_scan_pallas(
+            x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
+            dt_bias=dt_bias, dt_softplus=dt_softplus, z=z, out_dtype=out_dtype,
+            interpret=interpret,
+        )
+    if dt_bias is not None or dt_softplus:
+        dt = delta_from_projection(dt, dt_bias, dt_softplus)
+    scan = selective_scan_reference if implementation == "reference" else \
+        selective_scan_associative
+    y, h = scan(x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold)
+    if z is not None:
+        y = apply_gate(y, gate_input(z, e))
+    return y.astype(out_dtype), h
+
+
+def default_config(interpret: bool = False, n: int = 16):
+    """The kernel `selective_scan_pallas` runs when given no config, for state size n: the
+    Mosaic GPU kernel (one pass over time) on a Hopper or newer GPU for n <= 64, 1.3–1.5× faster
+    than the Triton "lane" layout there (docs/kernels.md); the Triton "lane" layout elsewhere
+    (older GPUs, larger n, and interpret mode, where both run)."""
+    from longmamba_kernels.selective_scan.pallas_mosaic import MAX_STATE, SelectiveScanMosaicConfig
+    from longmamba_kernels.selective_scan.pallas_triton import SelectiveScanPallasConfig
+
+    if not interpret and n <= MAX_STATE and _is_hopper_or_newer():
+        return SelectiveScanMosaicConfig()
+    return SelectiveScanPallasConfig()
+
+
+def _is_hopper_or_newer() -> bool:
+    try:
+        device = jax.devices()[0]
+    except RuntimeError:
+        return False
+    if device.platform != "gpu":
+        return False
+    return float(getattr(device, "compute_capability", "0")) >= 9.0
+
+
+def selective_scan_pallas(
+    x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, dt_bias=None,
+    dt_softplus=False, z=None, out_dtype=jnp.float32, interpret=False, config=None
+):
+    """Mamba-1 selective scan, Pallas kernel. Same contract as `selective_scan_reference`, plus
+    the fused Δ prologue and gate of `selective_scan`.
+
+    Args:
+      x: [b, l, e] fp32 or bf16. dt: [b, l, e] Δ (fp32), or the raw projection (bf16 is read as
+        bf16) with dt_bias [e] / dt_softplus. A: [e, n] fp32. B, C: [b, l, n]. D: [e] or None.
+      initial_state: [b, e, n] or None. threshold: [e] fp32 folded filter or None.
+      z: None or the gate, its last e columns read in place ([b, l, >= e]).
+      out_dtype: dtype of y.
+      interpret: run through the Pallas interpreter (any platform).
+      config: `SelectiveScanPallasConfig` (Triton) or `SelectiveScanMosaicConfig` (Mosaic
+        GPU); None: `default_config(interpret, n)`.
+
+    Returns:
+      (y [b, l, e] out_dtype, final_state [b, e, n] fp32).
+    """
+    from longmamba_kernels.selective_scan.pallas_mosaic import (
+        SelectiveScanMosaicConfig,
+        selective_scan_mosaic,
+    )
+    from longmamba_kernels.selective_scan.pallas_triton import selective_scan_triton
+
+    config = default_config(interpret, A.shape[-1]) if config is None else config
+    kernel = selective_scan_mosaic if isinstance(config, SelectiveScanMosaicConfig) else \
+        selective_scan_triton
+    return kernel(x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
+                  dt_bias=dt_bias, dt_softplus=dt_softplus, z=z, out_dtype=out_dtype,
+                  interpret=interpret, config=config)
