@@ -6,8 +6,6 @@ context extension (LongMamba, DeciMamba).
     logits = lmj.forward(params, tokens)                  # tokens int [batch, length]
 """
 
-from __future__ import annotations
-
 from importlib import metadata as _metadata
 
 from longmamba_jax.backends import BACKENDS, resolve_backend
