@@ -4,10 +4,10 @@ second process is the point; those run `python -m convert` as a subprocess."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -66,3 +66,62 @@ def test_huge_safetensors_header_length_is_one_error(header_len, model_dir, tmp_
     for progress in (False, True):
         with pytest.raises(CheckpointError, match="model.safetensors.*header length"):
             lmj.load(src, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token ids: checked before any cast, in forward, generate and decode_step; NaN under jit.
+
+@pytest.fixture(scope="module")
+def tiny():
+    return lmj.init_params(lmj.Mamba2Config.tiny(n_layer=2, d_state=8, headdim=8), seed=1)
+
+
+BIG_IDS = [
+    [[1, 2**40]],
+    np.array([[1, 2**40]], np.int64),
+    np.array([[1, 2**32]], np.uint64),
+    [[1, 2**63]],  # numpy makes this float64
+    [[1, 2**70]],  # and this object
+    np.array([[1, -(2**40)]], np.int64),
+]
+
+
+@pytest.mark.parametrize("ids", BIG_IDS, ids=range(len(BIG_IDS)))
+def test_ids_beyond_int32_are_refused_not_wrapped(ids, tiny):
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
+        lmj.forward(tiny, ids)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
+        lmj.generate(tiny, ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
+        lmj.prefill(tiny, ids)
+
+
+@pytest.mark.parametrize("bad", ["vocab", "-1", "2**40"])
+def test_decode_step_checks_its_token(bad, tiny):
+    vocab = tiny.config.padded_vocab_size
+    value = {"vocab": vocab, "-1": -1, "2**40": 2**40}[bad]
+    _, cache = lmj.prefill(tiny, [[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
+        lmj.decode_step(tiny, cache, np.array([3, value], np.int64), donate=False)
+    logits, _ = lmj.decode_step(tiny, cache, np.array([3, vocab - 1]), donate=False)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_out_of_range_ids_under_jit_are_nan_and_checkify_reports_them(tiny):
+    from jax.experimental import checkify
+
+    vocab = tiny.config.padded_vocab_size
+    _, cache = lmj.prefill(tiny, [[1, 2, 3]] * 3)
+    step = jax.jit(lambda p, c, t: lmj.decode_step(p, c, t, donate=False)[0])
+    logits = np.asarray(step(tiny, cache, np.array([5, vocab, -1], np.int32)))
+    assert np.isfinite(logits[0]).all()
+    assert np.isnan(logits[1]).all() and np.isnan(logits[2]).all()  # never another id's row
+    err, _ = checkify.checkify(step)(tiny, cache, np.array([5, -1, 7], np.int32))
+    with pytest.raises(checkify.JaxRuntimeError, match="token ids must be in"):
+        err.throw()
+    err, _ = checkify.checkify(step)(tiny, cache, np.array([5, 6, 7], np.int32))
+    err.throw()  # in range: no error
+    fwd = jax.jit(lambda p, t: lmj.forward(p, t))
+    out = np.asarray(fwd(tiny, np.array([[1, 2, 3], [1, -1, 3]], np.int32)))
+    assert np.isfinite(out[0]).all()
+    assert np.isnan(out[1, 1:]).all()  # from the bad id on (a chunked scan may reach earlier)
