@@ -4,6 +4,7 @@ second process is the point; those run `python -m convert` as a subprocess."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -125,3 +126,115 @@ def test_out_of_range_ids_under_jit_are_nan_and_checkify_reports_them(tiny):
     out = np.asarray(fwd(tiny, np.array([[1, 2, 3], [1, -1, 3]], np.int32)))
     assert np.isfinite(out[0]).all()
     assert np.isnan(out[1, 1:]).all()  # from the bad id on (a chunked scan may reach earlier)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration files: every array's shape, dtype and finiteness, and the header, checked on load.
+
+def _rewrite_npz(src: Path, dst: Path, edit) -> Path:
+    """Copies a calibration .npz, letting `edit(header: dict, arrays: dict)` change it."""
+    with np.load(src) as z:
+        arrays = {k: z[k] for k in z.files}
+    header = json.loads(str(arrays.pop("header")))
+    header_out = edit(header, arrays)
+    text = header_out if isinstance(header_out, (str, np.ndarray)) else json.dumps(header)
+    np.savez(dst, header=np.asarray(text), **arrays)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def cal_files(tiny, tmp_path_factory):
+    """storage -> (params, path of a calibration of `tiny` saved with that storage)."""
+    from longmamba_jax.calibration import calibrate
+    from longmamba_jax.calibration.record import layer_A, record_deltas
+
+    root = tmp_path_factory.mktemp("cal")
+    stream = np.random.default_rng(0).integers(0, tiny.config.vocab_size, 300)
+    cal = calibrate(tiny, stream, train_len=16, num_windows=4, backend="associative",
+                    progress=False)
+    cal.save(root / "exact.npz")
+    deltas = record_deltas(tiny, stream, train_len=16, num_windows=4, backend="associative",
+                           progress=False)
+    grid = lmj.Calibration.from_deltas(deltas, layer_A(tiny), train_len=16, storage="grid",
+                                       fingerprint=tiny.config.fingerprint)
+    grid.save(root / "grid.npz")
+    return {"exact": root / "exact.npz", "grid": root / "grid.npz"}
+
+
+def _tile(name, n):
+    def edit(header, arrays):
+        arrays[name] = np.resize(arrays[name], (n,))
+    return edit
+
+
+def _set_array(name, fn):
+    def edit(header, arrays):
+        arrays[name] = fn(arrays[name])
+    return edit
+
+
+def _set_header(key, value):
+    def edit(header, arrays):
+        if value is KeyError:
+            del header[key]
+        else:
+            header[key] = value
+    return edit
+
+
+CAL_CASES = {
+    # defect: a decay_fraction of 40 entries where 16 belong loaded and changed the logits
+    "decay_fraction-too-long": ("exact", _tile("decay_fraction", 40), "decay_fraction"),
+    "decay-too-short": ("exact", _tile("decay", 3), "decay"),
+    "theta_asym-nan": ("grid", _set_array("theta_asym", lambda a: np.where(
+        np.arange(a.size) == 1, np.nan, a).astype(a.dtype)), "theta_asym"),
+    "decay_fraction-int": ("exact", _set_array("decay_fraction",
+                                               lambda a: (a * 100).astype(np.int64)),
+                           "decay_fraction"),
+    "decay-inf": ("exact", _set_array("decay", lambda a: a + np.inf), "decay"),
+    "curves-wrong-shape": ("exact", _set_array("curves_1", lambda a: a[:, :, :-1]), "curves_1"),
+    "curves-negative": ("exact", _set_array("curves_0", lambda a: -a - 1), "curves_0"),
+    "window_decay-windows": ("exact", _set_array("window_decay_0", lambda a: a[:2]),
+                             "window_decay_0"),
+    "grid_s-not-increasing": ("grid", _set_array("grid_s", lambda a: a[::-1].copy()), "grid_s"),
+    "grid_s-float": ("grid", _set_array("grid_s", lambda a: a.astype(np.float64)), "grid_s"),
+    "theta_codes-shape": ("grid", _set_array("theta_codes", lambda a: a[:, :-1]), "theta_codes"),
+    "extra-array": ("grid", lambda h, a: a.update(junk=np.zeros(3)), "junk"),
+    "header-not-json": ("exact", lambda h, a: "{oops", "header"),
+    "header-a-number": ("exact", lambda h, a: "17", "header"),
+    "header-not-text": ("exact", lambda h, a: np.arange(3), "header"),
+    "n_layers-string": ("exact", _set_header("n_layers", "2"), "n_layers"),
+    "channels-short": ("exact", _set_header("channels", [4]), "channels"),
+    "train_len-missing": ("grid", _set_header("train_len", KeyError), "train_len"),
+    "aggregate-unknown": ("grid", _set_header("aggregate", "median"), "aggregate"),
+    "num_windows-zero": ("exact", _set_header("num_windows", 0), "num_windows"),
+    "weights_digest-int": ("exact", _set_header("weights_digest", 5), "weights_digest"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CAL_CASES))
+def test_bad_calibration_file_is_one_error_naming_it(case, cal_files, tmp_path):
+    storage, edit, needle = CAL_CASES[case]
+    bad = _rewrite_npz(cal_files[storage], tmp_path / "bad.npz", edit)
+    with pytest.raises(ValueError) as info:
+        lmj.Calibration.load(bad)
+    msg = str(info.value)
+    assert str(bad) in msg and needle in msg, msg
+    assert type(info.value).__module__.startswith("longmamba_jax") \
+        or type(info.value) is ValueError
+
+
+@pytest.mark.parametrize("storage", ["exact", "grid"])
+def test_good_calibration_files_still_load(storage, cal_files, tmp_path):
+    copy = _rewrite_npz(cal_files[storage], tmp_path / "same.npz", lambda h, a: None)
+    back = lmj.Calibration.load(copy)
+    ref = lmj.Calibration.load(cal_files[storage])
+    for a, b in zip(back.thresholds(40), ref.thresholds(40), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bundled_demo_calibration_loads():
+    from longmamba_jax.demo import DEMO_DIR
+
+    cal = lmj.Calibration.load(DEMO_DIR / "calibration.npz")
+    assert cal.n_layers >= 1 and cal.thresholds(cal.train_len + 1)

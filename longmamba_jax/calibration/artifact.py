@@ -28,9 +28,14 @@ import numpy as np
 
 from longmamba_jax.calibration.grid import decode, pack_codes, unpack_codes
 from longmamba_jax.calibration.rule import aggregate_windows, const_from, exact_theta_rows
-from longmamba_jax.calibration.validate import check_int, short
+from longmamba_jax.calibration.validate import (
+    CalibrationError,
+    check_file_contents,
+    check_int,
+    short,
+)
 
-__all__ = ["Calibration", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["Calibration", "CalibrationError", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "longmamba-jax-calibration"
 FORMAT_VERSION = 1
@@ -285,29 +290,16 @@ class Calibration:
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {name: z[name] for name in z.files}
-        except Exception as e:
-            raise ValueError(f"{path!r} is not a calibration artifact: {e}") from None
-        if "header" not in arrays:
-            raise ValueError(f"{path!r} is not a calibration artifact (no header)")
-        header = json.loads(str(arrays.pop("header")))
-        if header.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path!r}: format {header.get('format')!r} is not {FORMAT_NAME!r}")
-        if header.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path!r}: unsupported format_version {header.get('format_version')!r} "
-                f"(this library reads version {FORMAT_VERSION})"
-            )
-        required = {"decay_fraction", "decay", "theta_asym"}
-        if header.get("storage") == "grid":
-            required |= {"grid_s", "theta_codes"}
-        elif header.get("storage") == "exact":
-            required |= {f"curves_{i}" for i in range(header["n_layers"])}
-            required |= {f"window_decay_{i}" for i in range(header["n_layers"])}
-        else:
-            raise ValueError(f"{path!r}: unknown storage {header.get('storage')!r}")
-        missing = sorted(required - set(arrays))
-        if missing:
-            raise ValueError(f"{path!r}: missing arrays {missing}")
+        except Exception as e:  # noqa: BLE001 - zip, zlib and npy errors come in many types
+            raise CalibrationError(f"{path}: not a calibration artifact ({e})") from None
+        header = arrays.pop("header", None)
+        if header is None or header.dtype.kind != "U" or header.ndim != 0:
+            raise CalibrationError(f"{path}: not a calibration artifact (no text header)")
+        try:
+            header = json.loads(str(header))
+        except (ValueError, RecursionError) as e:
+            raise CalibrationError(f"{path}: the header is not valid JSON ({e})") from None
+        check_file_contents(path, header, arrays, FORMAT_NAME, FORMAT_VERSION)
         if "theta_codes" in arrays:
             arrays["theta_codes"] = unpack_codes(arrays["theta_codes"])
         cal = cls(header, arrays)
@@ -315,11 +307,14 @@ class Calibration:
             unknown = set(expect) - {"fingerprint", "n_layers", "channels"}
             if unknown:
                 raise ValueError(f"expect has unknown keys {sorted(unknown)}")
-            cal.check_compatible(
-                expect.get("fingerprint"),
-                expect.get("n_layers", cal.n_layers),
-                expect.get("channels", cal.channels),
-            )
+            try:
+                cal.check_compatible(
+                    expect.get("fingerprint"),
+                    expect.get("n_layers", cal.n_layers),
+                    expect.get("channels", cal.channels),
+                )
+            except ValueError as e:
+                raise CalibrationError(f"{path}: {e}") from None
         return cal
 
     def __repr__(self) -> str:
