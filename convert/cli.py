@@ -89,44 +89,45 @@ def convert(args: argparse.Namespace) -> Path:
     import longmamba_jax
     from longmamba_jax.checkpoints.converted import (
         atomic_directory,
-        check_output_dir,
         load_converted,
         save_converted,
         write_manifest,
     )
 
     out = Path(args.out)
-    check_output_dir(out, force=args.force)  # fail before any expensive work
-    directory = resolve_source(args.hf, revision=args.revision)
-    is_local = Path(str(args.hf)).expanduser().is_dir()
-    _say(f"source: {directory}")
-    files = _input_files(directory)
-    hashes = {}
-    for f in files:
-        hashes[f.name] = {"sha256": sha256(f), "bytes": f.stat().st_size}
-    _say(f"hashed {len(files)} input files")
-    dtype = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    params, info = load_torch_checkpoint(directory, dtype=dtype, progress=True)
-    if dtype is None and params.dtype not in (jnp.float32, jnp.bfloat16):
-        params = params.astype(jnp.float32)  # fp16 checkpoints: our precision policy is fp32/bf16
-    config = params.config
-    _say(f"loaded {config.arch} ({info['schema']} layout): d_model={config.d_model} "
-         f"n_layer={config.n_layer} vocab={config.vocab_size} (padded "
-         f"{config.padded_vocab_size}) tie_embeddings={config.tie_embeddings} "
-         f"dtype={params.dtype}")
-    manifest = {
-        "source": str(args.hf),
-        "source_kind": "local" if is_local else "hub",
-        "source_path": str(Path(directory).absolute()),
-        "revision": args.revision,
-        "resolved_commit": None if is_local else Path(directory).name,
-        "schema": info["schema"],
-        "input_files": hashes,
-        "requested_dtype": args.dtype,
-        "library_version": longmamba_jax.__version__,
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    # The output's lock is held from here to the end: a second conversion to the same --out
+    # is refused at once, before any expensive work.
     with atomic_directory(out, force=args.force) as tmp:
+        directory = resolve_source(args.hf, revision=args.revision)
+        is_local = Path(str(args.hf)).expanduser().is_dir()
+        _say(f"source: {directory}")
+        files = _input_files(directory)
+        hashes = {}
+        for f in files:
+            hashes[f.name] = {"sha256": sha256(f), "bytes": f.stat().st_size}
+        _say(f"hashed {len(files)} input files")
+        dtype = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+        params, info = load_torch_checkpoint(directory, dtype=dtype, progress=True)
+        if dtype is None and params.dtype not in (jnp.float32, jnp.bfloat16):
+            params = params.astype(jnp.float32)  # fp16: our precision policy is fp32 / bf16
+        config = params.config
+        _say(f"loaded {config.arch} ({info['schema']} layout): d_model={config.d_model} "
+             f"n_layer={config.n_layer} vocab={config.vocab_size} (padded "
+             f"{config.padded_vocab_size}) tie_embeddings={config.tie_embeddings} "
+             f"dtype={params.dtype}")
+        manifest = {
+            "source": str(args.hf),
+            "source_kind": "local" if is_local else "hub",
+            "source_path": str(Path(directory).absolute()),
+            "revision": args.revision,
+            "resolved_commit": None if is_local else Path(directory).name,
+            "schema": info["schema"],
+            "input_files": hashes,
+            "requested_dtype": args.dtype,
+            "library_version": longmamba_jax.__version__,
+            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+        }
         save_converted(params, tmp, manifest=manifest)
         del params
         gc.collect()

@@ -5,7 +5,10 @@ second process is the point; those run `python -m convert` as a subprocess."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -238,3 +241,116 @@ def test_bundled_demo_calibration_loads():
 
     cal = lmj.Calibration.load(DEMO_DIR / "calibration.npz")
     assert cal.n_layers >= 1 and cal.thresholds(cal.train_len + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# --out: one writer at a time; nothing a user made is ever deleted.
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def test_two_conversions_to_one_out_exactly_one_succeeds(model_dir, tmp_path, capsys):
+    from longmamba_jax.checkpoints.converted import atomic_directory
+
+    out = tmp_path / "out"
+    with atomic_directory(out) as first:  # a conversion in progress holds --out
+        (first / "longmamba_config.json").write_text("{}")
+        code, _, stderr = _convert(["--hf", model_dir, "--out", out, "--no-verify"], capsys)
+        assert code == 1, stderr
+        assert "another" in stderr and str(out) in stderr
+        assert not out.exists()
+    assert _snapshot(out) == {"longmamba_config.json": b"{}"}  # the first one's output
+    assert _siblings(out) == []
+    # --force does not let a second writer in either.
+    with atomic_directory(out, force=True):
+        code, _, stderr = _convert(["--hf", model_dir, "--out", out, "--no-verify", "--force"],
+                                   capsys)
+        assert code == 1 and "another" in stderr
+    assert _siblings(out) == []
+
+
+def _during_save(monkeypatch, action):
+    """Runs `action()` right after the converter wrote its Orbax checkpoint."""
+    from longmamba_jax.checkpoints import converted
+
+    original = converted.save_converted
+
+    def save_then_act(*args, **kwargs):
+        result = original(*args, **kwargs)
+        action()
+        return result
+
+    monkeypatch.setattr(converted, "save_converted", save_then_act)
+
+
+def _user_dir(out: Path) -> None:
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_directory_appearing_at_out_during_conversion_is_kept(force, model_dir, tmp_path,
+                                                               capsys, monkeypatch):
+    out = tmp_path / "out"
+    _during_save(monkeypatch, lambda: _user_dir(out))
+    argv = ["--hf", model_dir, "--out", out, "--no-verify"] + (["--force"] if force else [])
+    code, _, stderr = _convert(argv, capsys)
+    assert code == 1 and str(out) in stderr and "left untouched" in stderr, stderr
+    assert _snapshot(out) == {"notes.txt": b"precious"}
+    assert _siblings(out) == []
+
+
+@pytest.mark.parametrize("change", ["replaced", "added-to"])
+def test_force_replaces_only_a_previous_conversion_even_if_it_changes(
+        change, model_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert _convert(["--hf", model_dir, "--out", out, "--no-verify"], capsys)[0] == 0
+
+    def user_edit():
+        if change == "replaced":
+            shutil.rmtree(out)
+            _user_dir(out)
+        else:
+            (out / "notes.txt").write_text("precious")
+
+    _during_save(monkeypatch, user_edit)
+    code, _, stderr = _convert(["--hf", model_dir, "--out", out, "--no-verify", "--force"],
+                               capsys)
+    assert code == 1 and "left untouched" in stderr, stderr
+    assert _snapshot(out)["notes.txt"] == b"precious"
+    assert _siblings(out) == []
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_rerun_removes_temp_dirs_of_dead_conversions_only(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    dead, live = _dead_pid(), os.getpid()
+    stale = tmp_path / f".out.tmp-{dead}-ab_cd123"
+    mine = tmp_path / f".out.tmp-{live}-ab_cd123"
+    foreign = [tmp_path / ".out.tmp-notapid", tmp_path / f".other.tmp-{dead}-ab_cd123",
+               tmp_path / f".out.tmp-{dead}-toolong123"]
+    for d in [stale, mine, *foreign]:
+        (d / "params").mkdir(parents=True)
+        (d / "params" / "x").write_text("x")
+    code, _, stderr = _convert(["--hf", model_dir, "--out", out, "--no-verify"], capsys)
+    assert code == 0, stderr
+    assert not stale.exists()
+    assert mine.exists() and all(d.exists() for d in foreign)
+
+
+def test_previous_output_moved_aside_by_a_killed_run_is_restored(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _convert(["--hf", model_dir, "--out", out, "--no-verify"], capsys)[0] == 0
+    before = _snapshot(out)
+    aside = tmp_path / f".out.old-{_dead_pid()}-0123abcd"
+    out.rename(aside)  # as if killed between the two renames of a --force commit
+    code, _, stderr = _convert(["--hf", model_dir, "--out", out, "--no-verify"], capsys)
+    assert code == 1 and "already exists" in stderr
+    assert _snapshot(out) == before and _siblings(out) == []
