@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -354,3 +357,111 @@ def test_previous_output_moved_aside_by_a_killed_run_is_restored(model_dir, tmp_
     code, _, stderr = _convert(["--hf", model_dir, "--out", out, "--no-verify"], capsys)
     assert code == 1 and "already exists" in stderr
     assert _snapshot(out) == before and _siblings(out) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals: a real `python -m convert` signalled in each phase. The converter pauses at the
+# phase named by LMJ_CONVERT_PAUSE until it is signalled, then carries on into the phase's
+# work (Orbax, jax, torch) with the signal pending.
+
+def _start(src, out, *extra, pause=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMJ_")}
+    env.update(TQDM_DISABLE="1", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    if pause:
+        env["LMJ_CONVERT_PAUSE"] = pause
+    return subprocess.Popen(
+        [sys.executable, "-m", "convert", "--hf", str(src), "--out", str(out), *extra],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for(proc, needle: str, timeout: float = 120.0, stream: str = "stdout") -> str:
+    """Reads the child's stdout (or stderr) until `needle` appears (fails on exit or timeout)."""
+    deadline = time.monotonic() + timeout
+    fd = getattr(proc, stream).fileno()  # unbuffered reads: select() must see every byte
+    seen = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            seen += chunk
+            if needle.encode() in seen:
+                return seen.decode()
+    proc.kill()
+    pytest.fail(f"no {needle!r} from the converter: {seen.decode()} {proc.stderr.read()}")
+
+
+def _finish(proc) -> tuple[int, str]:
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the converter did not stop after the signal")
+    return proc.returncode, stderr.decode()
+
+
+def _clean_exit(code, stderr, want):
+    assert code == want, stderr
+    assert "Fatal Python error" not in stderr and "Traceback" not in stderr, stderr
+    assert "Exception ignored" not in stderr, stderr
+
+
+SIGNAL_PHASES = [  # (phase, signal, extra args)
+    ("load", signal.SIGINT, ["--no-verify"]),
+    ("save", signal.SIGTERM, ["--no-verify"]),
+    ("saved", signal.SIGHUP, ["--no-verify"]),
+]
+
+
+@pytest.mark.parametrize("phase,sig,extra", SIGNAL_PHASES,
+                         ids=[f"{p}-{s.name}" for p, s, _ in SIGNAL_PHASES])
+def test_signal_in_each_phase_exits_cleanly_and_removes_the_temp_dir(phase, sig, extra,
+                                                                     model_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = _start(model_dir, out, *extra, pause=phase)
+    _wait_for(proc, f"paused at {phase}")
+    proc.send_signal(sig)
+    code, stderr = _finish(proc)
+    _clean_exit(code, stderr, 128 + sig)
+    assert "output not written" in stderr
+    assert not out.exists() and _siblings(out) == []
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.0])
+def test_ctrl_c_after_writing_during_verification(delay, model_dir, tmp_path):
+    """The defect's case: SIGINT just after "wrote Orbax", while jax collects garbage and torch
+    is imported for the verification (it was swallowed by a jax GC callback: exit 0)."""
+    out = tmp_path / "out"
+    proc = _start(model_dir, out)
+    _wait_for(proc, "wrote Orbax")
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    code, stderr = _finish(proc)
+    _clean_exit(code, stderr, 130)
+    assert not out.exists() and _siblings(out) == []
+
+
+def test_signal_during_commit_leaves_the_complete_output(model_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = _start(model_dir, out, "--no-verify", pause="commit")
+    _wait_for(proc, "paused at commit")
+    proc.send_signal(signal.SIGINT)
+    code, stderr = _finish(proc)
+    _clean_exit(code, stderr, 130)
+    assert "after the output was complete" in stderr
+    assert _siblings(out) == []
+    lmj.load(out)
+
+
+def test_second_signal_stops_at_once(model_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = _start(model_dir, out, "--no-verify", pause="saved:hold")
+    _wait_for(proc, "paused at saved")
+    proc.send_signal(signal.SIGTERM)
+    _wait_for(proc, "stopping at the next safe point", stream="stderr")
+    proc.send_signal(signal.SIGTERM)  # while it still holds at the pause
+    code, stderr = _finish(proc)
+    _clean_exit(code, stderr, 143)
+    assert "SIGTERM again: stopped" in stderr
+    assert not out.exists() and _siblings(out) == []

@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -285,13 +285,19 @@ def _clean_stale(out: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def lock_path(out) -> Path:
+    """The lock file of an output directory: `.NAME.lock` beside it."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.lock"
+
+
 @contextlib.contextmanager
 def _output_lock(out: Path) -> Iterator[None]:
     """An exclusive lock on `out`: flock on `.NAME.lock` beside it (released by the kernel if
     the holder dies, so a killed writer never leaves a stale lock)."""
     import fcntl
 
-    path = out.parent / f".{out.name}.lock"
+    path = lock_path(out)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -352,7 +358,9 @@ def _commit(tmp: Path, out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out, *, force: bool = False) -> Iterator[Path]:
+def atomic_directory(out, *, force: bool = False,
+                     on_commit: Callable[[], contextlib.AbstractContextManager] | None = None,
+                     ) -> Iterator[Path]:
     """Yields a temporary directory beside `out`; on success it becomes `out`.
 
     One writer at a time: an exclusive lock beside `out` is held from the start to the end
@@ -362,6 +370,9 @@ def atomic_directory(out, *, force: bool = False) -> Iterator[Path]:
     succeeded, and only if it still is an empty directory or a previous conversion / export
     (never an arbitrary directory or a file, nor one that changed meanwhile). Temporary
     directories of earlier writers to `out` that were killed are removed first.
+
+    `on_commit`, if given, makes a context manager entered around the final renames (the
+    converter defers a second signal there).
 
     Raises:
       FileExistsError: `out` exists and `force` is off, cannot be replaced safely, appeared or
@@ -385,7 +396,8 @@ def atomic_directory(out, *, force: bool = False) -> Iterator[Path]:
                 os.umask(umask)
                 os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is not
                 yield tmp
-                _commit(tmp, out, force)
+                with on_commit() if on_commit is not None else contextlib.nullcontext():
+                    _commit(tmp, out, force)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

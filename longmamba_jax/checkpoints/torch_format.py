@@ -117,7 +117,8 @@ def expected_shapes(config: Config) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {path: tuple(leaf.shape) for path, leaf in _flatten(shapes)}
 
 
-def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
+def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False,
+                          on_tensor: Callable[[], None] | None = None):
     """Loads a torch checkpoint directory (either layout) into `Params`.
 
     Args:
@@ -125,6 +126,7 @@ def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
       dtype: parameter dtype (jnp.float32 / jnp.bfloat16); None keeps the checkpoint's dtype
         (fp32 when it mixes dtypes).
       progress: show a progress bar over tensors.
+      on_tensor: called after each tensor (the converter's safe point for signals).
 
     Returns:
       (Params, info) where info has the schema ("native" / "transformers"), files and dtype.
@@ -146,6 +148,8 @@ def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
     try:
         for path_file, key, array in iter_tensors(files):
             bar.update(1)
+            if on_tensor is not None:
+                on_tensor()
             hit = _match(rules, key)
             if hit is None:
                 raise CheckpointError(f"{path_file}: unexpected key {key!r} (not part of a "
