@@ -1,14 +1,17 @@
 """The converter's output format: an Orbax checkpoint of the weights plus our config and a manifest.
 
-    DIR/longmamba_config.json   {"format": ..., "format_version": 1, "dtype": ..., "config": {...}}
+    DIR/longmamba_config.json   {"format": ..., "format_version": 1, "dtype": ..., "config": {...},
+                                "checksums": {"layers/mixer/A_log": ..., ...}}
     DIR/params/                 Orbax (StandardCheckpointer) checkpoint of `Params.weights`
     DIR/manifest.json           where the weights came from (source, revision, sha256 of the
                                 input files, dtype, library version, config fingerprint, ...)
 
 `longmamba_config.json` is written last, so a directory without it is never mistaken for a
-complete conversion (`longmamba_jax.load` dispatches on it). `atomic_directory` gives writers
-an all-or-nothing output directory: everything is written into a temporary directory beside the
-target and renamed into place only when the writer finished without error.
+complete conversion (`longmamba_jax.load` dispatches on it). Its checksums (a position-weighted
+sum of each parameter's bits, mod 2^32, so any single flipped bit changes it) are checked on
+load, with every value finite (docs/reliability.md, "What is refused"). `atomic_directory`
+gives writers an all-or-nothing output directory: everything is written into a temporary
+directory beside the target and renamed into place only when the writer finished without error.
 """
 
 from __future__ import annotations
@@ -66,13 +69,29 @@ def save_converted(params, out_dir, *, manifest: dict) -> Path:
         checkpointer.save(out_dir / PARAMS_DIR, params.weights)
     write_manifest(out_dir, {**manifest, "format_version": FORMAT_VERSION, "dtype": dtype,
                              "config_fingerprint": config.fingerprint})
+    checksums = {"/".join(path): int(_checksum(jnp.asarray(leaf))[0])
+                 for path, leaf in _flat(params.weights)}
     _write_json(out_dir / CONVERTED_CONFIG, {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "dtype": dtype,
         "config": config.to_dict(),
+        "checksums": checksums,
     })
     return out_dir
+
+
+@jax.jit
+def _checksum(a):
+    """(Σ_i bits_i · (2i + 1) mod 2^32, all finite) of an fp32 / bf16 / fp16 array.
+
+    Integer sums mod 2^32 do not depend on the order of the reduction, so the value is the same
+    on every backend; the odd weights make any one flipped bit change it.
+    """
+    bits = jax.lax.bitcast_convert_type(a, {2: jnp.uint16, 4: jnp.uint32}[a.dtype.itemsize])
+    bits = bits.astype(jnp.uint32).reshape(-1)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32), jnp.all(jnp.isfinite(a))
 
 
 def write_manifest(directory, manifest: dict) -> None:
@@ -106,7 +125,13 @@ def _write_json(path: Path, obj) -> None:
 # Reading.
 
 def read_converted_config(directory):
-    """(config, stored dtype name) from `directory/longmamba_config.json`."""
+    """(config, stored dtype) from `directory/longmamba_config.json`."""
+    config, dtype, _ = _read_converted(directory)
+    return config, dtype
+
+
+def _read_converted(directory):
+    """(config, stored dtype, checksums or None) from `directory/longmamba_config.json`."""
     directory = Path(directory)
     path = directory / CONVERTED_CONFIG
     if not directory.is_dir():
@@ -127,9 +152,17 @@ def read_converted_config(directory):
         msg = str(exc)
         raise CheckpointError(msg if str(path) in msg else f"{path}: {msg}") from None
     dtype = raw.get("dtype")
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise CheckpointError(f"{path}: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
-    return config, np.dtype(_DTYPES[dtype])
+    checksums = raw.get("checksums")  # absent in files written before checksums were recorded
+    if checksums is not None:
+        names = {"/".join(p) for p in expected_shapes(config)}
+        if not isinstance(checksums, dict) or set(checksums) != names or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32
+                for v in checksums.values()):
+            raise CheckpointError(f"{path}: \"checksums\" must map each parameter of the config "
+                                  "to an int in [0, 2^32)")
+    return config, np.dtype(_DTYPES[dtype]), checksums
 
 
 def load_converted(directory, dtype=None):
@@ -146,11 +179,13 @@ def load_converted(directory, dtype=None):
     from longmamba_jax.model import Params
 
     directory = Path(directory).absolute()
-    config, stored = read_converted_config(directory)
+    config, stored, checksums = _read_converted(directory)
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{directory}: missing the weights directory {PARAMS_DIR}/")
-    target_dtype = np.dtype(dtype) if dtype is not None else stored
+    wanted_dtype = np.dtype(dtype) if dtype is not None else stored
+    # Checksums are of the stored values: restore those, check, then cast.
+    target_dtype = stored if checksums is not None else wanted_dtype
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target: dict = {}
     for path, shape in expected_shapes(config).items():
@@ -170,7 +205,22 @@ def load_converted(directory, dtype=None):
             f"{params_dir}: cannot restore the weights (corrupt, incomplete, or not written for "
             f"the config in {CONVERTED_CONFIG}): {first}"
         ) from None
-    return Params(_plain_dicts(weights), config)
+    weights = _plain_dicts(weights)
+    for path, leaf in _flat(weights):
+        name = "/".join(path)
+        total, finite = _checksum(leaf)
+        if checksums is not None and int(total) != checksums[name]:
+            raise CheckpointError(f"{params_dir}: parameter {name} does not match its checksum in "
+                                  f"{CONVERTED_CONFIG} (the files were changed or damaged)")
+        if not bool(finite):
+            raise CheckpointError(f"{params_dir}: parameter {name} holds NaN or inf values")
+    if wanted_dtype != target_dtype:
+        for path, _ in list(_flat(weights)):  # in place: one stored-dtype leaf freed at a time
+            node = weights
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = node[path[-1]].astype(wanted_dtype)
+    return Params(weights, config)
 
 
 def _flat(tree, prefix=()):
