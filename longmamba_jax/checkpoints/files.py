@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import ml_dtypes
 import numpy as np
@@ -147,30 +147,62 @@ def weight_files(directory: Path) -> list[Path]:
     """The weight files of a checkpoint directory, in the preferred format."""
     index = directory / SAFETENSORS_INDEX
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: corrupt shard index ({exc})") from None
-        files = sorted({directory / name for name in weight_map.values()})
-        for f in files:
-            if not f.exists():
-                raise CheckpointError(f"{index}: names shard {f.name} which is missing")
-        return files
+        raw = read_json(index)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{index}: corrupt shard index (\"weight_map\" must map tensor "
+                                  "names to shard file names)")
+        return [_shard(directory, index, name) for name in sorted(set(weight_map.values()))]
     single = directory / SAFETENSORS_FILE
     if single.exists():
-        return [single]
+        return [_regular(single)]
     shards = sorted(directory.glob("*.safetensors"))
     if shards:
-        return shards
+        return [_regular(f) for f in shards]
     if (directory / BIN_FILE).exists():
-        return [directory / BIN_FILE]
+        return [_regular(directory / BIN_FILE)]
     bins = sorted(directory.glob("pytorch_model*.bin"))
     if bins:
-        return bins
+        return [_regular(f) for f in bins]
     raise CheckpointError(
         f"{directory}: no weights found (model.safetensors, *.safetensors with "
         f"{SAFETENSORS_INDEX}, or {BIN_FILE})"
     )
+
+
+def _regular(path: Path) -> Path:
+    """`path` if it is a regular file (not a directory, FIFO or device, which could hang)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    return path
+
+
+def _shard(directory: Path, index: Path, name: str) -> Path:
+    """The shard `name` of the index, refused unless it lies inside the checkpoint directory.
+
+    Absolute names, `..` and symlinks that resolve outside it are refused; in a Hugging Face
+    cache snapshot (`.../snapshots/<rev>/`) the files are symlinks into the repository's
+    `blobs/`, which is allowed.
+    """
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name \
+            or PureWindowsPath(name).drive:
+        raise CheckpointError(f"{index}: names shard {name!r}, which is outside the checkpoint "
+                              "directory")
+    path = directory / pure
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{index}: names shard {name} which is missing")
+    resolved = path.resolve()
+    roots = [directory.resolve()]
+    if directory.resolve().parent.name == "snapshots":
+        roots.append(directory.resolve().parent.parent / "blobs")
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise CheckpointError(f"{index}: shard {name} resolves to {resolved}, outside the "
+                              "checkpoint directory")
+    if not path.exists():
+        raise CheckpointError(f"{index}: names shard {name} which is missing")
+    return _regular(path)
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, np.ndarray]]:
