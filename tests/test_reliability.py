@@ -465,3 +465,94 @@ def test_second_signal_stops_at_once(model_dir, tmp_path):
     _clean_exit(code, stderr, 143)
     assert "SIGTERM again: stopped" in stderr
     assert not out.exists() and _siblings(out) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: floats only, finite only; shard files inside the checkpoint folder.
+
+def _edit_tensor(directory: Path, key: str, fn) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    state = dict(load_file(directory / "model.safetensors"))
+    state[key] = fn(state[key])
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+BAD_VALUES = {
+    "int32": lambda a: np.ones(a.shape, np.int32),
+    "bool": lambda a: np.ones(a.shape, bool),
+    "nan": lambda a: np.where(np.arange(a.size).reshape(a.shape) == 0, np.nan, a).astype(a.dtype),
+    "inf": lambda a: (a - np.inf).astype(a.dtype),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_VALUES))
+def test_non_float_or_non_finite_weights_are_refused(kind, model_dir, tmp_path):
+    src = _copy(model_dir, tmp_path / "src")
+    key = "backbone.layers.1.mixer.dt_bias"
+    _edit_tensor(src, key, BAD_VALUES[kind])
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: key '{key}'") as info:
+        lmj.load(src)
+    assert ("floating point" if kind in ("int32", "bool") else "NaN or inf") in str(info.value)
+
+
+def test_converted_checkpoint_checks_checksums_and_finiteness(tiny, tmp_path):
+    from longmamba_jax.checkpoints.converted import save_converted
+
+    d = save_converted(tiny, tmp_path / "c", manifest={})
+    back = lmj.load(d)
+    for a, b in zip(jax.tree.leaves(back.weights), jax.tree.leaves(tiny.weights), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert lmj.load(d, dtype=jax.numpy.bfloat16).dtype == jax.numpy.bfloat16
+    config_file = d / "longmamba_config.json"
+    raw = json.loads(config_file.read_text())
+    raw["checksums"]["layers/mixer/D"] ^= 1 << 7
+    config_file.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="layers/mixer/D does not match its checksum"):
+        lmj.load(d)
+    del raw["checksums"]  # as written before checksums were recorded: still loads
+    config_file.write_text(json.dumps(raw))
+    lmj.load(d)
+    weights = jax.tree.map(lambda a: a, tiny.weights)
+    weights["norm_f"]["weight"] = weights["norm_f"]["weight"].at[3].set(np.inf)
+    nan = save_converted(lmj.Params(weights, tiny.config), tmp_path / "nan", manifest={})
+    with pytest.raises(CheckpointError, match="params: parameter norm_f/weight holds NaN or inf"):
+        lmj.load(nan)
+
+
+def _sharded(model_dir: Path, root: Path, shard_name: str) -> Path:
+    """model_dir as a one-shard checkpoint whose index names `shard_name`."""
+    from safetensors.numpy import load_file
+
+    src = root / "src"
+    src.mkdir(parents=True)
+    shutil.copy(model_dir / "config.json", src / "config.json")
+    keys = load_file(model_dir / "model.safetensors")
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: shard_name for k in keys}}))
+    return src
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute", "symlink-out"])
+def test_shard_index_cannot_reach_outside_the_checkpoint(where, model_dir, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(model_dir / "model.safetensors", outside)
+    name = {"dotdot": "../outside.safetensors", "absolute": str(outside),
+            "symlink-out": "model-00001-of-00001.safetensors"}[where]
+    src = _sharded(model_dir, tmp_path, name)
+    if where == "symlink-out":
+        (src / name).symlink_to(outside)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: .*outside the "
+                                              r"checkpoint directory"):
+        lmj.load(src)
+
+
+def test_hub_cache_symlinks_into_blobs_are_allowed(model_dir, tmp_path):
+    repo = tmp_path / "models--owner--name"
+    (repo / "blobs").mkdir(parents=True)
+    shutil.copy(model_dir / "model.safetensors", repo / "blobs" / "0123abcd")
+    shutil.copytree(_sharded(model_dir, tmp_path / "x", "model-00001-of-00001.safetensors"),
+                    repo / "snapshots" / "rev")
+    (repo / "snapshots" / "rev" / "model-00001-of-00001.safetensors").symlink_to(
+        Path("..") / ".." / "blobs" / "0123abcd")
+    lmj.load(repo / "snapshots" / "rev")
