@@ -249,7 +249,7 @@ def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto"
       DeciMamba kept; with return_positions, (logits, positions).
     """
     tokens = _check_tokens(params, tokens)
-    kwargs = method_kwargs(method, params.config, tokens.shape[1])
+    kwargs = method_kwargs(method, params.config, tokens.shape[1], params)
     if attention_mask is not None and "decimation" in kwargs:
         raise ValueError("attention_mask (left padding) is not supported with DeciMamba")
     out = apply_model(params, tokens, mask=_mask(attention_mask, tokens), last_n=last_n,
@@ -263,10 +263,15 @@ def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto"
     return out.logits, positions
 
 
-def method_kwargs(method, config: Config, seq_len: int) -> dict:
+def method_kwargs(method, config: Config, seq_len: int, params: Params | None = None) -> dict:
     """What a context-extension method (None: vanilla) contributes to `apply_model` at prompt
-    length seq_len."""
-    return {} if method is None else method.model_kwargs(config, seq_len)
+    length seq_len; with `params`, a method that has `check_params` (LongMamba: its calibration
+    must be of these weights) checks them first."""
+    if method is None:
+        return {}
+    if params is not None and hasattr(method, "check_params"):
+        method.check_params(params)
+    return method.model_kwargs(config, seq_len)
 
 
 def _check_tokens(params: Params, tokens):

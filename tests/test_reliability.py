@@ -556,3 +556,65 @@ def test_hub_cache_symlinks_into_blobs_are_allowed(model_dir, tmp_path):
     (repo / "snapshots" / "rev" / "model-00001-of-00001.safetensors").symlink_to(
         Path("..") / ".." / "blobs" / "0123abcd")
     lmj.load(repo / "snapshots" / "rev")
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibrations: matched to the weights they were measured on; the token stream checked first.
+
+@pytest.fixture(scope="module")
+def tiny_cal(tiny):
+    from longmamba_jax.calibration import calibrate
+
+    stream = np.random.default_rng(0).integers(0, tiny.config.vocab_size, 200)
+    return calibrate(tiny, stream, train_len=16, num_windows=3, backend="associative",
+                     progress=False)
+
+
+def test_calibration_of_other_weights_with_the_same_shapes_is_refused(tiny, tiny_cal, tmp_path):
+    from longmamba_jax.calibration.record import weights_digest
+
+    assert tiny_cal.weights_digest == weights_digest(tiny)
+    ids = np.random.default_rng(1).integers(0, tiny.config.vocab_size, (1, 40))
+    lm = lmj.LongMamba(tiny_cal, channel_threshold=0)
+    ref = np.asarray(lmj.forward(tiny, ids, method=lm))
+    lmj.forward(tiny.astype(jax.numpy.bfloat16), ids, method=lm)  # same weights, other dtype
+    other = lmj.init_params(tiny.config, seed=2)  # same config, other weights
+    with pytest.raises(ValueError, match="does not match the model: weights digest"):
+        lmj.forward(other, ids, method=lm)
+    with pytest.raises(ValueError, match="weights digest"):
+        lmj.generate(other, ids, max_new_tokens=2, method=lm)
+    unchecked = lmj.LongMamba(tiny_cal, channel_threshold=0, check_weights=False)
+    assert np.isfinite(np.asarray(lmj.forward(other, ids, method=unchecked))).all()
+    path = tmp_path / "cal.npz"
+    tiny_cal.save(path)
+    np.testing.assert_array_equal(
+        np.asarray(lmj.forward(tiny, ids, method=lmj.LongMamba(lmj.Calibration.load(path),
+                                                               channel_threshold=0))), ref)
+    with pytest.raises(ValueError, match=r"cal\.npz: .*weights digest"):
+        lmj.Calibration.load(path, expect={"weights_digest": weights_digest(other)})
+    # A calibration without a digest (written before digests were recorded) is not checked.
+    old = _rewrite_npz(path, tmp_path / "old.npz", _set_header("weights_digest", KeyError))
+    assert lmj.Calibration.load(old).weights_digest is None
+    lmj.forward(other, ids, method=lmj.LongMamba(lmj.Calibration.load(old)))
+
+
+BAD_STREAMS = {
+    "id-beyond-vocab": (lambda v: np.full(100, v), r"token ids must be in \[0, "),
+    "negative-id": (lambda v: np.full(100, -1), r"token ids must be in \[0, "),
+    "float": (lambda v: np.linspace(0, 5, 100), "integer"),
+    "bool": (lambda v: np.ones(100, bool), "integer"),
+    "empty-batch": (lambda v: np.zeros((0, 4), np.int64), "1-D"),
+    "batch-of-two": (lambda v: np.zeros((2, 50), np.int64), "1-D"),
+    "too-short": (lambda v: np.zeros(10, np.int64), "fewer than train_len"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STREAMS))
+def test_calibrate_checks_the_token_stream_first(case, tiny):
+    from longmamba_jax.calibration import calibrate, record_deltas
+
+    make, needle = BAD_STREAMS[case]
+    stream = make(tiny.config.padded_vocab_size)
+    for fn in (calibrate, record_deltas):
+        with pytest.raises(ValueError, match=needle):
+            fn(tiny, stream, train_len=16, num_windows=2, progress=False)

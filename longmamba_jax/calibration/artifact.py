@@ -9,9 +9,10 @@ are global), the decay ``Σ_t Δ`` and θ(S) for any length S > train_len, store
   ``log(S - L)``; past the grid θ is exactly the aggregated clamp value.
 
 The file is an ``.npz`` with a JSON header (format version, library version, model
-fingerprint, architecture, layer and channel counts, train_len, clamp_top, aggregate,
-slowest_state, number of windows, grid description), written atomically. docs/design.md,
-"LongMamba calibration", gives the rule, the storage and the measured grid error.
+fingerprint, digest of the weights, architecture, layer and channel counts, train_len,
+clamp_top, aggregate, slowest_state, number of windows, grid description), written atomically.
+docs/design.md, "LongMamba calibration", gives the rule, the storage and the measured grid
+error; docs/reliability.md, "Calibrations", what `load` checks.
 """
 
 from __future__ import annotations
@@ -144,6 +145,11 @@ class Calibration:
         return self._header["fingerprint"]
 
     @property
+    def weights_digest(self) -> str | None:
+        """Digest of the weights it was measured on (None in files written before digests)."""
+        return self._header.get("weights_digest")
+
+    @property
     def n_layers(self) -> int:
         return int(self._header["n_layers"])
 
@@ -227,18 +233,25 @@ class Calibration:
         return (1.0 - wgt) * lo + wgt * hi
 
     # -------------------------------------------------------------------- compatibility
-    def check_compatible(self, fingerprint: str | None, n_layers: int, channels: Sequence[int]):
+    def check_compatible(self, fingerprint: str | None, n_layers: int, channels: Sequence[int],
+                         weights_digest: str | None = None):
         """Raises ValueError unless this calibration was made for the described model.
 
         Args:
           fingerprint: the model's fingerprint (compared when both sides have one).
           n_layers: the model's layer count.
           channels: per-layer channel counts (E for Mamba-1, heads for Mamba2).
+          weights_digest: `record.weights_digest` of the model's weights (compared when both
+            sides have one).
         """
         problems = []
         mine = self._header["fingerprint"]
         if fingerprint is not None and mine is not None and fingerprint != mine:
             problems.append(f"fingerprint {mine!r} != model's {fingerprint!r}")
+        digest = self.weights_digest
+        if weights_digest is not None and digest is not None and weights_digest != digest:
+            problems.append(f"weights digest {digest} != model's {weights_digest} (measured on "
+                            "other weights)")
         if int(n_layers) != self.n_layers:
             problems.append(f"n_layers {self.n_layers} != model's {int(n_layers)}")
         if [int(c) for c in channels] != self.channels:
@@ -278,8 +291,8 @@ class Calibration:
 
         Args:
           path: the file.
-          expect: optional ``{"fingerprint": str, "n_layers": int, "channels": [int, ...]}``
-            (any subset); a mismatch raises ValueError naming it.
+          expect: optional ``{"fingerprint": str, "n_layers": int, "channels": [int, ...],
+            "weights_digest": str}`` (any subset); a mismatch raises ValueError naming it.
 
         Returns:
           The :class:`Calibration`.
@@ -304,7 +317,7 @@ class Calibration:
             arrays["theta_codes"] = unpack_codes(arrays["theta_codes"])
         cal = cls(header, arrays)
         if expect is not None:
-            unknown = set(expect) - {"fingerprint", "n_layers", "channels"}
+            unknown = set(expect) - {"fingerprint", "n_layers", "channels", "weights_digest"}
             if unknown:
                 raise ValueError(f"expect has unknown keys {sorted(unknown)}")
             try:
@@ -312,6 +325,7 @@ class Calibration:
                     expect.get("fingerprint"),
                     expect.get("n_layers", cal.n_layers),
                     expect.get("channels", cal.channels),
+                    expect.get("weights_digest"),
                 )
             except ValueError as e:
                 raise CalibrationError(f"{path}: {e}") from None

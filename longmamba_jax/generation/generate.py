@@ -114,7 +114,7 @@ def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None 
             or total_len < length:
         raise ValueError(f"total_len must be an int >= the chunk length {length}, "
                          f"got {total_len!r}")
-    kwargs = method_kwargs(method, params.config, int(total_len))
+    kwargs = method_kwargs(method, params.config, int(total_len), params)
     if kwargs.get("decimation"):
         if attention_mask is not None:
             raise ValueError("attention_mask (left padding) is not supported with DeciMamba")
