@@ -301,8 +301,8 @@ class Calibration:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"calibration file not found: {path!r}")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {name: z[name] for name in z.files}
+            with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # f: closed
+                arrays = {name: z[name] for name in z.files}  # even when np.load fails
         except Exception as e:  # noqa: BLE001 - zip, zlib and npy errors come in many types
             raise CalibrationError(f"{path}: not a calibration artifact ({e})") from None
         header = arrays.pop("header", None)

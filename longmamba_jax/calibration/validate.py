@@ -157,11 +157,16 @@ def check_file_contents(path: str, header: Any, arrays: dict[str, np.ndarray],
           and 0 <= v <= 1, "a number in [0, 1]")
     field("slowest_state", lambda v: v is None or v in _SLOWEST_STATE,
           f"null or one of {_SLOWEST_STATE}")
+    field("clamp_k", is_int, "an int >= 1")
     field("architecture", lambda v: isinstance(v, str), "a string")
+    field("library_version", lambda v: isinstance(v, str), "a string")
+    field("model_info", lambda v: isinstance(v, dict), "an object")
     field("fingerprint", lambda v: v is None or isinstance(v, str), "a string or null")
     if "weights_digest" in header:
         field("weights_digest", lambda v: v is None or isinstance(v, str), "a string or null")
     storage = field("storage", lambda v: v in ("exact", "grid"), "'exact' or 'grid'")
+    field("grid", lambda v: isinstance(v, dict) if storage == "grid" else v is None,
+          "an object" if storage == "grid" else "null")
 
     total = sum(channels)
     wanted: dict[str, tuple[tuple[int, ...], tuple]] = {
