@@ -70,10 +70,9 @@ def _entry(path: Path, key: str, info) -> tuple[np.dtype, tuple[int, ...], int, 
     name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(name, str) or name not in _ST_DTYPES:
         raise bad(f"dtype {name!r} is not one of {sorted(_ST_DTYPES)}")
-    ints = (isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in
-            (shape or []) + (offsets or []))
     if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2 \
-            or not all(ints):
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                       for v in shape + offsets):
         raise bad(f"shape {shape!r} / data_offsets {offsets!r} are not lists of non-negative "
                   "integers")
     return np.dtype(_ST_DTYPES[name]), tuple(shape), offsets[0], offsets[1]
@@ -88,20 +87,31 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     header, data_start, size = read_safetensors_header(path)
     data_len = size - data_start
     entries = {key: _entry(path, key, info) for key, info in header.items()}
-    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,)) \
-        if data_len > 0 else np.zeros((0,), np.uint8)
     for key, (dtype, shape, begin, end) in entries.items():
-        expected = math.prod(shape) * dtype.itemsize
         if end > data_len:
             raise CheckpointError(
                 f"{path}: truncated file: tensor {key!r} needs bytes {begin}..{end} of the data "
                 f"section but the file holds {data_len}"
             )
-        if end - begin != expected:
+        if end - begin != math.prod(shape) * dtype.itemsize:
             raise CheckpointError(
                 f"{path}: corrupt safetensors entry {key!r}: {end - begin} bytes for shape "
                 f"{shape} of {header[key]['dtype']}"
             )
+    # As the safetensors library requires: the tensors tile the data section exactly, so no
+    # two of them share bytes and nothing is left over.
+    position = 0
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+        if begin != position:
+            raise CheckpointError(f"{path}: corrupt safetensors entry {key!r}: data_offsets "
+                                  f"[{begin}, {end}] overlap another tensor or leave a gap")
+        position = end
+    if position != data_len:
+        raise CheckpointError(f"{path}: the tensors cover {position} bytes of the data section, "
+                              f"but it holds {data_len} (trailing bytes)")
+    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,)) \
+        if data_len > 0 else np.zeros((0,), np.uint8)
+    for key, (dtype, shape, begin, end) in entries.items():
         yield key, mm[begin:end].view(dtype).reshape(shape)
 
 
