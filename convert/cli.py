@@ -84,7 +84,7 @@ def convert(args: argparse.Namespace, guard: SignalGuard | None = None) -> Path:
 
     `guard` (a `SignalGuard`) is checked at every safe point; `Interrupted` ends the run there.
     """
-    from longmamba_jax.checkpoints.converted import atomic_directory, lock_path
+    from longmamba_jax.checkpoints.atomic import atomic_directory, lock_path
 
     guard = guard if guard is not None else SignalGuard()
     out = Path(args.out)

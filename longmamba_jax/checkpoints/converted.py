@@ -1,36 +1,38 @@
 """The converter's output format: an Orbax checkpoint of the weights plus our config and a manifest.
 
     DIR/longmamba_config.json   {"format": ..., "format_version": 1, "dtype": ..., "config": {...},
-                                "checksums": {"layers/mixer/A_log": ..., ...}}
+                                "checksums": {"layers/mixer/A_log": ..., ...},
+                                "files": {"params/...": {"bytes": ..., "crc32": ...}, ...}}
     DIR/params/                 Orbax (StandardCheckpointer) checkpoint of `Params.weights`
     DIR/manifest.json           where the weights came from (source, revision, sha256 of the
                                 input files, dtype, library version, config fingerprint, ...)
 
 `longmamba_config.json` is written last, so a directory without it is never mistaken for a
-complete conversion (`longmamba_jax.load` dispatches on it). Its checksums (a position-weighted
-sum of each parameter's bits, mod 2^32, so any single flipped bit changes it) are checked on
-load, with every value finite (docs/reliability.md, "What is refused"). `atomic_directory`
-gives writers an all-or-nothing output directory: everything is written into a temporary
-directory beside the target and renamed into place only when the writer finished without error.
+complete conversion (`longmamba_jax.load` dispatches on it). On load every file of params/ is
+checked against its size and CRC32 before Orbax reads it, and each restored parameter against
+its checksum (a position-weighted sum of its bits mod 2^32) and for NaN / inf
+(docs/reliability.md, "What is refused"). Directories written before these were recorded load
+without them. Writers get all-or-nothing output from `atomic.atomic_directory`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
 import os
-import re
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+import zlib
+from pathlib import Path, PurePosixPath
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longmamba_jax.checkpoints.atomic import (  # noqa: F401 - re-exported
+    atomic_directory,
+    check_output_dir,
+    lock_path,
+)
 from longmamba_jax.checkpoints.files import CheckpointError, read_json
 from longmamba_jax.checkpoints.torch_format import expected_shapes
 from longmamba_jax.config import ConfigError, from_dict
@@ -71,14 +73,28 @@ def save_converted(params, out_dir, *, manifest: dict) -> Path:
                              "config_fingerprint": config.fingerprint})
     checksums = {"/".join(path): int(_checksum(jnp.asarray(leaf))[0])
                  for path, leaf in _flat(params.weights)}
+    files = {}
+    for path in sorted((out_dir / PARAMS_DIR).rglob("*")):
+        if path.is_file():
+            files[path.relative_to(out_dir).as_posix()] = {"bytes": path.stat().st_size,
+                                                           "crc32": _crc32(path)}
     _write_json(out_dir / CONVERTED_CONFIG, {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "dtype": dtype,
         "config": config.to_dict(),
         "checksums": checksums,
+        "files": files,
     })
     return out_dir
+
+
+def _crc32(path: Path, chunk: int = 1 << 23) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 @jax.jit
@@ -126,12 +142,13 @@ def _write_json(path: Path, obj) -> None:
 
 def read_converted_config(directory):
     """(config, stored dtype) from `directory/longmamba_config.json`."""
-    config, dtype, _ = _read_converted(directory)
+    config, dtype, _, _ = _read_converted(directory)
     return config, dtype
 
 
 def _read_converted(directory):
-    """(config, stored dtype, checksums or None) from `directory/longmamba_config.json`."""
+    """(config, stored dtype, checksums or None, files or None) from
+    `directory/longmamba_config.json`, each field checked."""
     directory = Path(directory)
     path = directory / CONVERTED_CONFIG
     if not directory.is_dir():
@@ -148,21 +165,72 @@ def _read_converted(directory):
                               f"version of longmamba-jax reads {FORMAT_VERSION})")
     try:
         config = from_dict(raw.get("config"), source=f"{path} (config)")
-    except (ConfigError, TypeError) as exc:
+        _check_field_types(config)
+    except (ConfigError, TypeError, ValueError, OverflowError) as exc:
         msg = str(exc)
         raise CheckpointError(msg if str(path) in msg else f"{path}: {msg}") from None
     dtype = raw.get("dtype")
     if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise CheckpointError(f"{path}: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    try:
+        shapes = expected_shapes(config)
+    except Exception as exc:  # noqa: BLE001 - e.g. sizes too large for the array library
+        raise CheckpointError(f"{path}: the config implies impossible parameter shapes "
+                              f"({type(exc).__name__}: {exc})") from None
     checksums = raw.get("checksums")  # absent in files written before checksums were recorded
     if checksums is not None:
-        names = {"/".join(p) for p in expected_shapes(config)}
+        names = {"/".join(p) for p in shapes}
         if not isinstance(checksums, dict) or set(checksums) != names or not all(
                 isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32
                 for v in checksums.values()):
             raise CheckpointError(f"{path}: \"checksums\" must map each parameter of the config "
                                   "to an int in [0, 2^32)")
-    return config, np.dtype(_DTYPES[dtype]), checksums
+    files = raw.get("files")  # absent in files written before file checksums were recorded
+    if files is not None:
+        def ok(name, entry):
+            parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+            return (len(parts) > 1 and parts[0] == PARAMS_DIR and ".." not in parts
+                    and isinstance(entry, dict) and set(entry) == {"bytes", "crc32"}
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                            for v in entry.values()))
+
+        if not isinstance(files, dict) or not files or not all(ok(*kv) for kv in files.items()):
+            raise CheckpointError(f"{path}: \"files\" must map files under {PARAMS_DIR}/ to "
+                                  "{\"bytes\": int, \"crc32\": int}")
+    return config, np.dtype(_DTYPES[dtype]), checksums, files
+
+
+def _check_field_types(config) -> None:
+    """Every config field has its declared type (our own schema is read with no casts)."""
+    for field in dataclasses.fields(config):
+        value, kind = getattr(config, field.name), str(field.type)
+        if kind.startswith("bool"):
+            good = isinstance(value, bool)
+        elif kind.startswith("int"):
+            good = (isinstance(value, int) and not isinstance(value, bool)) or \
+                ("None" in kind and value is None)
+        elif kind.startswith("float"):
+            good = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value) and value > 0
+        else:  # dt_limit: already (float, float) with low <= high
+            good = all(not math.isnan(v) for v in value)
+        if not good:
+            raise ConfigError(f"config field {field.name} must be {kind}, got {value!r}")
+
+
+def _check_files(directory: Path, files: dict) -> None:
+    """Each listed file exists with its recorded size and CRC32 (before Orbax reads any)."""
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file() or path.is_symlink():
+            raise CheckpointError(f"{path}: missing (listed in {CONVERTED_CONFIG})")
+        if path.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, but {CONVERTED_CONFIG} "
+                                  f"records {entry['bytes']} (truncated or changed)")
+    for name, entry in files.items():
+        if _crc32(directory / name) != entry["crc32"]:
+            raise CheckpointError(f"{directory / name}: does not match its CRC32 in "
+                                  f"{CONVERTED_CONFIG} (the file is damaged or was changed)")
 
 
 def load_converted(directory, dtype=None):
@@ -179,10 +247,12 @@ def load_converted(directory, dtype=None):
     from longmamba_jax.model import Params
 
     directory = Path(directory).absolute()
-    config, stored, checksums = _read_converted(directory)
+    config, stored, checksums, files = _read_converted(directory)
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{directory}: missing the weights directory {PARAMS_DIR}/")
+    if files is not None:
+        _check_files(directory, files)
     wanted_dtype = np.dtype(dtype) if dtype is not None else stored
     # Checksums are of the stored values: restore those, check, then cast.
     target_dtype = stored if checksums is not None else wanted_dtype
@@ -263,196 +333,3 @@ def _plain_dicts(tree):
     if isinstance(tree, dict):
         return {k: _plain_dicts(v) for k, v in tree.items()}
     return tree
-
-
-# ---------------------------------------------------------------------------------------------
-# All-or-nothing output directories (docs/reliability.md, "Output directories").
-
-# What our writers put in an output directory: a conversion, or an export (export.py).
-_OUTPUT_NAMES = frozenset({CONVERTED_CONFIG, PARAMS_DIR, MANIFEST, "config.json",
-                           "model.safetensors", "pytorch_model.bin"})
-
-
-def _replaceable(path: Path) -> bool:
-    """Whether --force may replace `path`: an empty directory, or one holding only what a
-    conversion or an export writes (a file of the user's in it makes it not replaceable)."""
-    if not path.is_dir() or path.is_symlink():
-        return False
-    names = {p.name for p in path.iterdir()}
-    return not names or (names <= _OUTPUT_NAMES
-                         and bool(names & {CONVERTED_CONFIG, "config.json"}))
-
-
-def check_output_dir(out, *, force: bool = False) -> None:
-    """Raises FileExistsError unless `out` is free, or `force` and `out` may be replaced."""
-    out = Path(out).absolute()
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise FileExistsError(f"{out}: already exists (pass --force / force=True to replace "
-                                  "it)")
-        if not _replaceable(out):
-            raise FileExistsError(
-                f"{out}: exists and is not an empty directory or a previous conversion; refusing "
-                "to replace it even with --force"
-            )
-
-
-def _temp_pattern(out: Path, kind: str) -> re.Pattern:
-    """`.NAME.tmp-PID-XXXXXXXX` (mkdtemp's 8 random characters) or `.NAME.old-PID-XXXXXXXX`."""
-    return re.compile(rf"\.{re.escape(out.name)}\.{kind}-(\d+)-[a-z0-9_]{{8}}")
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # someone else's process (or not a pid we can ask about): keep its files
-    return True
-
-
-def _clean_stale(out: Path) -> None:
-    """Removes what writers to `out` that died (SIGKILL, power loss) left beside it.
-
-    Only our own names with the pid of a process that no longer runs on this machine: their
-    temporary directories are removed; a previous output they had moved aside is moved back
-    when `out` is missing (they died between the two renames of a --force commit), else
-    removed (they died after committing, while deleting it). Called with the lock held.
-    """
-    tmp_re, old_re = _temp_pattern(out, "tmp"), _temp_pattern(out, "old")
-    for path in sorted(out.parent.iterdir()):
-        m = tmp_re.fullmatch(path.name) or old_re.fullmatch(path.name)
-        if m is None or path.is_symlink() or not path.is_dir() or _alive(int(m.group(1))):
-            continue
-        if tmp_re.fullmatch(path.name):
-            shutil.rmtree(path, ignore_errors=True)
-        elif not (out.exists() or out.is_symlink()):
-            os.rename(path, out)
-        elif _replaceable(path):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def lock_path(out) -> Path:
-    """The lock file of an output directory: `.NAME.lock` beside it."""
-    out = Path(out).absolute()
-    return out.parent / f".{out.name}.lock"
-
-
-@contextlib.contextmanager
-def _output_lock(out: Path) -> Iterator[None]:
-    """An exclusive lock on `out`: flock on `.NAME.lock` beside it (released by the kernel if
-    the holder dies, so a killed writer never leaves a stale lock)."""
-    import fcntl
-
-    path = lock_path(out)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FileExistsError(
-                f"{out}: another conversion or export is writing it right now (it holds "
-                f"{path}); wait for it to finish or choose another output directory"
-            ) from None
-        try:
-            current = os.stat(path)
-        except FileNotFoundError:
-            current = None
-        if current is not None and os.path.samestat(os.fstat(fd), current):
-            break
-        os.close(fd)  # the previous holder removed the file as we opened it: lock the new one
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)  # while still holding it: the next writer then locks a new file
-        os.close(fd)
-
-
-def _commit(tmp: Path, out: Path, force: bool) -> None:
-    """Renames the finished `tmp` to `out`, checking `out` again now (it may have appeared or
-    changed since the start): anything not replaceable is left untouched."""
-    untouched = "it was left untouched and the new output was not written"
-    if not (out.exists() or out.is_symlink()):
-        try:
-            os.rename(tmp, out)  # fails on a non-empty directory or a file put there meanwhile
-        except OSError as exc:
-            raise FileExistsError(f"{out}: appeared during the run ({exc.strerror}); "
-                                  f"{untouched}") from None
-        return
-    if not force:
-        raise FileExistsError(f"{out}: appeared during the run; {untouched} (pass --force to "
-                              "replace a previous conversion)")
-    if not _replaceable(out):
-        raise FileExistsError(f"{out}: is no longer an empty directory or a previous conversion "
-                              f"(it changed during the run); {untouched}")
-    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.rename(out, old)
-    if not _replaceable(old):  # changed between the check and the rename
-        try:
-            os.rename(old, out)
-        except OSError:
-            raise FileExistsError(f"{out}: changed during the run; it is now at {old}, and the "
-                                  "new output was not written") from None
-        raise FileExistsError(f"{out}: changed during the run; {untouched}")
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(out, *, force: bool = False,
-                     on_commit: Callable[[], contextlib.AbstractContextManager] | None = None,
-                     ) -> Iterator[Path]:
-    """Yields a temporary directory beside `out`; on success it becomes `out`.
-
-    One writer at a time: an exclusive lock beside `out` is held from the start to the end
-    (a second writer gets FileExistsError at once). On any exception (including
-    KeyboardInterrupt) the temporary directory is removed and `out` is left exactly as it was.
-    An existing `out` is refused unless `force`, and then replaced only after the writer
-    succeeded, and only if it still is an empty directory or a previous conversion / export
-    (never an arbitrary directory or a file, nor one that changed meanwhile). Temporary
-    directories of earlier writers to `out` that were killed are removed first.
-
-    `on_commit`, if given, makes a context manager entered around the final renames (the
-    converter defers a second signal there).
-
-    Raises:
-      FileExistsError: `out` exists and `force` is off, cannot be replaced safely, appeared or
-        changed during the run, or another writer holds it.
-    """
-    out = Path(out).absolute()
-    created = []
-    parent = out.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with _output_lock(out):
-            _clean_stale(out)
-            check_output_dir(out, force=force)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-",
-                                        dir=out.parent))
-            try:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is not
-                yield tmp
-                with on_commit() if on_commit is not None else contextlib.nullcontext():
-                    _commit(tmp, out, force)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    except BaseException:
-        for directory in created:  # deepest first
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        raise

@@ -259,8 +259,9 @@ def read_config(directory: Path) -> tuple[Config, str]:
     raw = read_json(path)
     try:
         config = from_dict(raw, source=str(path))
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(str(exc)) from None
+    except (ConfigError, TypeError, ValueError, OverflowError) as exc:  # int("x"), int(inf)
+        msg = str(exc)
+        raise CheckpointError(msg if str(path) in msg else f"{path}: {msg}") from None
     schema = "transformers" if "model_type" in raw else "native" if "d_model" in raw else "ours"
     return config, schema
 
