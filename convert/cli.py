@@ -108,7 +108,8 @@ def _read_source(args, guard: SignalGuard):
     from longmamba_jax.checkpoints.source import resolve_source
     from longmamba_jax.checkpoints.torch_format import load_torch_checkpoint
 
-    directory = resolve_source(args.hf, revision=args.revision)
+    with guard.interruptible():  # a hub download can take minutes
+        directory = resolve_source(args.hf, revision=args.revision)
     is_local = Path(str(args.hf)).expanduser().is_dir()
     _say(f"source: {directory}")
     guard.phase("hash")

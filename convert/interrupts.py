@@ -4,7 +4,8 @@ SIGINT, SIGTERM and SIGHUP are only recorded by the handler: no exception is rai
 torch, jax, Orbax or a finalizer (where a KeyboardInterrupt can be swallowed, or leave native
 state half-updated and crash the interpreter at exit). The converter calls `check()` at its safe
 points, between steps and between tensors, which raises `Interrupted`; the temporary directory
-is then removed on the way out and the exit status is 128 + the signal number. A second signal
+is then removed on the way out and the exit status is 128 + the signal number (a hub download,
+plain Python with no safe points, is interrupted at once: `interruptible`). A second signal
 stops at once: the temporary directory and the lock file are removed and the process exits
 with `os._exit`, except during the final renames, which are a few system calls and finish
 first. A signal that was ignored when the converter started (`nohup`, a background job's
@@ -56,6 +57,7 @@ class SignalGuard:
     def __init__(self):
         self.signum: int | None = None
         self.committed = False
+        self._raise_now = False
         self._committing = False
         self._remove: list[Path] = []
         self._previous: dict[int, object] = {}
@@ -79,6 +81,8 @@ class SignalGuard:
         name = signal.Signals(signum).name
         if self.signum is None:
             self.signum = signum
+            if self._raise_now:
+                raise Interrupted(signum)  # recorded first: if swallowed, check() still acts
             _say(f"\n{name}: stopping at the next safe point and removing the partial output "
                  "(send it again to stop at once)\n")
             return
@@ -111,6 +115,17 @@ class SignalGuard:
             deadline = time.monotonic() + 60.0
             while (self.signum is None or hold) and time.monotonic() < deadline:
                 time.sleep(0.005)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Around plain-Python work with no safe points of its own that writes nothing of ours
+        (a hub download): a signal raises `Interrupted` at once."""
+        self.check()
+        self._raise_now = True
+        try:
+            yield
+        finally:
+            self._raise_now = False
 
     @contextlib.contextmanager
     def commit(self) -> Iterator[None]:

@@ -618,3 +618,27 @@ def test_calibrate_checks_the_token_stream_first(case, tiny):
     for fn in (calibrate, record_deltas):
         with pytest.raises(ValueError, match=needle):
             fn(tiny, stream, train_len=16, num_windows=2, progress=False)
+
+
+def test_signal_guard_records_then_raises_at_safe_points():
+    from longmamba_convert.interrupts import Interrupted, SignalGuard
+
+    before = signal.getsignal(signal.SIGTERM)
+    with SignalGuard() as guard:
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded only: the next line runs
+        assert guard.signum == signal.SIGTERM
+        with pytest.raises(Interrupted) as info:
+            guard.check()
+        assert info.value.exit_status == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+    with SignalGuard() as guard, pytest.raises(Interrupted):
+        with guard.interruptible():  # a hub download: raised at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+            pytest.fail("not interrupted")
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with SignalGuard():  # an ignored signal (nohup) stays ignored
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
