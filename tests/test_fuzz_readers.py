@@ -39,7 +39,7 @@ import numpy as np
 import pytest
 
 import longmamba_jax as lmj
-from longmamba_jax.calibration import Calibration, CalibrationError, calibrate
+from longmamba_jax.calibration import Calibration, CalibrationError
 from longmamba_jax.checkpoints import CheckpointError
 from longmamba_jax.checkpoints.export import export_torch
 from longmamba_jax.config import ConfigError
@@ -70,14 +70,13 @@ def base(tmp_path_factory):
     from longmamba_jax.checkpoints.converted import save_converted
 
     converted = save_converted(params, root / "converted", manifest={"source": "fuzz"})
-    stream = np.random.default_rng(0).integers(0, params.config.vocab_size, 300)
-    cal = calibrate(params, stream, train_len=16, num_windows=3, backend="associative",
-                    progress=False)
-    cal.save(root / "exact.npz")
-    grid = Calibration.from_deltas(
-        [np.random.default_rng(1).uniform(0, 2, (3, 16, 4)) for _ in range(2)],
-        [-np.ones(4), -np.ones(4) / 2], train_len=16, storage="grid")
-    grid.save(root / "grid.npz")
+    rng = np.random.default_rng(1)
+    for storage in ("exact", "grid"):
+        deltas = [rng.uniform(0, 2, (3, 16, 8)).astype(np.float32) for _ in range(2)]
+        Calibration.from_deltas(deltas, [-np.exp(rng.normal(size=8)) for _ in range(2)],
+                                train_len=16, storage=storage, fingerprint="fuzz",
+                                weights_digest="0123456789abcdef" if storage == "exact" else None,
+                                ).save(root / f"{storage}.npz")
     return {"params": params, "ref": ref, "safetensors": st, "shards": shards,
             "converted": converted, "calibrations": [root / "exact.npz", root / "grid.npz"],
             "root": root}

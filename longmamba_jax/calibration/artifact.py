@@ -88,6 +88,7 @@ class Calibration:
         model_info: Mapping[str, Any] | None = None,
         storage: str = "auto",
         grid_step: float = 0.04,
+        weights_digest: str | None = None,
     ) -> Calibration:
         """Calibrates from recorded Δ.
 
@@ -106,6 +107,8 @@ class Calibration:
             ``"architecture"`` entry overrides the one inferred from A's rank.
           storage: ``"auto"``, ``"exact"`` or ``"grid"`` (see the module docstring).
           grid_step: grid spacing in ``log(S - L)`` for ``storage="grid"``.
+          weights_digest: ``record.weights_digest`` of the model, stored and compared by
+            :meth:`check_compatible` (and by ``LongMamba``).
 
         Returns:
           A :class:`Calibration`.
@@ -128,7 +131,8 @@ class Calibration:
             grid_step=grid_step,
         )
         builder._add_checked(deltas, windows)  # validated above: one pass over the data
-        return builder.finish(fingerprint=fingerprint, model_info=model_info)
+        return builder.finish(fingerprint=fingerprint, model_info=model_info,
+                              weights_digest=weights_digest)
 
     # -------------------------------------------------------------------- accessors
     def _split(self, flat: np.ndarray) -> list[np.ndarray]:

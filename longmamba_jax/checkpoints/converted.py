@@ -71,8 +71,7 @@ def save_converted(params, out_dir, *, manifest: dict) -> Path:
         checkpointer.save(out_dir / PARAMS_DIR, params.weights)
     write_manifest(out_dir, {**manifest, "format_version": FORMAT_VERSION, "dtype": dtype,
                              "config_fingerprint": config.fingerprint})
-    checksums = {"/".join(path): int(_checksum(jnp.asarray(leaf))[0])
-                 for path, leaf in _flat(params.weights)}
+    checksums = {name: total for name, (total, _) in _checksums(params.weights).items()}
     files = {}
     for path in sorted((out_dir / PARAMS_DIR).rglob("*")):
         if path.is_file():
@@ -97,7 +96,6 @@ def _crc32(path: Path, chunk: int = 1 << 23) -> int:
     return crc
 
 
-@jax.jit
 def _checksum(a):
     """(Σ_i bits_i · (2i + 1) mod 2^32, all finite) of an fp32 / bf16 / fp16 array.
 
@@ -108,6 +106,19 @@ def _checksum(a):
     bits = bits.astype(jnp.uint32).reshape(-1)
     weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
     return jnp.sum(bits * weights, dtype=jnp.uint32), jnp.all(jnp.isfinite(a))
+
+
+@jax.jit
+def _checksum_tree(tree):
+    """`_checksum` of every leaf, in one compiled program per model."""
+    return jax.tree.map(_checksum, tree)
+
+
+def _checksums(weights) -> dict[str, tuple[int, bool]]:
+    """Parameter name -> (checksum, all finite), computed on the arrays' device."""
+    sums = jax.device_get(_checksum_tree(jax.tree.map(jnp.asarray, weights)))
+    return {"/".join(path): (int(total), bool(finite))
+            for path, (total, finite) in _flat(sums)}
 
 
 def write_manifest(directory, manifest: dict) -> None:
@@ -276,9 +287,7 @@ def load_converted(directory, dtype=None):
             f"the config in {CONVERTED_CONFIG}): {first}"
         ) from None
     weights = _plain_dicts(weights)
-    for path, leaf in _flat(weights):
-        name = "/".join(path)
-        total, finite = _checksum(leaf)
+    for name, (total, finite) in _checksums(weights).items():
         if checksums is not None and int(total) != checksums[name]:
             raise CheckpointError(f"{params_dir}: parameter {name} does not match its checksum in "
                                   f"{CONVERTED_CONFIG} (the files were changed or damaged)")
