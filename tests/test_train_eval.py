@@ -1,5 +1,5 @@
-"""The train-short-test-long pipeline end to end on CPU with tiny models: several seeds trained together, export,
-calibration, evaluation (`evals/train_eval.py`), and the aggregation over seeds
+"""The train-short-test-long pipeline end to end on CPU with tiny models: several seeds trained
+together, export, calibration, evaluation (`evals/train_eval.py`), and the aggregation over seeds
 (`evals/aggregate_seeds.py`)."""
 
 from __future__ import annotations

@@ -126,9 +126,9 @@ class SelectiveScanPallasConfig:
 def lane_channels(n: int) -> int:
     """The "lane" layout's default channels per thread for state size n: a power of two near
     64 / n, from 1 to 8, so the states and decay rates a thread holds stay near 128 fp32
-    registers. Measured on the H100 at 16K tokens (docs/kernels.md, "Selective scan (Triton)"): n = 8
-    runs fastest with 8, n = 16 with 4, n = 32 with 2, n = 64 with 1; at n = 128 one channel
-    spills but still beats the "tile" layout."""
+    registers. Measured on the H100 at 16K tokens (docs/kernels.md, "Selective scan
+    (Triton)"): n = 8 runs fastest with 8, n = 16 with 4, n = 32 with 2, n = 64 with 1; at
+    n = 128 one channel spills but still beats the "tile" layout."""
     return min(8, 1 << max(64 // max(n, 1), 1).bit_length() - 1)
 
 
