@@ -19,7 +19,8 @@ Both take, besides the input u [b, l, d]:
 - `conv_state` [b, K−1, conv_dim], `ssm_state` (decoding / chunked prefill); new ones are returned;
 - `mask` [b, l] (1 = real token): padded positions neither enter the conv window nor the state;
 - `dt_filter` (is_global [channels] bool, threshold [channels]): the LongMamba filter, applied
-  inside the scan;
+  inside the scan; with `dt_rule` (an adaptive `SelectionRule`) the second array is the rule's
+  calibrated parameter and the rule is applied to Δ in XLA before the scan;
 - `decimate` (keep, keep_last): DeciMamba — keep the `keep` highest-‖Δ‖₂ tokens among the first
   l − keep_last, in order, plus the last keep_last; the SSM and its output see only those;
 - `capture_dt`: also return Δ (before any filter), for calibration.
@@ -43,6 +44,7 @@ from longmamba_jax.layers import (
     matmul_dtype,
     silu,
 )
+from longmamba_jax.selection import apply_rule
 from longmamba_kernels.common import apply_gate, filter_threshold
 from longmamba_kernels.gated_rmsnorm import gated_rms_norm
 from longmamba_kernels.gated_rmsnorm import supported as gated_norm_supported
@@ -84,8 +86,9 @@ class MixerAux:
 
 
 def decimation_indices(dt, keep: int, keep_last: int):
-    """DeciMamba's choice (docs/design.md, "DeciMamba"): score = ‖Δ_t‖₂ over channels; among the first l − keep_last
-    tokens take the `keep` highest scores, in their original order, then the last keep_last.
+    """DeciMamba's choice (docs/design.md, "DeciMamba"): score = ‖Δ_t‖₂ over channels; among
+    the first l − keep_last tokens take the `keep` highest scores, in their original order,
+    then the last keep_last.
 
     dt: [b, l, channels] -> int32 [b, keep + keep_last] ascending positions.
     """
@@ -96,6 +99,16 @@ def decimation_indices(dt, keep: int, keep_last: int):
     top = jnp.sort(top, axis=-1)
     tail = jnp.broadcast_to(jnp.arange(head, length), (dt.shape[0], keep_last))
     return jnp.concatenate([top, tail], axis=-1).astype(jnp.int32)
+
+
+def _adaptive(rule, dt_filter, step) -> bool:
+    """Whether a prompt-adaptive selection rule runs in this call (never in a decode step)."""
+    if rule is None or dt_filter is None or not rule.adaptive:
+        return False
+    if step:
+        raise ValueError(f"the LongMamba rule {rule.kind!r} reads the whole prompt's Δ; decode "
+                         "steps cannot be filtered with it")
+    return True
 
 
 def _take(a, idx):
@@ -136,7 +149,7 @@ class Mamba1Mixer(nn.Module):
 
     @nn.compact
     def __call__(self, u, *, conv_state=None, ssm_state=None, mask=None, dt_filter=None,
-                 decimate=None, capture_dt=False, step=False):
+                 dt_rule=None, decimate=None, capture_dt=False, step=False):
         cfg, pd = self.config, self.param_dtype
         e, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
         xz = Linear(2 * e, cfg.bias, pd, name="in_proj")(u)  # [b, l, 2e]
@@ -154,7 +167,8 @@ class Mamba1Mixer(nn.Module):
         D = self.param("D", nn.initializers.ones, (e,), pd)
         A = -jnp.exp(A_log.astype(f32))  # [e, n]
         glob, thr = dt_filter if dt_filter is not None else (None, None)
-        if not (step or capture_dt or mask is not None or decimate is not None):
+        adaptive = _adaptive(dt_rule, dt_filter, step)
+        if not (step or capture_dt or mask is not None or decimate is not None or adaptive):
             # Δ's bias and softplus before the scan and the gate after it, in the scan call:
             # the Pallas kernel does both in place (Δ never written in fp32, y written once, in
             # the parameter dtype); the other implementations compute the same around the scan.
@@ -169,6 +183,8 @@ class Mamba1Mixer(nn.Module):
         dt = DtProj(e, pd, name="dt_proj")(dt_raw)  # [b, l, e] fp32
         dt = _apply_mask(dt, mask)
         aux = MixerAux(dt=dt if capture_dt else None)
+        if adaptive:
+            dt, glob, thr = apply_rule(dt, glob, thr, dt_rule), None, None
         if decimate is not None:
             aux.kept = decimation_indices(dt, *decimate)
             x, z, dt, B, C = (_take(a, aux.kept) for a in (x, z, dt, B, C))
@@ -218,7 +234,7 @@ class Mamba2Mixer(nn.Module):
 
     @nn.compact
     def __call__(self, u, *, conv_state=None, ssm_state=None, mask=None, dt_filter=None,
-                 decimate=None, capture_dt=False, step=False):
+                 dt_rule=None, decimate=None, capture_dt=False, step=False):
         cfg, pd = self.config, self.param_dtype
         E, h, p, g, n = cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
         b, length, _ = u.shape
@@ -247,9 +263,11 @@ class Mamba2Mixer(nn.Module):
             aux.kept = decimation_indices(dt, *decimate)
             x, z, dt, B, C = (_take(a, aux.kept) for a in (x, z, dt, B, C))
             length = aux.kept.shape[1]
+        glob, thr = dt_filter if dt_filter is not None else (None, None)
+        if _adaptive(dt_rule, dt_filter, step):
+            dt, glob, thr = apply_rule(dt, glob, thr, dt_rule), None, None
         x = x.reshape(b, length, h, p)
         B, C = B.reshape(b, length, g, n), C.reshape(b, length, g, n)
-        glob, thr = dt_filter if dt_filter is not None else (None, None)
         if step:
             threshold = filter_threshold(glob, thr, h)
             y, ssm_state = ssd_step(

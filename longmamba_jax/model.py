@@ -21,6 +21,7 @@ from longmamba_jax.backends import resolve_backend
 from longmamba_jax.config import Config, Mamba2Config
 from longmamba_jax.layers import rms_norm
 from longmamba_jax.mixers import Block, ScanBackend
+from longmamba_jax.selection import SelectionRule
 
 f32 = jnp.float32
 DEFAULT_BACKEND = ScanBackend()
@@ -72,7 +73,9 @@ def empty_cache(config: Config, batch: int) -> Cache:
 
 
 class LayerFilters(NamedTuple):
-    """Per-layer LongMamba filter arrays: is_global [n_layer, C] bool, threshold [n_layer, C]."""
+    """Per-layer LongMamba filter arrays: is_global [n_layer, C] bool, threshold [n_layer, C]
+    (θ_S for the fixed-threshold rule; the rule's calibrated parameter for the others, see
+    `longmamba_jax.selection`)."""
 
     is_global: jax.Array
     threshold: jax.Array
@@ -141,7 +144,8 @@ def _slice(tree, start, stop):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("backend", "decimation", "last_n", "return_cache", "capture_dt", "step"),
+    static_argnames=("backend", "decimation", "last_n", "return_cache", "capture_dt", "step",
+                     "rule"),
 )
 def apply_model(
     params: Params,
@@ -156,6 +160,7 @@ def apply_model(
     return_cache: bool = False,
     capture_dt: bool = False,
     step: bool = False,
+    rule: SelectionRule | None = None,
 ) -> ModelOutput:
     """The whole model, every option explicit (the public `forward`, `prefill`, `decode_step`
     and `calibrate` are thin wrappers).
@@ -171,6 +176,8 @@ def apply_model(
       return_cache: return the state after the last token.
       capture_dt: return Δ of every layer (calibration; incompatible with decimation).
       step: single-token recurrent step (l must be 1; needs a cache).
+      rule: the LongMamba token-selection rule that reads `filters.threshold` as its per-channel
+        parameter (static); None is the fixed-threshold rule, applied inside the scan.
     """
     cfg = params.config
     w = params.weights
@@ -197,8 +204,8 @@ def apply_model(
             dt_filter = (x["glob"], x["thr"]) if "glob" in x else None
             h, aux = block.apply(
                 {"params": x["params"]}, h, conv_state=x["conv"], ssm_state=x["ssm"],
-                mask=mask, dt_filter=dt_filter, decimate=decimate, capture_dt=capture_dt,
-                step=step,
+                mask=mask, dt_filter=dt_filter, dt_rule=rule, decimate=decimate,
+                capture_dt=capture_dt, step=step,
             )
             return h, (aux.conv_state, aux.ssm_state, aux.dt, aux.kept)
 

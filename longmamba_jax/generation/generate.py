@@ -114,6 +114,10 @@ def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None 
         raise ValueError(f"total_len must be an int >= the chunk length {length}, "
                          f"got {total_len!r}")
     kwargs = method_kwargs(method, params.config, int(total_len))
+    if kwargs.get("rule") is not None and cache is not None:
+        raise ValueError(f"the LongMamba rule {kwargs['rule'].kind!r} reads the whole prompt's Δ "
+                         "in every layer, so the prompt must be prefilled in one call (no cache, "
+                         "no prefill_chunked); rule='threshold' works chunk by chunk")
     if kwargs.get("decimation"):
         if attention_mask is not None:
             raise ValueError("attention_mask (left padding) is not supported with DeciMamba")
