@@ -55,8 +55,8 @@ def default_block_c(splits) -> int:
 
 def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0,
                   splits=None, activation=None, out_dtype=None, segment_ids=None,
-                  implementation="reference", interpret: bool = False, block_t: int = 64,
-                  num_warps: int = 8):
+                  lengths=None, implementation="reference", interpret: bool = False,
+                  block_t: int = 64, num_warps: int = 8):
     """Depthwise causal conv of channels `offset … offset + C` of `src` along time.
 
     Args:
@@ -73,6 +73,8 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
       segment_ids: [b, l] int or None: packed documents (`common.document_index`); a token's
         window holds only earlier tokens of its own document (the first document also reads
         initial_state), as if each document ran alone.
+      lengths: [b] int or None: row i's final state is the K−1 inputs before position
+        lengths[i] (a right-padded batch: each row's state at its own last real token).
       implementation: "reference" | "pallas".
       interpret: run the Pallas kernel through the interpreter; only for "pallas".
       block_t: tokens per program (Pallas).
@@ -107,7 +109,7 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
         raise ValueError("causal_conv1d: src has no tokens (l = 0)")
     segment_ids = check_segment_ids(segment_ids, b, length)
     x = jax.lax.slice_in_dim(src, offset, offset + c, axis=2)
-    state = _final_state(x, initial_state, k, segment_ids)
+    state = _final_state(x, initial_state, k, segment_ids, lengths)
     if implementation == "reference":
         y = _reference(x, weight, bias, initial_state, activation, segment_ids)
         y = y.astype(out_dtype)
@@ -142,16 +144,24 @@ def _window_docs(segment_ids, k):
     return jnp.concatenate([jnp.zeros((doc.shape[0], k - 1), doc.dtype), doc], axis=1)
 
 
-def _final_state(x, initial_state, k, segment_ids=None):
-    """The last K−1 inputs in fp32 (what the next chunk or decode step reads); with packed
-    documents, inputs of documents before the last one read as zeros."""
+def _final_state(x, initial_state, k, segment_ids=None, lengths=None):
+    """The last K−1 inputs in fp32 (what the next chunk or decode step reads): those before
+    position lengths[i] of row i when given; with packed documents, inputs of documents
+    before the one the state ends in read as zeros."""
     b, length, c = x.shape
     prev = jnp.zeros((b, k - 1, c), f32) if initial_state is None else initial_state.astype(f32)
     full = jnp.concatenate([prev, x.astype(f32)], axis=1)  # [b, K−1+l, c]
-    if segment_ids is not None:
-        docs = _window_docs(segment_ids, k)
-        full = jnp.where((docs == docs[:, -1:])[..., None], full, 0.0)
-    return full[:, length:]
+    if lengths is None and segment_ids is None:
+        return full[:, length:]
+    if lengths is None:
+        lengths = jnp.full((b,), length, jnp.int32)
+    # slots lengths[i] … lengths[i] + K − 2 of `full` are the inputs before position lengths[i]
+    idx = jnp.asarray(lengths, jnp.int32)[:, None] + jnp.arange(k - 1)  # [b, K−1]
+    out = jnp.take_along_axis(full, idx[..., None], axis=1)
+    if segment_ids is not None and k > 1:
+        docs = jnp.take_along_axis(_window_docs(segment_ids, k), idx, axis=1)  # [b, K−1]
+        out = jnp.where((docs == docs[:, -1:])[..., None], out, 0.0)
+    return out
 
 
 def _reference(x, weight, bias, initial_state, activation, segment_ids=None):

@@ -104,7 +104,36 @@ class LongMamba:
             param = np.zeros(is_global.shape)
         return LayerFilters(jnp.asarray(is_global), jnp.asarray(param, jnp.float32))
 
-    def model_kwargs(self, config: Config, seq_len: int) -> dict:
+    def document_filters(self, config: Config, lengths: list[list[int]]) -> LayerFilters | None:
+        """Filters for packed documents: each document filtered with θ for its own length
+        (threshold [n_layer, b, documents, C], −inf for documents not longer than the switch-on
+        length and for the padding of rows with fewer documents), or None when none is filtered.
+        Only the fixed-threshold rule: the adaptive ones read the whole row's Δ."""
+        if self.selection.adaptive:
+            raise ValueError(f"the LongMamba rule {self.rule!r} is not defined per packed "
+                             "document; use rule='threshold' with segment_ids")
+        cal = self.calibration
+        cal.check_compatible(config.fingerprint, config.n_layer, [config.channels] * config.n_layer)
+        longest = max(len(row) for row in lengths)
+        theta = np.full((config.n_layer, len(lengths), longest, config.channels), -np.inf)
+        is_global = np.stack([np.asarray(g, bool)
+                              for g in cal.global_channels(self.channel_threshold)])
+        if not is_global.any():
+            return None
+        for b, row in enumerate(lengths):
+            for d, n in enumerate(row):
+                if self.active(n):
+                    theta[:, b, d] = self.scale * np.stack(cal.thresholds(int(n)))
+        if not np.isfinite(theta).any():
+            return None
+        return LayerFilters(jnp.asarray(is_global), jnp.asarray(theta, jnp.float32))
+
+    def model_kwargs(self, config: Config, seq_len: int, documents=None) -> dict:
+        """`apply_model` arguments at prompt length seq_len, or, for packed documents, with
+        `documents` = each row's document lengths."""
+        if documents is not None:
+            filters = self.document_filters(config, documents)
+            return {} if filters is None else {"filters": filters}
         filters = self.layer_filters(config, seq_len)
         if filters is None:
             return {}
@@ -170,6 +199,9 @@ class DeciMamba:
                 length = keep + self.keep_last
         return tuple(out)
 
-    def model_kwargs(self, config: Config, seq_len: int) -> dict:
+    def model_kwargs(self, config: Config, seq_len: int, documents=None) -> dict:
+        if documents is not None:
+            raise ValueError("DeciMamba decimates a whole row; it is not supported with packed "
+                             "documents (segment_ids / cu_seqlens)")
         plan = self.plan(config, seq_len)
         return {"decimation": plan} if plan else {}

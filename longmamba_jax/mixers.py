@@ -44,8 +44,8 @@ from longmamba_jax.layers import (
     matmul_dtype,
     silu,
 )
-from longmamba_jax.selection import apply_rule
-from longmamba_kernels.common import apply_gate, filter_threshold
+from longmamba_jax.selection import apply_document_thresholds, apply_rule
+from longmamba_kernels.common import apply_gate, document_index, filter_threshold
 from longmamba_kernels.gated_rmsnorm import gated_rms_norm
 from longmamba_kernels.gated_rmsnorm import supported as gated_norm_supported
 from longmamba_kernels.selective_scan import selective_scan
@@ -63,11 +63,14 @@ class ScanBackend:
     implementation: str = "associative"
     interpret: bool = False
 
-    def fused_conv(self, offset, splits, out_dtype, mask, step) -> FusedConv | None:
+    def fused_conv(self, offset, splits, out_dtype, mask, step,
+                   segment_ids=None) -> FusedConv | None:
         """How the mixer's conv runs as one Pallas kernel, or None for the jnp form: the
-        kernel serves the Pallas backend's prefill without a padding mask (a mask and single
-        decode steps take the jnp form) when every output width is a multiple of 16."""
-        if self.implementation != "pallas" or mask is not None or step:
+        kernel serves the Pallas backend's prefill without a padding mask or packed documents
+        (those and single decode steps take the jnp form) when every output width is a
+        multiple of 16."""
+        if (self.implementation != "pallas" or mask is not None or step
+                or segment_ids is not None):
             return None
         if not FusedConv.supported(splits):
             return None
@@ -116,6 +119,16 @@ def _take(a, idx):
     return jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
 
 
+def row_ends(mask):
+    """mask [b, l] (1 = real token) -> int32 [b]: one past each row's last real token (l for a
+    left-padded row); None for None. Padding after it neither enters the state nor the conv
+    window that decoding continues from."""
+    if mask is None:
+        return None
+    length = mask.shape[1]
+    return (length - jnp.argmax(mask[:, ::-1] > 0, axis=1)).astype(jnp.int32)
+
+
 def _apply_mask(a, mask):
     return a if mask is None else a * mask[..., None].astype(a.dtype)
 
@@ -149,17 +162,18 @@ class Mamba1Mixer(nn.Module):
 
     @nn.compact
     def __call__(self, u, *, conv_state=None, ssm_state=None, mask=None, dt_filter=None,
-                 dt_rule=None, decimate=None, capture_dt=False, step=False):
+                 dt_rule=None, decimate=None, capture_dt=False, step=False, segment_ids=None):
         cfg, pd = self.config, self.param_dtype
         e, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
         xz = Linear(2 * e, cfg.bias, pd, name="in_proj")(u)  # [b, l, 2e]
         x, z = jnp.split(xz, 2, axis=-1)
         conv = CausalConv1d(cfg.d_conv, cfg.conv_bias, pd, name="conv1d")
-        fused = self.backend.fused_conv(0, (e,), pd, mask, step)
+        fused = self.backend.fused_conv(0, (e,), pd, mask, step, segment_ids)
         if fused is not None:  # conv + silu in one kernel, x read in place from xz
             (x,), conv_state = conv(xz, conv_state, fused=fused)
         else:
-            x, conv_state = conv(_apply_mask(x, mask), conv_state)
+            x, conv_state = conv(_apply_mask(x, mask), conv_state, segment_ids=segment_ids,
+                                 lengths=row_ends(mask))
             x = _apply_mask(silu(x), mask).astype(pd)  # [b, l, e]
         dt_raw, B, C = jnp.split(Linear(r + 2 * n, False, pd, name="x_proj")(x), [r, r + n], -1)
         A_log = self.param("A_log", lambda k, s: jnp.log(jnp.broadcast_to(
@@ -168,7 +182,9 @@ class Mamba1Mixer(nn.Module):
         A = -jnp.exp(A_log.astype(f32))  # [e, n]
         glob, thr = dt_filter if dt_filter is not None else (None, None)
         adaptive = _adaptive(dt_rule, dt_filter, step)
-        if not (step or capture_dt or mask is not None or decimate is not None or adaptive):
+        per_document = thr is not None and thr.ndim == 3  # [b, documents, e]
+        if not (step or capture_dt or mask is not None or decimate is not None or adaptive
+                or per_document):
             # Δ's bias and softplus before the scan and the gate after it, in the scan call:
             # the Pallas kernel does both in place (Δ never written in fp32, y written once, in
             # the parameter dtype); the other implementations compute the same around the scan.
@@ -176,7 +192,8 @@ class Mamba1Mixer(nn.Module):
             y, ssm_state = selective_scan(
                 x, dt_lin, A, B, C, D, initial_state=ssm_state, dt_global=glob,
                 dt_threshold=thr, dt_bias=dt_bias, dt_softplus=True, z=xz, out_dtype=pd,
-                implementation=self.backend.implementation, interpret=self.backend.interpret,
+                segment_ids=segment_ids, implementation=self.backend.implementation,
+                interpret=self.backend.interpret,
             )
             aux = MixerAux(conv_state=conv_state, ssm_state=ssm_state)
             return Linear(cfg.d_model, cfg.bias, pd, name="out_proj")(y), aux
@@ -185,6 +202,9 @@ class Mamba1Mixer(nn.Module):
         aux = MixerAux(dt=dt if capture_dt else None)
         if adaptive:
             dt, glob, thr = apply_rule(dt, glob, thr, dt_rule), None, None
+        elif per_document:
+            dt = apply_document_thresholds(dt, glob, thr, document_index(segment_ids))
+            glob, thr = None, None
         if decimate is not None:
             aux.kept = decimation_indices(dt, *decimate)
             x, z, dt, B, C = (_take(a, aux.kept) for a in (x, z, dt, B, C))
@@ -197,7 +217,8 @@ class Mamba1Mixer(nn.Module):
         else:
             y, ssm_state = selective_scan(
                 x, dt, A, B, C, D, initial_state=ssm_state, dt_global=glob, dt_threshold=thr,
-                implementation=self.backend.implementation, interpret=self.backend.interpret,
+                segment_ids=segment_ids, implementation=self.backend.implementation,
+                interpret=self.backend.interpret,
             )
         y = apply_gate(y, z)
         aux.conv_state, aux.ssm_state = conv_state, ssm_state
@@ -234,18 +255,19 @@ class Mamba2Mixer(nn.Module):
 
     @nn.compact
     def __call__(self, u, *, conv_state=None, ssm_state=None, mask=None, dt_filter=None,
-                 dt_rule=None, decimate=None, capture_dt=False, step=False):
+                 dt_rule=None, decimate=None, capture_dt=False, step=False, segment_ids=None):
         cfg, pd = self.config, self.param_dtype
         E, h, p, g, n = cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
         b, length, _ = u.shape
         zxbcdt = Linear(cfg.in_proj_dim, cfg.bias, pd, name="in_proj")(u)
         z, xBC, dt = jnp.split(zxbcdt, [E, E + cfg.conv_dim], axis=-1)
         conv = CausalConv1d(cfg.d_conv, cfg.conv_bias, pd, name="conv1d")
-        fused = self.backend.fused_conv(E, (E, g * n, g * n), pd, mask, step)
+        fused = self.backend.fused_conv(E, (E, g * n, g * n), pd, mask, step, segment_ids)
         if fused is not None:  # conv + silu in one kernel: xBC read in place, x, B, C written
             (x, B, C), conv_state = conv(zxbcdt, conv_state, fused=fused)
         else:
-            xBC, conv_state = conv(_apply_mask(xBC, mask), conv_state)
+            xBC, conv_state = conv(_apply_mask(xBC, mask), conv_state, segment_ids=segment_ids,
+                                   lengths=row_ends(mask))
             xBC = _apply_mask(silu(xBC), mask).astype(pd)
             x, B, C = jnp.split(xBC, [E, E + g * n], axis=-1)
         dt_bias = self.param("dt_bias", nn.initializers.zeros, (h,), pd)
@@ -266,6 +288,9 @@ class Mamba2Mixer(nn.Module):
         glob, thr = dt_filter if dt_filter is not None else (None, None)
         if _adaptive(dt_rule, dt_filter, step):
             dt, glob, thr = apply_rule(dt, glob, thr, dt_rule), None, None
+        elif thr is not None and thr.ndim == 3:  # one θ per packed document
+            dt = apply_document_thresholds(dt, glob, thr, document_index(segment_ids))
+            glob, thr = None, None
         x = x.reshape(b, length, h, p)
         B, C = B.reshape(b, length, g, n), C.reshape(b, length, g, n)
         if step:
@@ -277,7 +302,7 @@ class Mamba2Mixer(nn.Module):
         else:
             y, ssm_state = ssd(
                 x, dt, A, B, C, D, chunk_size=cfg.chunk_size, initial_state=ssm_state,
-                dt_global=glob, dt_threshold=thr,
+                dt_global=glob, dt_threshold=thr, segment_ids=segment_ids,
                 implementation=self.backend.implementation, interpret=self.backend.interpret,
             )
         y = y.reshape(b, length, E)

@@ -108,6 +108,18 @@ def keep_threshold(dt, param, rule: SelectionRule):
     raise ValueError(f"rule {kind!r} is not a threshold on Δ")
 
 
+def apply_document_thresholds(dt, is_global, threshold, doc):
+    """The fixed-threshold rule with one θ per packed document: Δ_eff = 0 where a global channel's
+    Δ <= θ of the token's own document.
+
+    Args:
+      dt: [b, l, C] fp32 Δ. is_global: [C] bool. threshold: [b, D, C] fp32, θ per document
+        (−inf for a document too short to filter). doc: [b, l] int32 document index per token.
+    """
+    thr = jnp.take_along_axis(threshold, doc[..., None], axis=1)  # [b, l, C]
+    return jnp.where(jnp.asarray(is_global, bool) & (dt <= thr), 0.0, dt)
+
+
 def apply_rule(dt, is_global, param, rule: SelectionRule):
     """Δ_eff of one layer under `rule`.
 

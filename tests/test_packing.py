@@ -143,3 +143,126 @@ def test_single_document_is_bit_identical_to_no_segment_ids():
         b = ssd(x, dt, A, B, C, D, chunk_size=8, initial_state=h0, implementation=impl,
                 segment_ids=np.zeros((2, 19), np.int32))
         jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6), a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# The model.
+
+import longmamba_jax as lmj  # noqa: E402
+from longmamba_jax.model import apply_model  # noqa: E402
+
+MODELS = {
+    "mamba2": lambda: lmj.Mamba2Config.tiny(n_layer=2, ngroups=2, d_state=8, headdim=8),
+    "mamba1": lambda: lmj.MambaConfig.tiny(n_layer=2),
+}
+DOCS = (1, 3, 9, 2, 12)  # with chunk 8: a boundary after position 0, inside and across chunks
+
+
+def _model(arch, seed=0):
+    cfg = MODELS[arch]()
+    return lmj.init_params(cfg, seed=seed)
+
+
+def _tokens(params, n, seed, batch=1):
+    return np.random.default_rng(seed).integers(0, params.config.vocab_size, (batch, n))
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("backend", ["reference", "associative"])
+def test_packed_forward_equals_documents_alone(arch, backend):
+    params = _model(arch)
+    tokens = _tokens(params, sum(DOCS), seed=1)
+    packed = np.asarray(lmj.forward(params, tokens, segment_ids=_ids(DOCS), backend=backend))
+    alone = np.concatenate([np.asarray(lmj.forward(params, tokens[:, lo:hi], backend=backend))
+                            for lo, hi in _bounds(DOCS)], axis=1)
+    assert rel(packed, alone) < 1e-6
+    via_cu = lmj.forward(params, tokens, cu_seqlens=np.cumsum((0,) + DOCS), backend=backend)
+    np.testing.assert_array_equal(np.asarray(via_cu), packed)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_packed_prefill_leaves_the_last_documents_state(arch):
+    params = _model(arch, seed=1)
+    tokens = _tokens(params, sum(DOCS), seed=2)
+    logits, cache = lmj.prefill(params, tokens, segment_ids=_ids(DOCS), backend="associative")
+    lo, hi = _bounds(DOCS)[-1]
+    logits_alone, cache_alone = lmj.prefill(params, tokens[:, lo:hi], backend="associative")
+    assert rel(logits, logits_alone) < 1e-6
+    assert rel(cache.ssm, cache_alone.ssm) < 1e-6 and rel(cache.conv, cache_alone.conv) < 1e-6
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_right_padded_batch_equals_each_row_alone(arch):
+    """A ragged batch padded on the right (and one row on the left): each row's last logits and
+    cache are its own, and greedy generation continues every row as it would alone."""
+    params = _model(arch, seed=2)
+    lengths, width = (13, 2, 7), 13
+    rows = [_tokens(params, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    tokens = np.zeros((3, width), np.int64)
+    mask = np.zeros((3, width), np.int32)
+    for i, row in enumerate(rows):
+        start = width - len(row) if i == 2 else 0  # row 2 left-padded, the others right
+        tokens[i, start:start + len(row)] = row
+        mask[i, start:start + len(row)] = 1
+    logits, cache = lmj.prefill(params, tokens, attention_mask=mask, backend="associative")
+    out = np.asarray(lmj.generate(params, tokens, attention_mask=mask, max_new_tokens=5,
+                                  backend="associative"))
+    for i, row in enumerate(rows):
+        l_i, c_i = lmj.prefill(params, row[None], backend="associative")
+        assert rel(logits[i], l_i[0]) < 1e-6
+        assert rel(cache.ssm[:, i], c_i.ssm[:, 0]) < 1e-6
+        assert rel(cache.conv[:, i], c_i.conv[:, 0]) < 1e-6
+        alone = np.asarray(lmj.generate(params, row[None], max_new_tokens=5,
+                                        backend="associative"))
+        np.testing.assert_array_equal(out[i], alone[0])
+
+
+def test_packed_longmamba_filters_each_document_at_its_own_length():
+    params = _model("mamba2", seed=3)
+    stream = _tokens(params, 400, seed=4)[0]
+    cal = lmj.calibrate(params, stream, train_len=8, num_windows=4, backend="associative",
+                        progress=False)
+    method = lmj.LongMamba(cal, channel_threshold=0.0)
+    docs = (30, 5, 21)  # 5 <= train_len: that one is not filtered
+    tokens = _tokens(params, sum(docs), seed=5)
+    packed = np.asarray(lmj.forward(params, tokens, segment_ids=_ids(docs), method=method,
+                                    backend="associative"))
+    alone = np.concatenate([np.asarray(lmj.forward(params, tokens[:, lo:hi], method=method,
+                                                   backend="associative"))
+                            for lo, hi in _bounds(docs)], axis=1)
+    assert rel(packed, alone) < 1e-6
+    vanilla = np.asarray(lmj.forward(params, tokens, segment_ids=_ids(docs),
+                                     backend="associative"))
+    assert not np.allclose(packed, vanilla, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_gradient_of_a_packed_loss_is_the_sum_of_the_documents(arch):
+    params = _model(arch, seed=4)
+    tokens = _tokens(params, sum(DOCS), seed=6)
+    backend = lmj.resolve_backend("reference")
+
+    def loss(weights, toks, seg=None):
+        p = lmj.Params(weights, params.config)
+        logits = apply_model(p, toks, segment_ids=seg, backend=backend).logits
+        return jnp.sum(jax.nn.logsumexp(logits, axis=-1))
+
+    packed = jax.grad(loss)(params.weights, tokens, jnp.asarray(_ids(DOCS)))
+    parts = [jax.grad(loss)(params.weights, tokens[:, lo:hi]) for lo, hi in _bounds(DOCS)]
+    summed = jax.tree.map(lambda *g: sum(g), *parts)
+    for a, b in zip(jax.tree.leaves(packed), jax.tree.leaves(summed), strict=True):
+        assert rel(a, b) < 1e-5
+
+
+def test_packing_arguments_are_checked():
+    params = _model("mamba2")
+    tokens = _tokens(params, 6, seed=7)
+    with pytest.raises(ValueError, match="not both"):
+        lmj.forward(params, tokens, segment_ids=np.zeros((1, 6), int), cu_seqlens=[0, 6])
+    with pytest.raises(ValueError, match="cu_seqlens must be"):
+        lmj.forward(params, tokens, cu_seqlens=[0, 2, 5])
+    with pytest.raises(ValueError, match="segment_ids must be int"):
+        lmj.forward(params, tokens, segment_ids=np.zeros((1, 5), int))
+    with pytest.raises(ValueError, match="DeciMamba"):
+        lmj.forward(params, tokens, segment_ids=np.zeros((1, 6), int),
+                    method=lmj.DeciMamba(layers=(0,), L_base=2))
