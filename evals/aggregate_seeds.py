@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from longmamba_evals.common import METHODS, markdown_table
+from longmamba_evals.tasks.methods import METHODS
+from longmamba_evals.tasks.outputs import markdown_table
 
 __all__ = ["load_seed_runs", "aggregate", "main"]
 

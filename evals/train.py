@@ -52,8 +52,8 @@ import numpy as np
 import optax
 
 import longmamba_jax as lmj
-from longmamba_evals.common import DATA_DIR, Filler
-from longmamba_evals.passkey import INSTRUCTION, NEEDLE, QUESTION, make_prompt
+from longmamba_evals.tasks.passkey import INSTRUCTION, NEEDLE, QUESTION, make_prompt
+from longmamba_evals.tasks.text import DATA_DIR, Filler
 from longmamba_jax.model import Params, apply_model
 from longmamba_jax.tokenizer import ByteTokenizer
 
@@ -814,7 +814,7 @@ def needle_report(params: Params, cal, *, lengths, text: str | None = None, n_pr
     digits (both occurrences) vs the filler's median Δ, the threshold θ_S, and the fraction of key
     digits / filler tokens that the filter keeps (Δ > θ_S). Prompts in the evaluation's format on
     `text` (default: the evaluation's filler), depths spread over [0, 1]."""
-    from longmamba_evals.common import load_text
+    from longmamba_evals.tasks.text import load_text
 
     tok = ByteTokenizer()
     filler = Filler.from_text(tok, load_text(text))

@@ -30,9 +30,11 @@ from pathlib import Path
 import numpy as np
 
 import longmamba_jax as lmj
-from longmamba_evals.common import LMRunner, MethodSpec, save_run
-from longmamba_evals.passkey import run_passkey
-from longmamba_evals.perplexity import run_perplexity
+from longmamba_evals.tasks.methods import MethodSpec
+from longmamba_evals.tasks.outputs import save_run
+from longmamba_evals.tasks.passkey import run_passkey
+from longmamba_evals.tasks.perplexity import run_perplexity
+from longmamba_evals.tasks.runner import LMRunner
 from longmamba_jax.tokenizer import ByteTokenizer
 
 __all__ = ["Lever", "parse_lever", "evaluate_run", "main"]

@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 
 import longmamba_jax as lm
-from longmamba_evals import common, latency, longbench, passkey, perplexity, ruler
-from longmamba_evals.common import Filler, LMRunner, MethodSpec, load_text, parse_lengths
+from longmamba_evals.tasks import latency, longbench, outputs, passkey, perplexity, ruler
+from longmamba_evals.tasks.lengths import parse_lengths
+from longmamba_evals.tasks.methods import MethodSpec
+from longmamba_evals.tasks.runner import LMRunner
+from longmamba_evals.tasks.text import Filler, load_text
 from longmamba_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -345,7 +348,7 @@ def test_save_run_writes_json_markdown_and_plot(tmp_path):
                "settings": {"seed": 0}, "curves": {"accuracy": {"x": [1000, 2000], "y": acc}},
                "table": {"columns": ["length", "acc"], "rows": [[1000, acc[0]], [2000, acc[1]]]},
                "samples": [{"length": 1000, "expected": "1", "produced": "1"}]}
-        paths = common.save_run(str(tmp_path), res, quiet=True)
+        paths = outputs.save_run(str(tmp_path), res, quiet=True)
     assert os.path.getsize(paths["plot"]) > 1000
     with open(tmp_path / "passkey_longmamba.json") as f:
         assert json.load(f)["samples"][0]["produced"] == "1"
@@ -364,7 +367,7 @@ def test_end_to_end_tiny_model(tiny_params, tmp_path, longbench_dir):
     (s,) = res["samples"]
     assert s["prompt_len"] == 300 and len(s["expected"]) == 5
     assert s["correct"] == (s["produced"] == s["expected"])
-    common.save_run(str(tmp_path), res, quiet=True)
+    outputs.save_run(str(tmp_path), res, quiet=True)
 
     # Params work directly too (wrapped in an LMRunner with the tokenizer's EOS).
     res = ruler.run_ruler(tiny_params, TOK, tasks=["niah_single_noise"], lengths=[400],
@@ -449,7 +452,7 @@ def test_cli_passkey_smoke(tmp_path, calibration_file):
 
 
 def test_cli_errors():
-    from longmamba_evals.cli import build_parser, main
+    from longmamba_evals.tasks.cli import build_parser, main
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["passkey", "--model", "m", "--tokenizer", "bytes",

@@ -11,8 +11,8 @@ import pytest
 
 import longmamba_jax as lmj
 from longmamba_evals import train as T
-from longmamba_evals.common import DEFAULT_TEXT, Filler
-from longmamba_evals.passkey import INSTRUCTION, make_prompt
+from longmamba_evals.tasks.passkey import INSTRUCTION, make_prompt
+from longmamba_evals.tasks.text import DEFAULT_TEXT, Filler
 from longmamba_jax.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()

@@ -19,7 +19,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from longmamba_evals.common import METHODS, MethodSpec, parse_lengths
+from longmamba_evals.tasks.lengths import parse_lengths
+from longmamba_evals.tasks.methods import METHODS, MethodSpec
 
 TASK_NAMES = ("passkey", "ruler", "perplexity", "longbench", "latency")
 
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
 
-    from longmamba_evals.ruler import TASKS
+    from longmamba_evals.tasks.ruler import TASKS
 
     p = sub.add_parser("ruler", help="RULER-style synthetic tasks")
     _common(p, "4k,8k,16k,32k,64k,128k")
@@ -148,7 +149,8 @@ def _spec(args, name: str) -> MethodSpec:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Runs the parsed command; returns the result dicts (also saved under `args.out`)."""
-    from longmamba_evals.common import LMRunner, load_model, save_run
+    from longmamba_evals.tasks.outputs import save_run
+    from longmamba_evals.tasks.runner import LMRunner, load_model
     from longmamba_jax.tokenizer import load_tokenizer
 
     specs = [_spec(args, m) for m in args.method]  # validates before loading anything
@@ -160,7 +162,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     common = {"show_progress": show}
     results = []
     if args.task == "latency":
-        from longmamba_evals.latency import run_latency
+        from longmamba_evals.tasks.latency import run_latency
 
         results = run_latency(runner, tokenizer, specs, lengths=args.lengths,
                               batch_size=args.batch_size, warmup=args.warmup,
@@ -168,14 +170,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     else:
         for spec in specs:
             if args.task == "passkey":
-                from longmamba_evals.passkey import run_passkey
+                from longmamba_evals.tasks.passkey import run_passkey
 
                 r = run_passkey(runner, tokenizer, spec, lengths=args.lengths, depths=args.depths,
                                 samples_per_depth=args.samples, text=args.text, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                 **common)
             elif args.task == "ruler":
-                from longmamba_evals.ruler import run_ruler
+                from longmamba_evals.tasks.ruler import run_ruler
 
                 tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
                 r = run_ruler(runner, tokenizer, spec, tasks=tasks, lengths=args.lengths,
@@ -183,13 +185,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               **common)
             elif args.task == "perplexity":
-                from longmamba_evals.perplexity import run_perplexity
+                from longmamba_evals.tasks.perplexity import run_perplexity
 
                 r = run_perplexity(runner, tokenizer, spec, lengths=args.lengths,
                                    windows=args.windows, eval_tokens=args.eval_tokens,
                                    text=args.text, batch_size=args.batch_size, **common)
             else:
-                from longmamba_evals.longbench import run_longbench
+                from longmamba_evals.tasks.longbench import run_longbench
 
                 datasets = ([d.strip() for d in args.datasets.split(",") if d.strip()]
                             if args.datasets else None)

@@ -18,7 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from longmamba_evals.common import MethodSpec, Runner, as_runner, load_text, progress
+from longmamba_evals.tasks.methods import MethodSpec
+from longmamba_evals.tasks.runner import Runner, as_runner, progress
+from longmamba_evals.tasks.text import load_text
 
 __all__ = ["log_softmax_nll", "run_perplexity", "window_starts"]
 

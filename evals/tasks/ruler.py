@@ -32,19 +32,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from longmamba_evals.common import (
+from longmamba_evals.tasks.methods import MethodSpec
+from longmamba_evals.tasks.runner import Runner, as_runner, decode_generated, generate_all, progress
+from longmamba_evals.tasks.text import (
     Filler,
-    MethodSpec,
     PieceEncoder,
-    Runner,
-    as_runner,
     assemble,
-    decode_generated,
     fit_count,
-    generate_all,
     load_text,
     nearest_boundary,
-    progress,
 )
 
 __all__ = ["TASKS", "RulerPrompt", "make_prompt", "run_ruler", "string_match_all"]

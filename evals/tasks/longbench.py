@@ -24,15 +24,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from longmamba_evals.common import (
-    MethodSpec,
-    Runner,
-    as_runner,
-    decode_generated,
-    generate_all,
-    progress,
-)
-from longmamba_evals.longbench_metrics import score_prediction
+from longmamba_evals.tasks.longbench_metrics import score_prediction
+from longmamba_evals.tasks.methods import MethodSpec
+from longmamba_evals.tasks.runner import Runner, as_runner, decode_generated, generate_all, progress
 
 __all__ = ["MAX_NEW_TOKENS", "PROMPTS", "build_prompt", "load_dataset", "run_longbench"]
 

@@ -18,16 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from longmamba_evals.common import (
-    Filler,
-    MethodSpec,
-    Runner,
-    as_runner,
-    decode_generated,
-    generate_all,
-    load_text,
-    progress,
-)
+from longmamba_evals.tasks.methods import MethodSpec
+from longmamba_evals.tasks.runner import Runner, as_runner, decode_generated, generate_all, progress
+from longmamba_evals.tasks.text import Filler, load_text
 from longmamba_jax.prompts import (  # the format lives in the library (the demo shares it)
     INSTRUCTION,
     NEEDLE,
@@ -65,7 +58,7 @@ def run_passkey(runner: Runner, tokenizer, method: MethodSpec | None = None, *,
         show_progress: show a progress bar.
 
     Returns:
-        The result dict (see `common.save_run`): accuracy per length and per (length, depth),
+        The result dict (see `outputs.save_run`): accuracy per length and per (length, depth),
         and every sample.
     """
     runner = as_runner(runner, tokenizer)
