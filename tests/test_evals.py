@@ -469,7 +469,7 @@ def test_cli_errors():
 def test_triton_sass_loops():
     """The SASS loop counter: a backward branch closes a loop (its body counted by opcode,
     predicates and modifiers dropped); a forward branch does not."""
-    from longmamba_evals.triton_sass import sass_loops
+    from longmamba_evals.bench.triton_sass import sass_loops
 
     sass = "\n".join([
         "        /*0000*/                   MOV R1, c[0x0][0x28] ;   /* 0x0 */",
@@ -489,7 +489,7 @@ def test_triton_sass_loops():
 def test_triton_sass_captures_the_kernels_triton_ir():
     """The tool's hook on Pallas's Triton lowering still sees every kernel of a call (the lane
     layout: the states pass and the scan) on this jax, with no GPU and no triton package."""
-    from longmamba_evals.triton_sass import capture_triton_ir
+    from longmamba_evals.bench.triton_sass import capture_triton_ir
 
     config, modules = capture_triton_ir("selective_scan", {}, 1024, None)
     assert config.block_e == 128 and len(modules) == 2
@@ -500,7 +500,7 @@ def test_triton_sass_captures_the_kernels_triton_ir():
 def test_bench_scan_parse_fields():
     """Config fields from the benchmark's command line: booleans, integers (negative ones
     too, so the config rejects them with its own message), strings."""
-    from longmamba_evals.bench_scan import parse_fields
+    from longmamba_evals.bench.common import parse_fields
     from longmamba_kernels.selective_scan.pallas_triton import SelectiveScanPallasConfig
 
     assert parse_fields("layout=tile,block_e=8,prefetch=False,segments=-1") == dict(
@@ -513,7 +513,7 @@ def test_bench_scan_parse_fields():
 def test_bench_scan_time_paired_rotates_and_ratios():
     """Interleaved timing: every call runs once per round, the order rotates (so no call always
     goes first), and the per-round ratio of a 3 ms call to a 1 ms one reads about 3."""
-    from longmamba_evals.bench_scan import paired_ratio, time_paired
+    from longmamba_evals.bench.timing import paired_ratio, time_paired
 
     order = []
 
@@ -535,7 +535,7 @@ def test_bench_scan_time_paired_rotates_and_ratios():
 def test_profile_prefill_classify_and_summarize():
     """Kernel names of both stacks fall into the right class ("convert" is not a conv), and the
     summary divides by the number of traced prefills."""
-    from longmamba_evals.profile_prefill import classify, summarize
+    from longmamba_evals.bench.profile_prefill import classify, summarize
 
     assert classify("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
     assert classify("_chunk_scan_fwd_kernel") == "scan"
@@ -554,7 +554,7 @@ def test_profile_prefill_classify_and_summarize():
 def test_profile_prefill_fusion_lines():
     """A kernel's defining HLO line comes with the body of the computation it calls, metadata
     stripped; the profiler's "fusion_2" finds HLO's "fusion.2"; unknown names are left out."""
-    from longmamba_evals.profile_prefill import fusion_lines
+    from longmamba_evals.bench.profile_prefill import fusion_lines
 
     hlo = (
         "%fused_add (p0: f32[4], p1: f32[4]) -> f32[4] {\n"

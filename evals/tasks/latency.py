@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from longmamba_evals.tasks.methods import MethodSpec
-from longmamba_evals.tasks.runner import Runner, as_runner, progress
+from longmamba_evals.tasks.runner import Runner, as_runner, device_name, progress
 from longmamba_evals.tasks.text import load_text
 
 __all__ = ["run_latency", "time_prefill"]
@@ -40,16 +40,6 @@ def time_prefill(runner: Runner, tokens: np.ndarray, method_obj, *, warmup: int 
         np.asarray(runner.logits(tokens, 1, method_obj))
         times.append(time.perf_counter() - t0)
     return times
-
-
-def _device() -> str:
-    try:
-        import jax
-
-        d = jax.devices()[0]
-        return f"{d.platform}:{getattr(d, 'device_kind', '')}"
-    except Exception:  # the device name is informative only; never fail the run on it
-        return "unknown"
 
 
 def run_latency(runner: Runner, tokenizer, methods: Sequence[MethodSpec], *,
@@ -80,7 +70,7 @@ def run_latency(runner: Runner, tokenizer, methods: Sequence[MethodSpec], *,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     lengths = [int(x) for x in lengths]
     ids = np.asarray(tokenizer.encode(load_text(text)), dtype=np.int64)
-    device = _device()
+    device = device_name()
     medians: dict[str, list[float]] = {m.name: [] for m in specs}
     samples: dict[str, list[dict]] = {m.name: [] for m in specs}
     bar = progress(total=len(lengths) * len(specs), desc="latency", enabled=show_progress)

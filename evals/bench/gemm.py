@@ -1,8 +1,8 @@
 """How XLA runs the models' projections, by the way `Linear` asks for them (a prefill spends half
 its GPU time here; see `profile_prefill.py`).
 
-    python evals/bench_gemm.py --out gemm.json          # on the GPU machine
-    python evals/bench_gemm.py --length 256             # smoke run on CPU
+    python evals/bench/gemm.py --out gemm.json          # on a GPU
+    python evals/bench/gemm.py --length 256             # smoke run on CPU
 
 Variants, each y = x @ W for bf16 x and W, y in bf16:
   f32_then_cast   einsum with preferred_element_type=f32, then astype(bf16) (what Linear does)
@@ -15,14 +15,14 @@ Shapes: the in_proj and out_proj of mamba2-1.3b and mamba-1.4b at one prefill le
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longmamba_evals.bench_scan import time_fn
+from longmamba_evals.bench.common import write_json
+from longmamba_evals.bench.timing import time_fn
 
 SHAPES = {  # name: (in, out)
     "mamba2 in_proj": (2048, 8512),
@@ -98,8 +98,7 @@ def main(argv=None):
     result = {"device": dev.device_kind, "jax": jax.__version__, "command": " ".join(sys.argv),
               "rows": rows}
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
+        write_json(args.out, result)
     return result
 
 

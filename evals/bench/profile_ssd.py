@@ -1,22 +1,23 @@
 """Runs the SSD Pallas kernel on one mamba2-1.3b layer (or, with `--op selective_scan`, the
 selective scan on one mamba-1.4b layer), for a profiler to look at.
 
-    ncu --kernel-name regex:ssd_chunk_scan python evals/profile_ssd.py --length 16384
-    bash evals/profile_ssd.sh        # on the device machine: the ncu report in $OUT
-    OP=selective_scan bash evals/profile_ssd.sh   # the same for the selective scan, with SASS
+    ncu --kernel-name regex:ssd_chunk_scan python evals/bench/profile_ssd.py --length 16384
+    bash evals/device/profile_ssd.sh        # on a GPU: the ncu report in $OUT
+    OP=selective_scan bash evals/device/profile_ssd.sh   # the selective scan, with SASS
 
-Inputs are those of `bench_scan.py` (random, bf16 x/B/C). Prints the median time of the calls
+Inputs are those of `scan.py` (random, bf16 x/B/C). Prints the median time of the calls
 after the first (which compiles)."""
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 
-from longmamba_evals.bench_scan import parse_fields, ss_inputs, ssd_inputs
+from longmamba_evals.bench.common import parse_fields
+from longmamba_evals.bench.scan import ss_inputs, ssd_inputs
+from longmamba_evals.bench.timing import timed
 from longmamba_kernels.selective_scan import selective_scan_pallas
 from longmamba_kernels.selective_scan.pallas_triton import SelectiveScanPallasConfig
 from longmamba_kernels.ssd.pallas_triton import SSDPallasConfig, ssd_pallas
@@ -44,13 +45,9 @@ def main(argv=None) -> None:
         f = jax.jit(lambda *x: selective_scan_pallas(*x, config=config, interpret=a.interpret))
     print(config, flush=True)
     jax.block_until_ready(args)
-    times = []
-    for _ in range(a.reps + 1):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    print(f"{a.op} l={a.length}: {statistics.median(times[1:]) * 1e3:.3f} ms per call "
-          f"(one sync each; first call {times[0]:.1f} s)")
+    first, times = timed(lambda: f(*args), a.reps)
+    print(f"{a.op} l={a.length}: {statistics.median(times) * 1e3:.3f} ms per call "
+          f"(one sync each; first call {first:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
 """Where a whole-model prefill's GPU time goes, ours against the official mamba_ssm stack.
 
 One prefill (batch 1, logits of the last token) of the random mamba2-1.3b- or mamba-1.4b-shaped
-model of `bench_model.py`, traced on the device: ours through `jax.profiler` (kernel events of
+model of `model_setup.py`, traced on the device: ours through `jax.profiler` (kernel events of
 the GPU plane, read back with `jax.profiler.ProfileData`), the official `MambaLMHeadModel`
 through `torch.profiler`. Kernel times are summed by name and by a coarse class (GEMM, scan,
 conv, norm, elementwise/other), so the two stacks can be compared class by class.
 
-    python evals/profile_prefill.py --arch mamba2 --length 16384 --out prof.json   # GPU machine
-    python evals/profile_prefill.py --small --arch mamba2 --length 64              # CPU smoke
+    python evals/bench/profile_prefill.py --arch mamba2 --length 16384 --out prof.json   # GPU
+    python evals/bench/profile_prefill.py --small --arch mamba2 --length 64              # CPU
 
-The official side needs the sources in `--official-src` (see `official_mamba.py`) and, for its
-fused paths, the extensions `build_official_extensions.sh` builds; it is skipped with the
-reason otherwise.
+The official side needs the sources in `--official-src` (see `official.py`) and, for its fused
+paths, the extensions `evals/device/build_official.sh` builds; it is skipped with the reason
+otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
 import re
 import sys
@@ -27,6 +26,8 @@ import tempfile
 import time
 
 import jax
+
+from longmamba_evals.bench.common import write_json
 
 # Ordered: the first pattern that matches a kernel name gives its class.
 CLASSES = (
@@ -85,11 +86,10 @@ def profile_ours(arch: str, length: int, small: bool, reps: int, hlo_out=None) -
     from jax.profiler import ProfileData
 
     import longmamba_jax as lmj
-    from longmamba_evals.bench_generate import _tokens
-    from longmamba_evals.bench_model import _params
+    from longmamba_evals.bench.model_setup import random_params, random_tokens
 
-    params = _params(arch, small)
-    tokens = _tokens(1, length, params.config.vocab_size, seed=length)
+    params = random_params(arch, small)
+    tokens = random_tokens(1, length, params.config.vocab_size, seed=length)
     run = lambda: jax.block_until_ready(lmj.prefill(params, tokens))
     run()  # compile
     t0 = time.perf_counter()
@@ -134,27 +134,23 @@ def profile_official(arch: str, length: int, src: str, reps: int) -> dict:
     try:
         import torch
 
-        from longmamba_evals.official_mamba import has_causal_conv1d, import_mamba_ssm
+        from longmamba_evals.bench.official import (
+            has_causal_conv1d,
+            has_selective_scan_cuda,
+            import_mamba_ssm,
+            official_lm,
+        )
 
         import_mamba_ssm(src)
-        from mamba_ssm.models.config_mamba import MambaConfig
-        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: F401 - fail here
         if not torch.cuda.is_available():
             return {"skipped": "torch sees no CUDA device"}
-        if arch == "mamba1":
-            import selective_scan_cuda
-
-            selective_scan_cuda.fwd  # noqa: B018 - the stand-in module has no attribute
+        if arch == "mamba1" and not has_selective_scan_cuda():
+            return {"skipped": "selective_scan_cuda not built"}
     except Exception as err:  # noqa: BLE001 - anything missing means "not here"
         return {"skipped": f"{type(err).__name__}: {err}"}
     conv = has_causal_conv1d()
-    ssm_cfg = ({"layer": "Mamba2", "use_mem_eff_path": conv} if arch == "mamba2"
-               else {"layer": "Mamba1"})
-    cfg = MambaConfig(d_model=2048, n_layer=48, vocab_size=50277, ssm_cfg=ssm_cfg, rms_norm=True,
-                      residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=16,
-                      tie_embeddings=True)
-    torch.manual_seed(0)
-    model = MambaLMHeadModel(cfg, device="cuda", dtype=torch.bfloat16).eval()
+    model = official_lm(arch, conv)
     ids = torch.randint(0, 50277, (1, length), device="cuda")
 
     def run():
@@ -217,8 +213,7 @@ def main(argv=None) -> dict:
                                               args.reps)
         print_side("official mamba_ssm", result["official"])
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
+        write_json(args.out, result)
     return result
 
 

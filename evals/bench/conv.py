@@ -2,8 +2,9 @@
 kernel (`kernels/causal_conv.py`), causal_conv1d's CUDA kernel (what mamba_ssm runs), and the
 memory floor (the conv's input read once + its output written once / copy bandwidth).
 
-    python evals/bench_conv.py --out conv.json          # on the GPU machine, after
-                                                        # build_official_if_missing
+    python evals/bench/conv.py --out conv.json         # on a GPU (official: after
+                                                       # evals/device/build_official.sh)
+    python evals/bench/conv.py --interpret --lengths 256 --no-official   # CPU smoke run
 
 Shapes: one mamba2-1.3b layer (the conv reads x | B | C = 4096 | 128 | 128 columns in place from
 in_proj's 8,512-wide bf16 output and writes x, B and C apart) and one mamba-1.4b layer (x, the
@@ -18,36 +19,21 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
 
-from longmamba_evals.bench_scan import copy_bandwidth, parse_lengths, rel_err, time_fn
+from longmamba_evals.bench.common import K, lengths, rel_err, write_json
+from longmamba_evals.bench.official import official_conv
+from longmamba_evals.bench.timing import copy_bandwidth, time_fn
 from longmamba_kernels.causal_conv import causal_conv1d
 
-K = 1024
 SHAPES = {  # name: (in_proj width, first conv column, output widths)
     "mamba2-1.3b": (8512, 4096, (4096, 128, 128)),
     "mamba-1.4b": (8192, 0, (4096,)),
 }
-
-
-def official_conv(src):
-    """causal_conv1d_fn, or (None, reason)."""
-    try:
-        from longmamba_evals.official_mamba import import_mamba_ssm
-
-        import_mamba_ssm(src)
-        import torch
-        from causal_conv1d import causal_conv1d_fn
-    except Exception as err:  # not on this machine: the column is skipped with the reason
-        return None, f"{type(err).__name__}: {err}"
-    if not torch.cuda.is_available():
-        return None, "torch sees no CUDA device"
-    return causal_conv1d_fn, None
 
 
 def jnp_form(src, w, bias, *, offset, splits):
@@ -83,7 +69,7 @@ def main(argv=None):
     for name in args.shapes.split(","):
         width, offset, splits = SHAPES[name]
         c = sum(splits)
-        for length in parse_lengths(args.lengths):
+        for length in lengths(args.lengths):
             k = jax.random.split(jax.random.key(length), 3)
             src = jax.random.normal(k[0], (1, length, width), jnp.bfloat16)
             w = (0.5 * jax.random.normal(k[1], (4, c))).astype(jnp.bfloat16)
@@ -130,8 +116,7 @@ def main(argv=None):
     result = dict(device=dev.device_kind, jax=jax.__version__, copy_bandwidth_bytes_per_s=bw,
                   command=" ".join(sys.argv), official=why or "causal_conv1d_fn", rows=rows)
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
+        write_json(args.out, result)
         print(f"wrote {args.out}")
     return result
 

@@ -1,6 +1,6 @@
 """Prints the parity table of the README: `longmamba_jax.forward` vs transformers' torch models.
 
-    python evals/parity_table.py
+    python evals/bench/parity_table.py
 
 Tiny random checkpoints (every weight perturbed away from its init) are written with
 `save_pretrained`, loaded through `longmamba_jax.load`, and compared at several lengths; the
@@ -16,6 +16,7 @@ import torch
 import transformers
 
 import longmamba_jax as lmj
+from longmamba_evals.bench.common import rel_err
 
 MODELS = {
     "mamba2 g=1 untied": ("mamba2", dict(n_groups=1, tie_word_embeddings=False)),
@@ -48,12 +49,6 @@ def build(arch, overrides, seed=0):
     return model.eval()
 
 
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float("nan") if not np.isfinite(a).all() else float(np.linalg.norm(a - b)
-                                                               / np.linalg.norm(b))
-
-
 def main():
     rows = []
     for name, (arch, overrides) in MODELS.items():
@@ -69,10 +64,10 @@ def main():
                 refs[(batch, length)] = (tokens, model(torch.as_tensor(tokens)).logits.numpy())
         for backend in ("reference", "associative", "pallas-interpret"):
             shapes = SHAPES if backend != "pallas-interpret" else SHAPES[:3]
-            worst = max(rel(np.asarray(lmj.forward(params, t, backend=backend))[..., :r.shape[-1]],
-                            r) for t, r in (refs[s] for s in shapes))
+            worst = max(rel_err(np.asarray(lmj.forward(params, t, backend=backend))
+                                [..., :r.shape[-1]], r) for t, r in (refs[s] for s in shapes))
             rows.append((name, backend, "fp32", worst))
-        worst = max(rel(np.asarray(lmj.forward(params_bf16, t, backend="associative"))
+        worst = max(rel_err(np.asarray(lmj.forward(params_bf16, t, backend="associative"))
                         [..., :r.shape[-1]], r) for t, r in refs.values())
         rows.append((name, "associative", "bf16 params vs torch fp32", worst))
     print("| model | backend | dtype | worst relative error |")

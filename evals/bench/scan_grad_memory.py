@@ -1,16 +1,16 @@
 """XLA temporary memory of the gradient of one Mamba-1 selective-scan layer, per implementation.
 
-    python evals/scan_grad_memory.py [--b 16] [--l 512] [--e 768] [--n 16]
-    python evals/scan_grad_memory.py --train-step [--seeds 3] [--micro-batches 2]
+    python evals/bench/scan_grad_memory.py [--b 16] [--l 512] [--e 768] [--n 16]
+    python evals/bench/scan_grad_memory.py --train-step [--seeds 3] [--micro-batches 2]
 
 Compiles jax.grad of sum(y²) w.r.t. x, Δ, B, C for the sequential reference and for the chunked
 associative scan (which rematerialises each chunk under autodiff) at several chunk sizes, and
 prints `compiled.memory_analysis().temp_size_in_bytes`. Nothing runs, so any backend works
-(the figures in kernels/selective_scan_associative.py are from the CPU backend).
+(the figures in kernels/selective_scan/associative.py are from the CPU backend).
 
 `--train-step`: the same for the whole Mamba-1 training step of `evals/train.py` (d_state 16,
 the seeds vmapped, bucket 512, 32K tokens per step), through each scan backend: whether the
-step fits on a GPU before a device call is spent on it.
+step fits on a GPU before GPU time is spent on it.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ pad_vocab_size_multiple 16, d_state 128, headdim 64, expand 2, ngroups 1, tied e
 otherwise) and reports the converter's wall time and peak resident memory (`ru_maxrss` of that
 child from `os.wait4`, plus a sampled RSS timeline through psutil when it is installed).
 
-    python evals/bench_convert_memory.py                      # full size, verification on
-    python evals/bench_convert_memory.py --n-layer 4          # a quick smoke run
+    python evals/bench/convert_memory.py                     # full size, verification on
+    python evals/bench/convert_memory.py --n-layer 4         # a quick smoke run
 
 Prints a table and writes JSON (default `bench_convert_memory.json` in the current directory).
 Temporary files are removed afterwards unless --keep.
@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # state-spaces/mamba2-1.3b
 D_MODEL, N_LAYER, VOCAB, PAD_MULTIPLE = 2048, 48, 50277, 16

@@ -1,24 +1,19 @@
-"""Speed of the scan kernels (issue 6, item 4): Pallas kernel vs the XLA/jnp fallback vs the
-memory floor (fewest bytes read + written / measured device copy bandwidth).
+"""Speed of one layer's scan: the Pallas kernels against the jnp fallback, the official
+mamba_ssm kernels and the memory floor (fewest bytes read + written / measured copy bandwidth).
 
-    python -m longmamba_evals.bench_scan --out scan.json            # on the GPU machine
-    python evals/bench_scan.py --quick --interpret                  # smoke run on CPU
+    python evals/bench/scan.py --out scan.json --million       # on a GPU
+    python evals/bench/scan.py --quick --interpret              # smoke run on CPU
 
-Each SSD row also times the official mamba_ssm Triton SSD (`mamba_chunk_scan_combined`,
-chunk_size 256 as mamba2 uses, torch) on the same inputs (shared through DLPack), the same way,
-when torch, triton and the mamba_ssm sources (`--official-src`, default `.official`; see
-`evals/official_mamba.py`) are there; otherwise the official column is skipped with the reason.
-Each selective-scan row does the same with the official CUDA kernel (`selective_scan_fn`) when
-its extension is built (`evals/build_official_extensions.sh`, on the GPU machine).
-
-Shapes: one mamba2-1.3b layer for SSD (h=64, p=64, n=128, g=1, bf16 x/B/C, fp32 Δ, batch 1,
-l = 4K, 16K, 64K, 256K) and one mamba-1.4b layer for the selective scan (e=4096, n=16). The
-filtered kernel runs with half the channels global and a threshold at Δ's median, to measure the
-cost of the fused filter. Times are medians over repeated batches of back-to-back launches
-(asynchronous dispatch, one sync per batch), after a warm-up that compiles. The filter's
-overhead (`filter_overhead_pct`) is the median ratio over interleaved rounds of the filtered
-and unfiltered calls (`time_paired`); `filter_overhead_seq_pct` is the ratio of the two
-medians timed one after the other, as sessions before 13 reported it.
+Shapes: one mamba2-1.3b SSD layer (h=64, p=64, n=128, g=1, bf16 x/B/C, fp32 Δ, batch 1;
+l = 4K, 16K, 64K, 256K) and one mamba-1.4b selective-scan layer (e=4096, n=16; 4K, 16K, 64K).
+Each SSD row also times the official Triton SSD (`mamba_chunk_scan_combined`, chunk 256) and
+each selective-scan row the official CUDA `selective_scan_fn`, on the same inputs (DLPack), by
+the same loop, when the sources are in `--official-src` (see `official.py`); otherwise the
+column is skipped with the reason. The filtered kernel runs with half the channels global and
+the threshold at Δ's median. Times are medians of batches of back-to-back launches
+(`timing.time_fn`); the filter's overhead (`filter_overhead_pct`) is the median per-round ratio
+of interleaved rounds (`timing.time_paired`), `filter_overhead_seq_pct` the ratio of two medians
+timed one after the other. `--sweep` first times block-size candidates.
 """
 
 from __future__ import annotations
@@ -27,15 +22,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
-import types
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from longmamba_evals.bench.common import K, lengths, nbytes, parse_fields, rel_err, write_json
+from longmamba_evals.bench.official import OfficialScan
+from longmamba_evals.bench.timing import copy_bandwidth, paired_ratio, time_fn, time_paired
 from longmamba_kernels.selective_scan import default_config, selective_scan_pallas
 from longmamba_kernels.selective_scan.associative import selective_scan_associative
 from longmamba_kernels.selective_scan.pallas_mosaic import SelectiveScanMosaicConfig
@@ -47,71 +41,6 @@ from longmamba_kernels.ssd.pallas_triton import (
     ssd_pallas,
     ssd_segments,
 )
-
-K = 1024
-
-
-def time_fn(fn, *args, reps=20, batches=5, min_batch_s=0.05, sync=jax.block_until_ready):
-    """Median seconds per call: `batches` batches of `reps` async launches, one sync each.
-
-    `sync(out)` waits for the device (JAX: block_until_ready; torch: cuda.synchronize), so the
-    official torch kernel is timed exactly like ours.
-    """
-    sync(fn(*args))  # compile (or autotune) + warm up
-    sync(fn(*args))
-    t0 = time.perf_counter()
-    sync(fn(*args))
-    one = time.perf_counter() - t0
-    reps = max(1, min(reps, int(min_batch_s / max(one, 1e-6)) + 1))
-    times = []
-    for _ in range(batches):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        sync(out)
-        times.append((time.perf_counter() - t0) / reps)
-    return statistics.median(times), times
-
-
-def time_paired(calls, rounds=15, min_batch_s=0.02, sync=jax.block_until_ready):
-    """Interleaved timing of a few calls, for ratios between them (the filter's overhead).
-
-    `calls` is {name: (fn, args)}. Each round times one batch of each call back to back, in an
-    order that rotates from round to round, so clock ramps and other drift fall on every call
-    alike; a batch holds enough launches for `min_batch_s`. Returns ({name: median seconds per
-    call}, {name: per-round seconds}); ratios should be taken round by round (`paired_ratio`).
-    """
-    names = list(calls)
-    reps = {}
-    for name, (fn, args) in calls.items():
-        sync(fn(*args))  # compile + warm up
-        sync(fn(*args))
-        t0 = time.perf_counter()
-        sync(fn(*args))
-        reps[name] = max(1, int(min_batch_s / max(time.perf_counter() - t0, 1e-6)) + 1)
-    per_round = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn, args = calls[name]
-            t0 = time.perf_counter()
-            for _ in range(reps[name]):
-                out = fn(*args)
-            sync(out)
-            per_round[name].append((time.perf_counter() - t0) / reps[name])
-    return {n: statistics.median(v) for n, v in per_round.items()}, per_round
-
-
-def paired_ratio(per_round, num, den):
-    """Median over rounds of per_round[num] / per_round[den]."""
-    return statistics.median(a / b for a, b in zip(per_round[num], per_round[den], strict=True))
-
-
-def copy_bandwidth(nbytes=2 * K**3):
-    """Bytes read + written per second of a large device-to-device elementwise copy."""
-    a = jnp.arange(nbytes // 4, dtype=jnp.float32)
-    f = jax.jit(lambda a: a + 1.0)
-    t, _ = time_fn(f, a, reps=10)
-    return 2 * a.nbytes / t
 
 
 def ssd_inputs(length, h=64, p=64, n=128, g=1, b=1, seed=0):
@@ -129,7 +58,7 @@ def ssd_inputs(length, h=64, p=64, n=128, g=1, b=1, seed=0):
 def ss_inputs(length, e=4096, n=16, b=1, seed=0):
     k = jax.random.split(jax.random.key(seed), 6)
     x = jax.random.normal(k[0], (b, length, e), jnp.bfloat16)
-    # Δ is bf16-exact: the official CUDA kernel takes it in the input dtype (Official.run)
+    # Δ is bf16-exact: the official CUDA kernel takes it in the input dtype (OfficialScan.run)
     dt = jax.nn.softplus(jax.random.normal(k[1], (b, length, e)) - 2.0)
     dt = dt.astype(jnp.bfloat16).astype(jnp.float32)
     A = -jnp.exp(jax.random.uniform(k[2], (e, n), minval=0.0, maxval=2.7))
@@ -138,106 +67,6 @@ def ss_inputs(length, e=4096, n=16, b=1, seed=0):
     D = jax.random.normal(k[5], (e,))
     thr = jnp.where(jnp.arange(e) % 2 == 0, jnp.median(dt), -jnp.inf).astype(jnp.float32)
     return (x, dt, A, B, C, D), thr
-
-
-class Official:
-    """An official mamba_ssm kernel on the same (DLPack-shared) inputs as ours: the Triton SSD
-    (`op="ssd"`, `mamba_chunk_scan_combined`) or the CUDA selective scan (`op="selective_scan"`,
-    `selective_scan_fn`, which needs the extension `evals/build_official_extensions.sh`
-    builds on the GPU machine)."""
-
-    def __init__(self, src, op="ssd"):
-        self.fn, self.reason, self.op = None, None, op
-        try:
-            from longmamba_evals.official_mamba import import_mamba_ssm
-
-            try:
-                import_mamba_ssm(src)
-            except ImportError:
-                raise
-            except Exception as err:  # the package's __init__ (models, Mamba3...) failed:
-                print(f"import mamba_ssm failed ({type(err).__name__}: {err}); importing only "
-                      "its ops package", flush=True)  # the SSD ops need none of it
-                pkg = types.ModuleType("mamba_ssm")
-                pkg.__path__ = [os.path.join(os.path.abspath(src), "mamba_ssm")]
-                sys.modules["mamba_ssm"] = pkg
-            import torch
-
-            if op == "ssd":
-                from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as fn
-            else:
-                import selective_scan_cuda
-
-                if not hasattr(selective_scan_cuda, "fwd"):  # the stand-in: not built
-                    raise ImportError("selective_scan_cuda is not built (run "
-                                      "evals/build_official_extensions.sh on the GPU machine)")
-                from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fn
-        except Exception as err:  # ImportError, or the official package failing to import
-            self.reason = f"{type(err).__name__}: {err}"
-            return
-        if not torch.cuda.is_available():
-            self.reason = "torch sees no CUDA device"
-            return
-        self.torch, self.fn = torch, fn
-
-    def to_torch(self, a):
-        try:
-            return self.torch.from_dlpack(a)
-        except Exception:  # no DLPack path: copy through the host (exact, bf16 via fp32)
-            t = self.torch.from_numpy(np.asarray(a.astype(jnp.float32)).copy()).cuda()
-            return t.to(self.torch.bfloat16 if a.dtype == jnp.bfloat16 else t.dtype)
-
-    def run(self, args, chunk_size=256):
-        """(median ms timed like ours, median ms of triton's do_bench, y, final_state) of the
-        official kernel on `args` (jax arrays, our layouts; y comes back in ours).
-
-        The selective scan takes its own layout, time last ([b, e, l], [b, n, l]; transposed
-        here, outside the timing, as the official Mamba block produces it), and Δ in the input
-        dtype (bf16): `ss_inputs` makes Δ bf16-exact, so both kernels see the same numbers."""
-        torch = self.torch
-        if self.op == "ssd":
-            x, dt, A, B, C, D = (self.to_torch(a) for a in args)
-
-            def fn():
-                with torch.inference_mode():
-                    return self.fn(x, dt, A, B, C, chunk_size=chunk_size, D=D,
-                                   return_final_states=True)
-        else:
-            x, dt, A, B, C, D = args
-            u, delta, B, C = (self.to_torch(a).transpose(1, 2).contiguous()
-                              for a in (x, dt.astype(x.dtype), B, C))
-            A, D = self.to_torch(A), self.to_torch(D)
-
-            def fn():
-                with torch.inference_mode():
-                    return self.fn(u, delta, A, B, C, D, return_last_state=True)
-
-        sync = lambda _: torch.cuda.synchronize()
-        t, _ = time_fn(fn, sync=sync)
-        y, state = fn()
-        if self.op != "ssd":
-            y = y.transpose(1, 2)  # [b, l, e], as ours
-        try:  # the number the official repo's own benchmarks report (events, L2 flushed)
-            import triton.testing
-
-            t_db = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        except Exception:  # do_bench missing or changed: the main number still stands
-            t_db = None
-        return t * 1e3, t_db, y, state
-
-    def rel_err(self, ours, theirs):
-        torch = self.torch
-        a, b = self.to_torch(ours).double(), theirs.double()
-        return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
-
-def nbytes(*arrays):
-    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in arrays)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _measure(op, shape_fields, kernel, kernel_f, fallback, args, thr, length, bw,
@@ -363,12 +192,10 @@ def print_row(r):
 
 
 # SSD candidates (SSDPallasConfig fields; the first one is the baseline the others are checked
-# against). `segments` splits the sequence: a states pass, then the scan (see ssd_pallas.py).
-# Session 4: sequence segments (k = 2 at batch 1), the states pass split in `state_splits`
-# pieces per segment with 64 rows of p per program carrying Sᵀ, folded by XLA; the scan computes
-# C Bᵀ in-kernel, so its shared memory (≤ 113 KB) lets two programs share an SM. Each row is
-# the default with the fields given.
-SSD_SWEEP = [  # (the earlier sweeps are in evals/NOTES_kernels.md)
+# against). The default splits the sequence in `segments` (a states pass, then the scan; see
+# kernels/ssd/pallas_triton.py and docs/kernels.md, "SSD"). Each row is the default with the
+# fields given.
+SSD_SWEEP = [
     dict(),  # default
     dict(chunk=32),
     dict(chunk=32, segments=4),
@@ -469,20 +296,6 @@ def sweep(lengths, ops, rows, interpret=False, checkpoint=lambda: None, filtered
             checkpoint()
 
 
-def parse_fields(text):
-    """"a=1,b=True" -> {"a": 1, "b": True} (config fields from the command line)."""
-    kw = dict(kv.split("=", 1) for kv in text.split(",") if kv)
-    conv = lambda v: (v == "True" if v in ("True", "False")
-                      else int(v) if v.lstrip("-").isdigit() else v)
-    return {k: conv(v) for k, v in kw.items()}
-
-
-def parse_lengths(text):
-    if not text:
-        return []
-    return [int(float(v[:-1]) * K) if v.endswith("K") else int(v) for v in text.split(",")]
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="write the rows as JSON here")
@@ -546,27 +359,27 @@ def main(argv=None):
     print(f"ssd config {ssd_cfg}; selective-scan config {ss_cfg}", flush=True)
     official = official_ss = None
     if not args.no_official:
-        official = Official(args.official_src)
+        official = OfficialScan(args.official_src)
         print("official mamba_ssm SSD: " + (
             "mamba_chunk_scan_combined (chunk_size 256)" if official.fn is not None
             else f"skipped ({official.reason})"), flush=True)
-        official_ss = Official(args.official_src, op="selective_scan")
+        official_ss = OfficialScan(args.official_src, op="selective_scan")
         print("official mamba_ssm selective scan: " + (
             "selective_scan_fn (CUDA; bf16 u, Δ, B, C, time last)" if official_ss.fn is not None
             else f"skipped ({official_ss.reason})"), flush=True)
     rows = []
     if args.sweep:
-        sweep(parse_lengths(args.sweep), args.sweep_ops.split(","), rows, args.interpret,
+        sweep(lengths(args.sweep), args.sweep_ops.split(","), rows, args.interpret,
               checkpoint=lambda: save(args.out, dev, bw, ssd_cfg, ss_cfg, rows),
               ssd_configs=json.loads(args.sweep_configs) if args.sweep_configs else SSD_SWEEP,
               ss_configs=json.loads(args.sweep_ss_configs) if args.sweep_ss_configs
               else SS_SWEEP, ss_n=args.ss_state)
         save(args.out, dev, bw, ssd_cfg, ss_cfg, rows)
     if not args.skip_main:
-        bench_ssd(parse_lengths(args.ssd_lengths), bw, args.interpret, ssd_cfg,
+        bench_ssd(lengths(args.ssd_lengths), bw, args.interpret, ssd_cfg,
                   args.fallback_max_len, rows, official)
         save(args.out, dev, bw, ssd_cfg, ss_cfg, rows)
-        bench_ss(parse_lengths(args.ss_lengths), bw, args.interpret, ss_cfg,
+        bench_ss(lengths(args.ss_lengths), bw, args.interpret, ss_cfg,
                  args.fallback_max_len, rows, n=args.ss_state, official=official_ss)
     if args.million:
         length = 1024 * K
@@ -598,8 +411,7 @@ def save(out, dev, bw, ssd_cfg, ss_cfg, rows):
             versions[mod] = getattr(sys.modules[mod], "__version__", "?")
     result.update(versions)
     if out:
-        with open(out, "w") as fh:
-            json.dump(result, fh, indent=1)
+        write_json(out, result)
     return result
 
 

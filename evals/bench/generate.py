@@ -1,5 +1,5 @@
-"""Generation throughput benchmark (issue 4; targets in the performance issue): a random-weight
-model with mamba2-1.3b's shapes (or mamba-1.4b's with `--arch mamba1`), no checkpoint needed.
+"""Generation throughput of a random-weight model with mamba2-1.3b's shapes (or mamba-1.4b's
+with `--arch mamba1`), no checkpoint needed.
 
 Measured, each after an untimed first call whose extra time is reported as compile time
 (first-call time − median timed time):
@@ -10,15 +10,14 @@ Measured, each after an untimed first call whose extra time is reported as compi
   (what a user-written loop costs per token, dispatch included).
 Every timed call is waited for (`block_until_ready`). Prints a markdown table, saves JSON.
 
-    python evals/bench_generate.py --out bench_generate.json          # on the GPU machine
-    python evals/bench_generate.py --small --out /tmp/bench.json      # quick CPU smoke run
+    python evals/bench/generate.py --out generate.json          # on a GPU
+    python evals/bench/generate.py --small --out generate_small.json   # quick CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import platform
 import statistics
 import time
@@ -28,47 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 
 import longmamba_jax as lmj
+from longmamba_evals.bench.common import write_json
+from longmamba_evals.bench.model_setup import CONFIGS, DTYPES, SMALL, random_tokens
+from longmamba_evals.bench.timing import timed
+from longmamba_evals.tasks.runner import device_name
 from longmamba_jax.generation.generate import _decode_loop
 from longmamba_jax.generation.sampling import Greedy
 
-CONFIGS = {
-    # state-spaces/mamba2-1.3b
-    "mamba2": lambda: lmj.Mamba2Config(d_model=2048, n_layer=48, vocab_size=50277, d_state=128,
-                                       headdim=64, expand=2, ngroups=1),
-    # state-spaces/mamba-1.4b
-    "mamba1": lambda: lmj.MambaConfig(d_model=2048, n_layer=48, vocab_size=50277, d_state=16,
-                                      expand=2),
-}
-SMALL = {
-    "mamba2": lambda: lmj.Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16,
-                                       headdim=16, expand=2, ngroups=1, chunk_size=32),
-    "mamba1": lambda: lmj.MambaConfig(d_model=64, n_layer=2, vocab_size=256, d_state=8,
-                                      expand=2),
-}
-DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
-
-
-def _timed(fn, repeats: int):
-    """(first-call seconds, [timed seconds]) of fn(), each call waited for."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return first, times
-
-
-def _tokens(batch: int, length: int, vocab: int, seed: int = 0):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (batch, length)),
-                       jnp.int32)
-
 
 def bench_prefill(params, length: int, *, batch: int, backend: str, repeats: int) -> dict:
-    tokens = _tokens(batch, length, params.config.vocab_size)
-    first, times = _timed(lambda: lmj.prefill(params, tokens, backend=backend), repeats)
+    tokens = random_tokens(batch, length, params.config.vocab_size)
+    first, times = timed(lambda: lmj.prefill(params, tokens, backend=backend), repeats)
     t = statistics.median(times)
     return {"kind": "prefill", "batch": batch, "length": length, "median_s": t,
             "tokens_per_s": batch * length / t, "compile_s": max(first - t, 0.0),
@@ -77,7 +46,7 @@ def bench_prefill(params, length: int, *, batch: int, backend: str, repeats: int
 
 def bench_decode(params, *, batch: int, prompt_len: int, new_tokens: int, backend: str,
                  repeats: int, step_loop: int) -> dict:
-    tokens = _tokens(batch, prompt_len, params.config.vocab_size, seed=batch)
+    tokens = random_tokens(batch, prompt_len, params.config.vocab_size, seed=batch)
     logits0, cache = jax.block_until_ready(lmj.prefill(params, tokens, backend=backend))
     scan_backend = lmj.resolve_backend(backend)
     loop = functools.partial(
@@ -88,14 +57,14 @@ def bench_decode(params, *, batch: int, prompt_len: int, new_tokens: int, backen
     # The loop donates its cache: give every call its own copy (made outside the timing).
     copies = [jax.tree.map(jnp.copy, cache) for _ in range(repeats + 1)]
     jax.block_until_ready(copies)
-    first, times = _timed(lambda: loop(copies.pop())[:4], repeats)
+    first, times = timed(lambda: loop(copies.pop())[:4], repeats)
     t = statistics.median(times)
     steps = new_tokens - 1  # token 0 comes from the prefill logits
     out = {"kind": "decode", "batch": batch, "prompt_len": prompt_len,
            "new_tokens": new_tokens, "median_s": t, "tokens_per_s": batch * steps / t,
            "step_ms": 1e3 * t / steps, "compile_s": max(first - t, 0.0), "times_s": times}
 
-    gen_first, gen_times = _timed(
+    gen_first, gen_times = timed(
         lambda: lmj.generate(params, tokens, max_new_tokens=new_tokens, backend=backend), 1)
     out["generate_s"] = gen_times[0]
 
@@ -110,11 +79,6 @@ def bench_decode(params, *, batch: int, prompt_len: int, new_tokens: int, backen
         jax.block_until_ready(token)
         out["python_loop_step_ms"] = 1e3 * (time.perf_counter() - t0) / step_loop
     return out
-
-
-def _device() -> str:
-    d = jax.devices()[0]
-    return f"{d.platform}:{getattr(d, 'device_kind', '')}"
 
 
 def _table(rows: list[dict]) -> str:
@@ -172,7 +136,7 @@ def main(argv=None) -> dict:
     jax.block_until_ready(params.weights)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params.weights))
     dtype_name = "fp32" if args.small else args.dtype
-    print(f"{args.arch}: {n_params / 1e6:,.1f}M parameters ({dtype_name}) on {_device()}, "
+    print(f"{args.arch}: {n_params / 1e6:,.1f}M parameters ({dtype_name}) on {device_name()}, "
           f"backend {args.backend}; init {time.perf_counter() - t0:.1f}s", flush=True)
 
     rows = []
@@ -189,7 +153,7 @@ def main(argv=None) -> dict:
     print()
     print(_table(rows))
     result = {
-        "device": _device(),
+        "device": device_name(),
         "jax": jax.__version__,
         "longmamba_jax": lmj.__version__,
         "python": platform.python_version(),
@@ -203,8 +167,7 @@ def main(argv=None) -> dict:
         "results": rows,
     }
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        write_json(args.out, result, indent=2)
         print(f"\nsaved {args.out}")
     return result
 

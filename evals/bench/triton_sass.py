@@ -1,21 +1,21 @@
 """What Triton makes of a scan kernel, without a GPU: layouts, registers, and the instructions
 of each loop, from the kernel's own Triton IR compiled for the H100 (sm_90) by `triton`.
 
-    pip install triton==3.6.0        # the device's version; runs on a CPU-only machine
-    python evals/triton_sass.py --op selective_scan --config '{"layout": "tile"}'
-    python evals/triton_sass.py --op ssd --out /tmp/ssd_sass     # keeps .ttir/.ttgir/.ptx/.sass
+    pip install triton==3.6.0        # the version the GPU runs; works on a CPU-only machine
+    python evals/bench/triton_sass.py --op selective_scan --config '{"layout": "tile"}'
+    python evals/bench/triton_sass.py --op ssd --out ssd_sass    # keeps .ttir/.ttgir/.ptx/.sass
 
 For each Pallas kernel of one call (mamba-1.4b layer for the selective scan: e = 4096, n = 16 or
 `--n`; mamba2-1.3b layer for SSD) it prints the registers, stack (spills) and shared memory
 that ptxas assigned, Triton's distributed layouts (`#blocked`: which of a tensor's axes sit in a
 thread, across lanes, across warps) and, per loop of the SASS, its instruction count and mix.
 Dividing a loop's instructions by the state elements one thread handles per iteration gives
-instructions per element (evals/NOTES_kernels.md, "Session 9").
+instructions per element (docs/kernels.md, "Selective scan (Triton)").
 
 The Triton IR is captured where Pallas builds it (`lower_jaxpr_to_triton_module`, a private jax
-function) and compiled by triton's own pipeline. On the device XLA compiles the same IR with its
-copy of those passes, so the code there can differ in detail (notes, session 6: XLA's pipeline
-does not contract a·b + c); the layouts and the loop structure are the same passes.
+function) and compiled by triton's own pipeline. On a GPU XLA compiles the same IR with its
+copy of those passes, so the code there can differ in detail (XLA's pipeline does not contract
+a·b + c into an FMA); the layouts and the loop structure are the same passes.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def capture_triton_ir(op: str, fields: dict, length: int, n: int | None):
     from jax._src.pallas.triton import lowering as triton_lowering
     from jax._src.pallas.triton import pallas_call_registration as registration
 
-    from longmamba_evals import bench_scan
+    from longmamba_evals.bench.scan import ss_inputs, ssd_inputs
 
     captured = []
     original = triton_lowering.lower_jaxpr_to_triton_module
@@ -75,13 +75,13 @@ def capture_triton_ir(op: str, fields: dict, length: int, n: int | None):
 
             n = n or 16
             config = SelectiveScanPallasConfig(**fields).resolve(n)
-            args, _ = jax.eval_shape(lambda: bench_scan.ss_inputs(length, n=n))
+            args, _ = jax.eval_shape(lambda: ss_inputs(length, n=n))
             run = selective_scan_pallas
         else:
             from longmamba_kernels.ssd.pallas_triton import SSDPallasConfig, ssd_pallas
 
             config = SSDPallasConfig(**fields)
-            args, _ = jax.eval_shape(lambda: bench_scan.ssd_inputs(length, n=n or 128))
+            args, _ = jax.eval_shape(lambda: ssd_inputs(length, n=n or 128))
             run = ssd_pallas
         fn = lambda *a: run(*a, config=config)
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
