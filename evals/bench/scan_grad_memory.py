@@ -8,7 +8,7 @@ associative scan (which rematerialises each chunk under autodiff) at several chu
 prints `compiled.memory_analysis().temp_size_in_bytes`. Nothing runs, so any backend works
 (the figures in kernels/selective_scan/associative.py are from the CPU backend).
 
-`--train-step`: the same for the whole Mamba-1 training step of `evals/train.py` (d_state 16,
+`--train-step`: the same for the whole Mamba-1 training step of `evals/short_train/` (d_state 16,
 the seeds vmapped, bucket 512, 32K tokens per step), through each scan backend: whether the
 step fits on a GPU before GPU time is spent on it.
 """
@@ -40,15 +40,16 @@ def temp_gb(fn, b: int, l: int, e: int, n: int) -> float:
 
 
 def train_step_temp_gb(backend: str, seeds: int, micro_batches: int, bucket: int = 512) -> float:
-    """Temporaries of the vmapped Mamba-1 training step (`longmamba_evals.train.make_steps`)."""
-    from longmamba_evals import train as T
+    """Temporaries of the vmapped Mamba-1 training step (`short_train.train_model.make_steps`)."""
+    from longmamba_evals.short_train.train_config import TrainConfig, build_model_config
+    from longmamba_evals.short_train.train_model import make_steps, mamba_init, stack_trees
 
-    tc = T.TrainConfig(arch="mamba1", d_state=16, scan_backend=backend,
-                       micro_batches=micro_batches)
-    config = T.build_model_config(tc)
-    step, _, optimizer = T.make_steps(tc, config)
+    tc = TrainConfig(arch="mamba1", d_state=16, scan_backend=backend,
+                     micro_batches=micro_batches)
+    config = build_model_config(tc)
+    step, _, optimizer = make_steps(tc, config)
     weights = jax.eval_shape(
-        lambda: T._stack([T.mamba_init(config, s).weights for s in range(seeds)]))
+        lambda: stack_trees([mamba_init(config, s).weights for s in range(seeds)]))
     opt_state = jax.eval_shape(lambda w: jax.vmap(optimizer.init)(w), weights)
     shape = (seeds, tc.tokens_per_step // bucket, bucket)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32 if k == "tokens" else jnp.float32)

@@ -1,13 +1,13 @@
-"""Mean ± spread over seeds of the issue-9 runs: passkey, perplexity, LongMamba diagnostics.
+"""Mean ± spread over seeds of short-training runs: passkey, perplexity, LongMamba diagnostics.
 
-Reads run directories written by `longmamba_evals.train` + `longmamba_evals.train_eval`
+Reads run directories written by `train.py` + `evaluate.py`
 (RUN/train_config.json, RUN/eval/passkey_*.json, RUN/eval/perplexity_*.json,
 RUN/needle_deltas.json[.gz], RUN/levers/*/passkey_longmamba.json), groups them by architecture, and
 writes OUT/summary.md, OUT/summary.json and OUT/passkey_seeds.png (accuracy vs length, the mean
 over seeds with the min–max band, one panel per architecture; perplexity below).
 
-    python -m longmamba_evals.aggregate_seeds evals/results/train_mamba2_seed* \\
-        evals/results/train_mamba1_seed* --out evals/results/train_summary
+    python -m longmamba_evals.short_train.aggregate evals/results/short_train/mamba2_seed* \\
+        evals/results/short_train/mamba1_seed* --out evals/results/short_train/summary
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ def plot(summary: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m longmamba_evals.aggregate_seeds",
+    p = argparse.ArgumentParser(prog="python -m longmamba_evals.short_train.aggregate",
                                 description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run directories (one per seed and architecture)")
     p.add_argument("--out", required=True, help="output directory")

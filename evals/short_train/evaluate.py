@@ -1,4 +1,4 @@
-"""Evaluates runs of `longmamba_evals.train` (issue 9), saving every result as soon as it is done.
+"""Evaluates short-training runs (`train.py`), saving every result as soon as it is done.
 
 For each run directory RUN (holding `model/`, `calibration.npz`, `train_config.json`), in this
 order of priority:
@@ -15,7 +15,7 @@ order of priority:
 
 No job starts after `--deadline` (a Unix time), so a run that is cut short keeps what finished.
 
-    python -m longmamba_evals.train_eval RUN [RUN ...] --samples 20 [--levers cthr0.5:c=0.5]
+    python -m longmamba_evals.short_train.evaluate RUN [RUN ...] --samples 20 [--levers c0.5:c=0.5]
 """
 
 from __future__ import annotations
@@ -27,17 +27,22 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 import longmamba_jax as lmj
+from longmamba_evals.short_train.train_config import TrainConfig
+from longmamba_evals.short_train.train_data import TaskSampler, split_text
 from longmamba_evals.tasks.methods import MethodSpec
 from longmamba_evals.tasks.outputs import save_run
-from longmamba_evals.tasks.passkey import run_passkey
+from longmamba_evals.tasks.passkey import INSTRUCTION, NEEDLE, make_prompt, run_passkey
 from longmamba_evals.tasks.perplexity import run_perplexity
 from longmamba_evals.tasks.runner import LMRunner
+from longmamba_evals.tasks.text import Filler, load_text
+from longmamba_jax.model import Params, apply_model
 from longmamba_jax.tokenizer import ByteTokenizer
 
-__all__ = ["Lever", "parse_lever", "evaluate_run", "main"]
+__all__ = ["Lever", "evaluate_run", "main", "needle_report", "parse_lever"]
 
 MULTIPLES = (1, 2, 4, 8, 16, 32)
 LEVER_KEYS = {"c": "channel_threshold", "b": "scale", "rho": "clamp_top"}
@@ -79,14 +84,58 @@ class _Clock:
         return True
 
 
+def needle_report(params: Params, cal, *, lengths, text: str | None = None, n_prompts: int = 5,
+                  channel_threshold: float = 0.05, backend: str = "associative") -> list[dict]:
+    """Why LongMamba keeps or drops the key: per global channel and prompt length, Δ at the key's
+    digits (both occurrences) vs the filler's median Δ, the threshold θ_S, and the fraction of key
+    digits / filler tokens that the filter keeps (Δ > θ_S). Prompts in the evaluation's format on
+    `text` (default: the evaluation's filler), depths spread over [0, 1]."""
+    tok = ByteTokenizer()
+    filler = Filler.from_text(tok, load_text(text))
+    glob = cal.global_channels(channel_threshold)
+    rows = []
+    for length in lengths:
+        rng = np.random.default_rng(length)
+        prompts = [make_prompt(tok, filler, length, float(d), str(int(rng.integers(10_000,
+                   100_000))), int(rng.integers(0, filler.n_units)))
+                   for d in np.linspace(0, 1, n_prompts)]
+        tokens = jnp.asarray(np.stack([p.tokens for p in prompts]), jnp.int32)
+        dt = np.asarray(apply_model(params, tokens, capture_dt=True, last_n=1,
+                                    backend=lmj.resolve_backend(backend)).dt)  # [L, b, l, C]
+        theta = cal.thresholds(length) if length > cal.train_len else None
+        key_pos, filler_mask = [], np.zeros((len(prompts), length), bool)
+        for i, p in enumerate(prompts):
+            needle = NEEDLE.format(key=p.key)
+            first = needle.find(p.key)
+            second = needle.find(p.key, first + len(p.key))
+            key_pos.append([p.needle_pos + o + j for o in (first, second) for j in range(5)])
+            n_instr = len(tok.encode(INSTRUCTION))
+            filler_mask[i, n_instr:length - p.question_len] = True
+            filler_mask[i, p.needle_pos:p.needle_pos + p.needle_len] = False
+        key_pos = np.asarray(key_pos)  # [b, 10]
+        for layer, g in enumerate(glob):
+            for c in np.flatnonzero(g):
+                d = dt[layer, :, :, c]  # [b, l]
+                key = np.take_along_axis(d, key_pos, axis=1)
+                fill = d[filler_mask]
+                row = {"length": length, "layer": layer, "channel": int(c),
+                       "decay_fraction": round(float(cal.decay_fraction[layer][c]), 4),
+                       "key_dt_mean": float(key.mean()), "filler_dt_median": float(np.median(fill)),
+                       "key_over_filler": float(key.mean() / max(np.median(fill), 1e-12))}
+                if theta is not None:
+                    t = float(theta[layer][c])
+                    row.update(theta=t, key_kept=float((key > t).mean()),
+                               filler_kept=float((fill > t).mean()))
+                rows.append(row)
+    return rows
+
+
 def evaluate_run(run: str | Path, *, samples: int = 20, lengths=None, batch_size: int = 50,
                  backend: str = "associative", methods=("vanilla", "longmamba", "decimamba"),
                  diagnose_prompts: int = 10, perplexity: bool = True, ppl_windows: int = 10,
                  ppl_text: str | None = None, levers=(), lever_multiples=(8, 16, 32),
                  lever_samples: int = 10, deadline: float | None = None, quiet: bool = True):
     """Runs the jobs above on one run directory (see the module docstring)."""
-    from longmamba_evals.train import TaskSampler, TrainConfig, needle_report, split_text
-
     run = Path(run)
     t0 = time.time()
 
@@ -157,9 +206,9 @@ def evaluate_run(run: str | Path, *, samples: int = 20, lengths=None, batch_size
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m longmamba_evals.train_eval",
+    p = argparse.ArgumentParser(prog="python -m longmamba_evals.short_train.evaluate",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", help="run directories of longmamba_evals.train")
+    p.add_argument("runs", nargs="+", help="run directories of longmamba_evals.short_train.train")
     p.add_argument("--samples", type=int, default=20, help="keys per (length, depth)")
     p.add_argument("--multiples", default=",".join(map(str, MULTIPLES)),
                    help="passkey / perplexity lengths as multiples of L_train")
