@@ -1,24 +1,23 @@
 #!/usr/bin/env bash
-# Issue 9 in one device call: train several seeds of one architecture together (one process,
-# `vmap` over seeds), export each (mamba_ssm native torch layout, bf16), calibrate LongMamba on
+# On a GPU machine: train several seeds of one architecture together (one process, `vmap` over
+# seeds), export each (mamba_ssm native torch layout, bf16), calibrate LongMamba on
 # training-format text, then evaluate every seed, one process per seed in parallel
-# (`longmamba_evals.train_eval`: passkey at 1x..32x L_train for vanilla / LongMamba / DeciMamba,
-# the LongMamba diagnostics, perplexity vs context on held-out text, optional LongMamba levers).
-# What is worth keeping lands in $OUT, re-packed every 20 s, so a call cut short keeps what
-# finished:
+# (`longmamba_evals.short_train.evaluate`: passkey at 1x..32x L_train for vanilla / LongMamba /
+# DeciMamba, the LongMamba diagnostics, perplexity vs context on held-out text, optional LongMamba
+# levers). What is worth keeping lands in $OUT, re-packed every 20 s, so a run cut short keeps
+# what finished:
 #
-#   $OUT/log.txt                       the whole call's log
+#   $OUT/log.txt                       the whole run's log
 #   $OUT/results.tar.gz                per seed (seed{S}/): eval/, levers/, needle_deltas.json,
 #                                      train_log.jsonl, train_config.json, calibration.npz,
 #                                      model/config.json, eval logs
 #   $OUT/model_seed{S}.safetensors     each seed's exported weights (bf16)
 #
-# On the device machine (package not installed), from the repo root:
-#   OUT=... ARCH=mamba2 SEEDS=0,1,2 bash evals/train_and_eval_gpu.sh
+#   OUT=out ARCH=mamba2 SEEDS=0,1,2 bash evals/device/train_and_eval.sh
 # Knobs (environment): ARCH, SEEDS, TRAIN_ARGS, TRAIN_LEN, CALL_LIMIT, SAMPLES, MULTIPLES, BATCH,
 # BACKEND, LEVERS, EXTRA_EVAL, DATA_WORKERS, TRAIN_MEM_FRACTION, PY, RUN, EVAL, RUNS_FROM,
 # EVAL_JOBS.
-# Training and evaluation may take one call each (training alone can fill one):
+# Training and evaluation may be two runs (training alone can fill a time limit):
 #   EVAL=0 ...                    train, export, calibrate; no evaluation
 #   RUNS_FROM=dir ...             no training: evaluate dir/seed{S} for S in SEEDS, each holding
 #                                 model/ (config.json, model.safetensors), calibration.npz and
@@ -26,7 +25,7 @@
 set -uo pipefail
 OUT=${OUT:?set OUT to the output directory}
 ARCH=${ARCH:-mamba2}
-RUN=${RUN:-/tmp/lm_runs_$ARCH}  # a warm machine may still hold an earlier call's runs
+RUN=${RUN:-/tmp/lm_runs_$ARCH}  # a machine may still hold an earlier run's directories
 PY=${PY:-python3}
 SEEDS=${SEEDS:-0,1,2}
 TRAIN_LEN=${TRAIN_LEN:-512}
@@ -37,7 +36,7 @@ SAMPLES=${SAMPLES:-20}         # keys per (length, depth): x 5 depths = 100 prom
 MULTIPLES=${MULTIPLES:-1,2,4,8,16,32}  # passkey / perplexity lengths, x L_train
 BATCH=${BATCH:-50}
 BACKEND=${BACKEND:-associative}
-LEVERS=${LEVERS:-}            # e.g. "c0.5:c=0.5;b0.5:b=0.5;rho0.2:rho=0.2" (train_eval --levers)
+LEVERS=${LEVERS:-}            # e.g. "c0.5:c=0.5;b0.5:b=0.5;rho0.2:rho=0.2" (evaluate --levers)
 EXTRA_EVAL=${EXTRA_EVAL:-}    # other model dirs (model/ + calibration.npz) to evaluate beside,
                               # passkey only (e.g. longmamba_jax/data/demo)
 DATA_WORKERS=${DATA_WORKERS:-6}
@@ -47,7 +46,7 @@ EVAL_JOBS=${EVAL_JOBS:-3}      # evaluation processes at once (each needs ~15 GB
 
 T0=$(date +%s)
 mkdir -p "$OUT" "$RUN"
-source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 LOG="$OUT/log.txt"
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
@@ -74,7 +73,7 @@ else
     # The vmapped step of several seeds needs more than JAX's default 75% of the GPU.
     # shellcheck disable=SC2086
     XLA_PYTHON_CLIENT_MEM_FRACTION=${TRAIN_MEM_FRACTION:-0.92} \
-        $PY -m longmamba_evals.train --arch "$ARCH" --seeds "$SEEDS" $TRAIN_ARGS \
+        $PY -m longmamba_evals.short_train.train --arch "$ARCH" --seeds "$SEEDS" $TRAIN_ARGS \
         --train-len "$TRAIN_LEN" --data-workers "$DATA_WORKERS" --out "$RUN/seed{seed}" 2>&1 \
         | tee -a "$LOG"
     TRAIN_RC=${PIPESTATUS[0]}
@@ -102,7 +101,7 @@ PIDS=()
 for d in "${RUNS[@]}"; do
     while [ "$(jobs -rp | wc -l)" -gt "$EVAL_JOBS" ]; do sleep 2; done  # the packer is one job
     XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$HARD" \
-        $PY -m longmamba_evals.train_eval "$d" --samples "$SAMPLES" --multiples "$MULTIPLES" \
+        $PY -m longmamba_evals.short_train.evaluate "$d" --samples "$SAMPLES" --multiples "$MULTIPLES" \
         --batch-size "$BATCH" --backend "$BACKEND" --levers "$LEVERS" --deadline "$DEADLINE" \
         > "$d/eval.log" 2>&1 &
     PIDS+=($!)
@@ -112,7 +111,7 @@ for e in $EXTRA_EVAL; do
     cp -r "$e" "$d"
     RUNS+=("$d")
     XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$HARD" \
-        $PY -m longmamba_evals.train_eval "$d" --samples "$SAMPLES" --multiples "$MULTIPLES" \
+        $PY -m longmamba_evals.short_train.evaluate "$d" --samples "$SAMPLES" --multiples "$MULTIPLES" \
         --batch-size "$BATCH" --backend "$BACKEND" --no-perplexity --diagnose-prompts 0 --deadline "$DEADLINE" \
         > "$d/eval.log" 2>&1 &
     PIDS+=($!)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Builds the official stack's CUDA extensions on the GPU machine, forward passes only, so that
+# Builds the official stack's CUDA extensions on a GPU machine, forward passes only, so that
 # the benchmarks can time mamba_ssm as its users run it, in the same run as ours:
 #
-#   bash evals/build_official_extensions.sh      # -> .official/build/ (then on sys.path)
+#   bash evals/device/build_official.sh      # -> .official/build/ (then on sys.path)
 #
 # - `selective_scan_cuda` (mamba_ssm 2.3.2, csrc/selective_scan): the forward pass for fp32 and
 #   bf16 inputs with real A (Mamba-1's scan; mamba_inner_fn and selective_scan_fn call it).
@@ -14,12 +14,12 @@
 # setup.py, for sm_$ARCH only. About 40 s on 16 cores.
 #
 # Needs the sources unpacked in $MAMBA_SSM_SRC (default .official; git-ignored, see
-# evals/official_mamba.py for how to fetch them): <src>/csrc/selective_scan and
-# <src>/causal_conv1d-1.7.0. Also nvcc, g++ and torch. `official_mamba.import_mamba_ssm` puts
+# evals/bench/official.py for how to fetch them): <src>/csrc/selective_scan and
+# <src>/causal_conv1d-1.7.0. Also nvcc, g++ and torch. `official.import_mamba_ssm` puts
 # <src>/build on sys.path. Nothing of either package is copied into this repository.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source evals/device_env.sh
+cd "$(dirname "$0")/../.."
+source evals/device/env.sh
 
 SRC="${MAMBA_SSM_SRC:-.official}"
 SS="$SRC/csrc/selective_scan"
@@ -31,7 +31,7 @@ CXX="${CXX:-g++}"
 for f in "$SS/selective_scan.cpp" "$SS/selective_scan_fwd_kernel.cuh" "$CC/csrc/causal_conv1d.cpp" \
          "$CC/csrc/causal_conv1d_fwd.cu" "$CC/causal_conv1d/__init__.py"; do
   [ -f "$f" ] || { echo "missing $f: unpack the mamba_ssm and causal_conv1d sdists into $SRC" \
-    "(see evals/official_mamba.py)" >&2; exit 2; }
+    "(see evals/bench/official.py)" >&2; exit 2; }
 done
 [ -x "$NVCC" ] || { echo "no nvcc at $NVCC (set NVCC)" >&2; exit 2; }
 CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}"
@@ -66,7 +66,7 @@ NVFLAGS=(-O3 -std=c++17 -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSION
   "-gencode=arch=compute_$ARCH,code=sm_$ARCH" -Xcompiler -fPIC)
 
 stub() {  # fn params input_t weight_t: an explicit specialization that raises
-  echo "template<> void $1<$3, $4>($2 &, cudaStream_t) { throw std::runtime_error(\"$1<$3, $4> is not built: evals/build_official_extensions.sh builds forward passes only\"); }"
+  echo "template<> void $1<$3, $4>($2 &, cudaStream_t) { throw std::runtime_error(\"$1<$3, $4> is not built: evals/device/build_official.sh builds forward passes only\"); }"
 }
 
 # --- selective_scan_cuda: one translation unit per instantiation built, the rest stubs

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# On the device machine: where the scan kernels' time goes (SSD by default; OP=selective_scan
-# for the Mamba-1 scan, below). Writes
-# $OUT/ncu.txt: Nsight Compute, full set, one launch of the kernel at L (default 16384), and
-# prints its occupancy, issue and throughput lines. (XLA's --xla_dump_to did not hold the
-# Triton kernel's PTX in session 3; the selective-scan branch gets the SASS from ncu instead.)
-#   DURATIONS="segments=2,precompute_cb=False;" bash evals/profile_ssd.sh   # kernel times
-#   OP=selective_scan CONFIGS=";prefetch=False,fast_math=False" bash evals/profile_ssd.sh
+# On a GPU machine with Nsight Compute: where the scan kernels' time goes (SSD by default;
+# OP=selective_scan for the Mamba-1 scan, below). Writes $OUT/ncu.txt: the full ncu set for one
+# launch of the kernel at L (default 16384), and prints its occupancy, issue and throughput
+# lines. (XLA's --xla_dump_to does not hold the Triton kernel's PTX; the selective-scan branch
+# gets the SASS from ncu instead.)
+#   DURATIONS="segments=2,precompute_cb=False;" bash evals/device/profile_ssd.sh   # kernel times
+#   OP=selective_scan CONFIGS=";prefetch=False,fast_math=False" bash evals/device/profile_ssd.sh
 #     # selective scan: per config (fields ; separated, empty = default) the ncu details page
 #     # and the SASS with per-instruction counts and stall samples (CSV)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 L="${L:-16384}"
-source evals/device_env.sh
+source evals/device/env.sh
 
 # Busy fraction of the pipes a scan can be bound by: XU (MUFU: ex2), FMA, the load/store unit.
 PIPE_METRICS=sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,\
@@ -28,7 +28,7 @@ if [ "${OP:-ssd}" = selective_scan ] && command -v ncu >/dev/null; then
     ncu --clock-control none --kernel-name regex:selective_scan --launch-skip 2 \
       --launch-count 2 --set full --import-source no -f -o "$OUT/ss_$tag" \
       --metrics "$PIPE_METRICS" \
-      $PY evals/profile_ssd.py --op selective_scan --length "$L" --reps 2 --config "$c" \
+      $PY evals/bench/profile_ssd.py --op selective_scan --length "$L" --reps 2 --config "$c" \
       > "$OUT/ss_${tag}_run.txt" 2>&1
     echo "== $c (ncu exit code $?)"
     ncu -i "$OUT/ss_$tag.ncu-rep" --page details > "$OUT/ss_${tag}_details.txt" 2>&1
@@ -45,7 +45,7 @@ elif [ -n "${DURATIONS:-}" ] && command -v ncu >/dev/null; then
   for c in "${cfgs[@]}"; do
     f="$OUT/ncu_durations_L${L}_$(echo "$c" | tr ',=' '__').csv"
     ncu --clock-control none --csv --metrics gpu__time_duration.sum \
-      $PY evals/profile_ssd.py --length "$L" --reps 1 --config "$c" > "$f" 2>&1
+      $PY evals/bench/profile_ssd.py --length "$L" --reps 1 --config "$c" > "$f" 2>&1
     echo "== $c (ncu exit code $?): kernel, grid, microseconds (last call)"
     $PY - "$f" <<'PYEOF'
 import csv, sys
@@ -63,7 +63,7 @@ PYEOF
 elif command -v ncu >/dev/null; then
   ncu --clock-control none --kernel-name regex:ssd_chunk_scan --launch-skip 1 --launch-count 1 \
     --set full \
-    $PY evals/profile_ssd.py --length "$L" --reps 2 > "$OUT/ncu.txt" 2>&1
+    $PY evals/bench/profile_ssd.py --length "$L" --reps 2 > "$OUT/ncu.txt" 2>&1
   echo "ncu exit code: $?"
   grep -E "Duration|Warp Cycles Per Issued|Issue Slots Busy|Stall|Achieved Occupancy|Registers Per|Shared Memory Config|Block Limit|Memory Throughput|DRAM Throughput|Compute \(SM\)" \
     "$OUT/ncu.txt" | head -n 60
