@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -510,17 +509,20 @@ def test_bench_scan_parse_fields():
         SelectiveScanPallasConfig(**parse_fields("segments=-1"))
 
 
-def test_bench_scan_time_paired_rotates_and_ratios():
+def test_bench_scan_time_paired_rotates_and_ratios(monkeypatch):
     """Interleaved timing: every call runs once per round, the order rotates (so no call always
-    goes first), and the per-round ratio of a 3 ms call to a 1 ms one reads about 3."""
+    goes first), and the per-round ratio of a 3 ms call to a 1 ms one reads about 3. The clock
+    is a fake one that each call advances, so the ratio does not depend on the machine's load."""
+    from longmamba_evals.bench import timing
     from longmamba_evals.bench.timing import paired_ratio, time_paired
 
-    order = []
+    order, clock = [], [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
 
     def sleeper(name, ms):
         def fn():
             order.append(name)
-            time.sleep(ms / 1e3)
+            clock[0] += ms / 1e3
             return name
         return fn
 
@@ -573,3 +575,26 @@ def test_profile_prefill_fusion_lines():
     text = out["loop_add_fusion"]
     assert text.startswith("ROOT %loop_add_fusion = f32[4]{0} fusion(%a, %a)")
     assert "add(%p0, %p1)" in text and "metadata" not in text
+
+
+def test_method_names_with_selection_rules():
+    """`--method longmamba-RULE` (or longmamba:RULE) builds LongMamba with that rule."""
+    from longmamba_evals.tasks.cli import build_parser
+    from longmamba_evals.tasks.methods import MethodSpec, check_method
+
+    assert check_method("longmamba:bound") == "longmamba-bound"
+    assert check_method("vanilla") == "vanilla"
+    for bad in ("longmamba-topk", "vanilla-bound", "decimamba-alpha", "other"):
+        with pytest.raises(ValueError, match="unknown method"):
+            check_method(bad)
+    args = build_parser().parse_args(
+        ["passkey", "--model", "tiny-random:mamba2", "--tokenizer", "bytes", "--method",
+         "vanilla,longmamba:alpha", "--calibration", "c.npz", "--rule-k", "5", "--out", "o"])
+    assert args.method == ["vanilla", "longmamba-alpha"]
+    params = lm.init_params(lm.Mamba2Config.tiny(n_layer=2), seed=0)
+    stream = np.random.default_rng(0).integers(0, params.config.vocab_size, 200)
+    cal = lm.calibrate(params, stream, train_len=8, num_windows=2, backend="associative",
+                        progress=False)
+    method = MethodSpec("longmamba-alpha", calibration=cal, rule_k=5).build()
+    assert method.rule == "alpha" and method.selection.k == 5
+    assert MethodSpec("longmamba", calibration=cal).build().rule == "threshold"

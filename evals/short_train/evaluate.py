@@ -33,7 +33,7 @@ import numpy as np
 import longmamba_jax as lmj
 from longmamba_evals.short_train.train_config import TrainConfig
 from longmamba_evals.short_train.train_data import TaskSampler, split_text
-from longmamba_evals.tasks.methods import MethodSpec
+from longmamba_evals.tasks.methods import MethodSpec, base_name
 from longmamba_evals.tasks.outputs import save_run
 from longmamba_evals.tasks.passkey import INSTRUCTION, NEEDLE, make_prompt, run_passkey
 from longmamba_evals.tasks.perplexity import run_perplexity
@@ -152,7 +152,7 @@ def evaluate_run(run: str | Path, *, samples: int = 20, lengths=None, batch_size
     ev = run / "eval"
 
     def spec(name, cal_=cal, c=0.05, b=1.0):
-        return MethodSpec(name, calibration=cal_ if name == "longmamba" else None,
+        return MethodSpec(name, calibration=cal_ if base_name(name) == "longmamba" else None,
                           channel_threshold=c, scale=b, L_base=L)
 
     for m in methods:

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from longmamba_evals.tasks.lengths import parse_lengths
-from longmamba_evals.tasks.methods import METHODS, MethodSpec
+from longmamba_evals.tasks.methods import MethodSpec, base_name, check_method
 
 TASK_NAMES = ("passkey", "ruler", "perplexity", "longbench", "latency")
 
@@ -47,11 +47,10 @@ def _lengths(spec: str) -> list[int]:
 
 
 def _methods(spec: str) -> list[str]:
-    names = [m.strip() for m in spec.split(",") if m.strip()]
-    for m in names:
-        if m not in METHODS:
-            raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from "
-                                             f"{', '.join(METHODS)}")
+    try:
+        names = [check_method(m.strip()) for m in spec.split(",") if m.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if not names:
         raise argparse.ArgumentTypeError("no method given")
     return names
@@ -63,7 +62,11 @@ def _common(p: argparse.ArgumentParser, default_lengths: str | None) -> None:
                    help="checkpoint dir or hub id (longmamba_jax.load), or tiny-random:mamba1|2")
     g.add_argument("--tokenizer", required=True, help="'bytes' or a local HF tokenizer dir")
     g.add_argument("--method", type=_methods, default=["vanilla"],
-                   help="vanilla|longmamba|decimamba, or a comma list (default: vanilla)")
+                   help="vanilla|longmamba|longmamba-RULE|decimamba, or a comma list "
+                   "(default: vanilla); RULE: a LongMamba token-selection rule (threshold, "
+                   "channelwise_topk, all_topk, alpha, offline, bound, norm)")
+    g.add_argument("--rule-k", type=int, default=None,
+                   help="tokens kept by the top-k rules (default: the calibration's train_len)")
     g.add_argument("--calibration", help="LongMamba calibration file (needed for longmamba)")
     g.add_argument("--channel-threshold", type=float, default=0.05, help="LongMamba c_thr")
     g.add_argument("--scale", type=float, default=1.0, help="LongMamba b (Δ > b·θ_S is kept)")
@@ -140,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _spec(args, name: str) -> MethodSpec:
     return MethodSpec(
-        name, calibration=args.calibration if name == "longmamba" else None,
+        name, calibration=args.calibration if base_name(name) == "longmamba" else None,
+        rule_k=args.rule_k,
         channel_threshold=args.channel_threshold, scale=args.scale, min_len=args.min_len,
         decimamba_layers=tuple(args.decimamba_layers) if args.decimamba_layers else None,
         L_base=args.decimamba_L_base, beta=args.decimamba_beta,

@@ -12,6 +12,24 @@ __all__ = ["METHODS", "MethodSpec"]
 METHODS = ("vanilla", "longmamba", "decimamba")
 
 
+def base_name(name: str) -> str:
+    """"longmamba-bound" -> "longmamba": LongMamba with a token-selection rule is named
+    longmamba-RULE (`longmamba_jax.selection.RULES`)."""
+    return name.split("-", 1)[0]
+
+
+def check_method(name: str) -> str:
+    """The method name normalised (longmamba:RULE -> longmamba-RULE); ValueError if unknown."""
+    from longmamba_jax.selection import RULES
+
+    name = name.replace(":", "-")
+    base, _, rule = name.partition("-")
+    if base not in METHODS or (rule and (base != "longmamba" or rule not in RULES)):
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, or "
+                         f"longmamba-RULE with RULE one of {', '.join(RULES)}")
+    return name
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """A method by name plus its settings; `build()` makes the `longmamba_jax` method object.
@@ -20,7 +38,8 @@ class MethodSpec:
     task-specific, so tasks pass it to `build`.
 
     Attributes:
-        name: "vanilla", "longmamba" or "decimamba".
+        name: "vanilla", "longmamba", "longmamba-RULE" (a token-selection rule) or
+            "decimamba".
         calibration: LongMamba calibration file (.npz) or a loaded `Calibration`.
         channel_threshold: LongMamba c_thr (global channels have tA_prod > c_thr).
         scale: LongMamba b (Δ kept when Δ > b·θ_S).
@@ -40,12 +59,20 @@ class MethodSpec:
     L_base: int = 2000
     beta: float = 0.5
     min_seq_len: int = 20
+    rule_k: int | None = None
 
     def __post_init__(self):
-        if self.name not in METHODS:
-            raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
-        if self.name == "longmamba" and self.calibration is None:
-            raise ValueError("method 'longmamba' needs a calibration file (--calibration FILE)")
+        object.__setattr__(self, "name", check_method(self.name))
+        if self.base == "longmamba" and self.calibration is None:
+            raise ValueError(f"method {self.name!r} needs a calibration (--calibration FILE)")
+
+    @property
+    def base(self) -> str:
+        return base_name(self.name)
+
+    @property
+    def rule(self) -> str:
+        return self.name.partition("-")[2] or "threshold"
 
     def build(self, n_layer: int | None = None, keep_last: int = 1):
         """Returns the method object for `longmamba_jax.forward/generate` (None for vanilla).
@@ -58,12 +85,12 @@ class MethodSpec:
             return None
         import longmamba_jax as lm
 
-        if self.name == "longmamba":
+        if self.base == "longmamba":
             cal = self.calibration
             if isinstance(cal, (str, os.PathLike)):
                 cal = _load_calibration(os.fspath(cal))
             return lm.LongMamba(cal, channel_threshold=self.channel_threshold, scale=self.scale,
-                                min_len=self.min_len)
+                                min_len=self.min_len, rule=self.rule, k=self.rule_k)
         layers = self.decimamba_layers
         if layers is None:
             if n_layer is None:
@@ -74,11 +101,12 @@ class MethodSpec:
 
     def settings(self) -> dict:
         """The settings that matter for this method, JSON-ready."""
-        if self.name == "longmamba":
+        if self.base == "longmamba":
             cal = self.calibration
             return {"calibration": os.fspath(cal) if isinstance(cal, (str, os.PathLike))
                     else type(cal).__name__, "channel_threshold": self.channel_threshold,
-                    "scale": self.scale, "min_len": self.min_len}
+                    "scale": self.scale, "min_len": self.min_len, "rule": self.rule,
+                    "k": self.rule_k}
         if self.name == "decimamba":
             return {"layers": None if self.decimamba_layers is None
                     else list(self.decimamba_layers), "L_base": self.L_base, "beta": self.beta,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from longmamba_evals.tasks.lengths import short_length
-from longmamba_evals.tasks.methods import METHODS
+from longmamba_evals.tasks.methods import METHODS, base_name
 
 __all__ = ["load_runs", "markdown_table", "plot_runs", "save_run", "summary_markdown"]
 
@@ -98,7 +98,7 @@ def load_runs(out_dir: str, task: str) -> list[dict]:
         if run.get("task") == task and "curves" in run:
             runs.append(run)
     rank = {m: i for i, m in enumerate(METHODS)}
-    runs.sort(key=lambda r: (rank.get(r["method"], len(rank)), r["method"]))
+    runs.sort(key=lambda r: (rank.get(base_name(r["method"]), len(rank)), r["method"]))
     return runs
 
 
@@ -141,11 +141,17 @@ def plot_runs(task: str, runs: Sequence[dict], path: str) -> None:
     ncols = min(3, max(1, len(names)))
     nrows = max(1, math.ceil(len(names) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
+    markers, styles = "osD^vPX*", ("-", "--", "-.", ":")
     for ax, name in zip(axes.ravel(), names, strict=False):
-        for r in runs:
+        for i, r in enumerate(runs):
             c = r["curves"].get(name)
             if c and c["x"]:
-                ax.plot(c["x"], c["y"], marker="o", label=r["method"])
+                # each method its own marker and line style, and a small shift along the (log)
+                # x axis, so that a method whose curve equals another's stays visible
+                shift = 1.0 + 0.025 * (i - (len(runs) - 1) / 2)
+                ax.plot([x * shift for x in c["x"]], c["y"], marker=markers[i % len(markers)],
+                        linestyle=styles[i % len(styles)], markersize=5, alpha=0.85,
+                        label=r["method"])
         xs = sorted({x for r in runs for x in r["curves"].get(name, {}).get("x", [])})
         ax.set_xscale("log")
         ax.set_xticks(xs, [short_length(x) for x in xs])
