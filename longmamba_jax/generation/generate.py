@@ -334,8 +334,11 @@ def _setup(params: Params, prompts, *, max_new_tokens: int, temperature: float =
     seen = None
     if penalty is not None:
         seen = jnp.asarray(prompt_seen(batch.tokens, batch.mask, cfg.padded_vocab_size))
-    inputs = LoopInputs(prng, filters, jnp.asarray(eos_ids, i32).reshape(-1),
-                        jnp.asarray(pad_id, i32), sampler, penalty)
+    # EOS ids padded with −1 (never a token) to a multiple of 4: 0 to 4 EOS ids, one program.
+    eos_arr = np.full(-(-max(len(eos_ids), 1) // 4) * 4, -1, np.int32)
+    eos_arr[: len(eos_ids)] = eos_ids
+    inputs = LoopInputs(prng, filters, jnp.asarray(eos_arr), jnp.asarray(pad_id, i32), sampler,
+                        penalty)
     return _Setup(params, batch, cache, logits0, inputs, seen, n_new,
                   _buffer_width(n_new, return_logits), resolve_backend(backend), decode_impl,
                   bool(return_logits), bool(return_logprobs))
@@ -502,21 +505,22 @@ def _penalty(value):
 
 
 def _prng_key(seed, key):
+    """A typed PRNG key (seed s, PRNGKey(s) and key(s) give the same key and one program)."""
     if seed is not None and key is not None:
-        raise ValueError("pass seed= or key=, not both (seed s is key=jax.random.PRNGKey(s))")
+        raise ValueError("pass seed= or key=, not both (seed s is key=jax.random.key(s))")
     if key is None:
         if seed is None:
             seed = 0
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        return jax.random.PRNGKey(int(seed))
-    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype,
-                                                                 jax.dtypes.prng_key)
-    if typed and key.shape == ():
-        return key
-    raw = np.asarray(key) if not typed else None
-    if raw is not None and raw.shape == (2,) and raw.dtype == np.uint32:
-        return jnp.asarray(raw)
+        return jax.random.key(int(seed))
+    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape == ():
+            return key
+    else:
+        raw = np.asarray(key)
+        if raw.dtype == np.uint32 and raw.shape == jax.random.PRNGKey(0).shape:
+            return jax.random.wrap_key_data(jnp.asarray(raw))
     raise ValueError(f"key must be one PRNG key (jax.random.key(s) or jax.random.PRNGKey(s)), "
                      f"got {getattr(key, 'dtype', type(key).__name__)} "
                      f"{getattr(key, 'shape', '')}")
