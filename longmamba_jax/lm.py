@@ -247,7 +247,10 @@ class LanguageModel:
 
     def _eos(self, eos_token_id) -> list[int]:
         if eos_token_id is _DEFAULT:
-            eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            # a tokenizer's EOS the model cannot emit (the byte tokenizer's 256 on a 256-id
+            # model) never ends a row
+            return [int(eos)] if eos is not None and 0 <= eos < self.config.vocab_size else []
         if eos_token_id is None:
             return []
         return [int(eos_token_id)] if np.ndim(eos_token_id) == 0 else \

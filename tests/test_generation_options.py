@@ -297,6 +297,9 @@ def test_stop_strings(params):
         np.testing.assert_array_equal(got[1, : t1 + 1], free[1, : t1 + 1])
     rows = lmj.generate(params, [P5, P3], max_new_tokens=N, stop_strings=stop, tokenizer=tok)
     np.testing.assert_array_equal(rows[0], free[0, : t0 + 1])
+    streamed = list(lmj.stream_generate(params, P5, max_new_tokens=N, stop_strings=stop,
+                                        tokenizer=tok, sync_every=8))  # no pad ids after it
+    np.testing.assert_array_equal(streamed, free[0, : t0 + 1])
 
 
 # ----------------------------------------------------------------------------------------------

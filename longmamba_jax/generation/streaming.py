@@ -92,10 +92,12 @@ def host_loop(state, advance: Callable, *, limit: int, sync_every: int,
         tokens = np.array(state.tokens)  # one copy of [b, n] per slice
         if stops is not None:
             state, tokens = _apply_stops(state, tokens, checked, stops, pad_id)
-        for t in range(emitted, i):
+        finished = bool(np.all(np.asarray(state.done)))
+        end = min(i, int(np.max(np.asarray(state.lengths)))) if finished else i
+        for t in range(emitted, end):  # no all-pad columns after the last row's end
             yield tokens[:, t]
-        emitted = i
-        if i >= limit or bool(np.all(np.asarray(state.done))):
+        emitted = end
+        if i >= limit or finished:
             return state
         state = advance(state, min(i + sync_every, limit))
 
