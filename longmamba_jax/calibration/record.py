@@ -73,7 +73,8 @@ def record_deltas(params: Params, tokens, *, train_len: int, num_windows: int = 
 def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
               clamp_top: float = 0.10, aggregate: str = "mean", backend: str = "auto",
               batch_size: int = 4, progress: bool = True) -> Calibration:
-    """LongMamba calibration of `params` on a 1-D token stream (docs/design.md, "LongMamba calibration").
+    """LongMamba calibration of `params` on a 1-D token stream (docs/design.md, "LongMamba
+    calibration").
 
     Windows are streamed through a `CalibrationBuilder` batch by batch, so host memory is one
     batch of Δ plus the per-channel result, whatever `num_windows` (a 48-layer, 4096-channel

@@ -22,7 +22,7 @@ FORMS = ("batch", "single", "list")
 
 class PromptBatch(NamedTuple):
     """tokens int32 [b, l] (numpy, or a jax array passed by the caller); mask int32 [b, l] or
-    None (1 = real token, 0 = left padding); form: one of FORMS."""
+    None (1 = real token, 0 = padding); form: one of FORMS."""
 
     tokens: object
     mask: object
