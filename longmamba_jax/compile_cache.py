@@ -104,9 +104,9 @@ def add_cli_option(parser) -> None:
     """Adds `--no-compile-cache` to an argparse parser."""
     parser.add_argument(
         "--no-compile-cache", action="store_true",
-        help=f"do not keep compiled programs on disk (default: kept in {ENV_VAR}, "
-             f"JAX_COMPILATION_CACHE_DIR or {default_cache_dir()}, so that later runs skip "
-             "compiling)")
+        help=f"do not keep compiled programs on disk (default: kept in "
+             f"JAX_COMPILATION_CACHE_DIR, {ENV_VAR} or {default_cache_dir()}, so that later "
+             "runs skip compiling)")
 
 
 def setup_from_args(args) -> Path | None:

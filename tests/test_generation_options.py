@@ -255,6 +255,8 @@ def test_streaming_yields_the_final_tokens(params):
         assert all(c.shape == (2,) for c in cols)
         np.testing.assert_array_equal(np.stack(cols, 1), final[:, : len(cols)])
         np.testing.assert_array_equal(np.stack(cols, 1), np.stack(seen, 1))
+    cols = list(lmj.stream_generate(params, tokens, sync_every=4, decode_impl="unrolled", **kw))
+    np.testing.assert_array_equal(np.stack(cols, 1), final[:, : len(cols)])  # layers split once
     ints = list(lmj.stream_generate(params, P5, max_new_tokens=N))  # one prompt: ints
     assert all(isinstance(t, int) for t in ints)
     np.testing.assert_array_equal(ints, np.asarray(lmj.generate(params, P5, max_new_tokens=N)))

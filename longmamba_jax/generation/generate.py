@@ -464,6 +464,7 @@ def generate(params: Params, prompts, *, max_new_tokens: int, temperature: float
       padded batch) when return_logits or return_logprobs.
     """
     stops = None if stop_strings is None else StopStrings(stop_strings, tokenizer)
+    every = _sync_every(sync_every, 1 if streamer is not None else 8)
     if streamer is not None:
         put, end, wants_prompt = as_callback(streamer)
     s = _setup(params, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -474,7 +475,7 @@ def generate(params: Params, prompts, *, max_new_tokens: int, temperature: float
                pad_to_multiple_of=pad_to_multiple_of, decode_impl=decode_impl)
     if streamer is None and stops is None:
         return _finish(s, *_run_all(s))
-    steps = _run_sliced(s, stops, _sync_every(sync_every, 1 if streamer is not None else 8))
+    steps = _run_sliced(s, stops, every)
     if streamer is not None and wants_prompt:
         put(np.asarray(s.batch.tokens))
     while True:
@@ -507,8 +508,9 @@ def stream_generate(params: Params, prompts, *, max_new_tokens: int,
       run; iteration ends when every row has ended or after max_new_tokens steps.
     """
     stops = None if stop_strings is None else StopStrings(stop_strings, tokenizer)
+    every = _sync_every(sync_every, 1)
     s = _setup(params, prompts, max_new_tokens=max_new_tokens, **options)
-    steps = _run_sliced(s, stops, _sync_every(sync_every, 1))
+    steps = _run_sliced(s, stops, every)
     single = s.batch.form == "single"
     return (int(c[0]) if single else c for c in steps)
 
