@@ -49,6 +49,17 @@ class Params:
     def astype(self, dtype) -> Params:
         return Params(jax.tree.map(lambda a: a.astype(dtype), self.weights), self.config)
 
+    def __repr__(self) -> str:
+        """A summary (the weights would print megabytes): architecture, size, dtype."""
+        cfg = self.config
+        leaves = jax.tree.leaves(self.weights)
+        count = sum(int(getattr(a, "size", 0)) for a in leaves)
+        size = next((f"{count / unit:.{d}f}{name}" for unit, name, d in
+                     ((1e9, "B", 2), (1e6, "M", 1), (1e3, "K", 1)) if count >= unit), str(count))
+        dtypes = sorted({str(getattr(a, "dtype", "?")) for a in leaves})
+        return (f"Params({getattr(cfg, 'arch', type(cfg).__name__)}, {cfg.n_layer} layers, "
+                f"d_model={cfg.d_model}, {size} params, {'/'.join(dtypes) or 'no weights'})")
+
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["conv", "ssm"],
                    meta_fields=[])
