@@ -2,4 +2,4 @@
 
 from longmamba_evals.tasks.cli import main
 
-main()
+main(prog="python -m evals")

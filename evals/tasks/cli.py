@@ -16,6 +16,7 @@ builds a tiny random model with the tokenizer's vocabulary: only for checking th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -59,7 +60,8 @@ def _methods(spec: str) -> list[str]:
 def _common(p: argparse.ArgumentParser, default_lengths: str | None) -> None:
     g = p.add_argument_group("model and method")
     g.add_argument("--model", required=True,
-                   help="checkpoint dir or hub id (longmamba_jax.load), or tiny-random:mamba1|2")
+                   help="checkpoint dir or hub id (longmamba_jax.load), 'demo' (the bundled "
+                   "model), or tiny-random:mamba1|mamba2")
     g.add_argument("--tokenizer", required=True, help="'bytes' or a local HF tokenizer dir")
     g.add_argument("--method", type=_methods, default=["vanilla"],
                    help="vanilla|longmamba|longmamba-RULE|decimamba, or a comma list "
@@ -67,7 +69,12 @@ def _common(p: argparse.ArgumentParser, default_lengths: str | None) -> None:
                    "channelwise_topk, all_topk, alpha, offline, bound, norm)")
     g.add_argument("--rule-k", type=int, default=None,
                    help="tokens kept by the top-k rules (default: the calibration's train_len)")
-    g.add_argument("--calibration", help="LongMamba calibration file (needed for longmamba)")
+    g.add_argument("--calibration",
+                   help="LongMamba calibration file; without one, LongMamba is calibrated on "
+                   "the fly on the task's text (or the demo's own calibration is used)")
+    g.add_argument("--train-len", type=int, default=None,
+                   help="the model's training length, for calibrating on the fly (default: "
+                   "512 for the demo, 64 for tiny-random models)")
     g.add_argument("--channel-threshold", type=float, default=0.05, help="LongMamba c_thr")
     g.add_argument("--scale", type=float, default=1.0, help="LongMamba b (Δ > b·θ_S is kept)")
     g.add_argument("--min-len", type=int, default=None,
@@ -89,9 +96,9 @@ def _common(p: argparse.ArgumentParser, default_lengths: str | None) -> None:
                        help=f"context lengths, k = 1000 (default: {default_lengths})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `python -m evals`."""
-    parser = argparse.ArgumentParser(prog="python -m evals", description=__doc__.split("\n")[0],
+def build_parser(prog: str = "longmamba-evals") -> argparse.ArgumentParser:
+    """The argument parser of `longmamba-evals` / `python -m evals`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
 
@@ -141,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _spec(args, name: str) -> MethodSpec:
+def _spec(args, name: str, calibration=None) -> MethodSpec:
     return MethodSpec(
-        name, calibration=args.calibration if base_name(name) == "longmamba" else None,
+        name, calibration=calibration if base_name(name) == "longmamba" else None,
         rule_k=args.rule_k,
         channel_threshold=args.channel_threshold, scale=args.scale, min_len=args.min_len,
         decimamba_layers=tuple(args.decimamba_layers) if args.decimamba_layers else None,
@@ -157,9 +164,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     from longmamba_evals.tasks.runner import LMRunner, load_model
     from longmamba_jax.tokenizer import load_tokenizer
 
-    specs = [_spec(args, m) for m in args.method]  # validates before loading anything
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("the plots need matplotlib: pip install 'longmamba-jax[evals]' "
+                             "(or pass --no-plot)") from None
+    calibration = args.calibration
+    # validate the method settings before loading anything
+    [_spec(args, m, calibration or "(on the fly)") for m in args.method]
     tokenizer = load_tokenizer(args.tokenizer)
     params = load_model(args.model, tokenizer, seed=args.seed)
+    if calibration is None and any(base_name(m) == "longmamba" for m in args.method):
+        calibration = _calibration_on_the_fly(args, params, tokenizer)
+    specs = [_spec(args, m, calibration) for m in args.method]
     runner = LMRunner(params, backend=args.backend,
                       eos_token_id=getattr(tokenizer, "eos_token_id", None))
     show = not args.no_progress
@@ -211,11 +229,48 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of `python -m evals` and `longmamba-evals`."""
-    parser = build_parser()
+def _calibration_on_the_fly(args, params, tokenizer):
+    """LongMamba without --calibration: the demo's own, or one made now from the task's text
+    (with a note on stderr saying so and how to make one once)."""
+    from longmamba_jax.model_spec import parse_model_spec
+
+    if parse_model_spec(args.model).kind == "demo":
+        print("note: no --calibration given; using the demo model's bundled calibration",
+              file=sys.stderr)
+        import longmamba_jax as lm
+
+        return lm.demo_model().calibration
+    train_len = args.train_len
+    if train_len is None:
+        if parse_model_spec(args.model).kind != "tiny-random":
+            raise ValueError("LongMamba needs a calibration: pass --calibration FILE (make one "
+                             "once with longmamba-calibrate) or --train-len N to calibrate on "
+                             "the fly")
+        train_len = 64
+    import numpy as np
+
+    import longmamba_jax as lm
+    from longmamba_evals.tasks.text import DEFAULT_TEXT, load_text
+
+    text_path = getattr(args, "text", None) or DEFAULT_TEXT
+    stream = np.asarray(tokenizer.encode(load_text(text_path)), np.int64)
+    windows = int(max(1, min(100, stream.size // train_len)))
+    print(f"note: no --calibration given; calibrating LongMamba now on {windows} windows of "
+          f"{train_len} tokens of {os.path.basename(text_path)} (make one once with "
+          "longmamba-calibrate and pass --calibration)", file=sys.stderr)
+    return lm.calibrate(params, stream, train_len=train_len, num_windows=windows,
+                        backend=args.backend, progress=not args.no_progress)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "longmamba-evals") -> None:
+    """Entry point of `longmamba-evals` and `python -m evals` (`prog` names it in --help)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main(prog="python evals/tasks/cli.py")

@@ -107,24 +107,17 @@ def decode_generated(tokenizer, ids: Sequence[int], eos_token_id: int | None) ->
 
 
 def load_model(src: str, tokenizer, *, seed: int = 0):
-    """Loads params: a checkpoint dir / hub id, or `tiny-random:mamba1|mamba2` for smoke tests.
+    """Loads params from any `--model` form (`longmamba_jax.model_spec`): a checkpoint dir or
+    hub id, "demo", or "tiny-random:ARCH" (sized to the tokenizer's vocabulary).
 
     Args:
-        src: what `longmamba_jax.load` accepts, or "tiny-random:ARCH" (a tiny random model with
-            the tokenizer's vocabulary; only useful to check the eval mechanics).
+        src: the model spec.
         tokenizer: the tokenizer (its `vocab_size` sizes a tiny random model).
         seed: init seed for tiny random models.
     """
-    import longmamba_jax as lm
+    from longmamba_jax.model_spec import parse_model_spec
 
-    if src.startswith("tiny-random:"):
-        arch = src.split(":", 1)[1]
-        configs = {"mamba1": "MambaConfig", "mamba2": "Mamba2Config"}
-        if arch not in configs:
-            raise ValueError(f"bad model {src!r}: use tiny-random:mamba1 or tiny-random:mamba2")
-        config = getattr(lm, configs[arch]).tiny(vocab_size=int(tokenizer.vocab_size))
-        return lm.init_params(config, seed=seed)
-    return lm.load(src)
+    return parse_model_spec(src).load(vocab_size=int(tokenizer.vocab_size), seed=seed)
 
 
 def generate_all(runner: Runner, prompts: Sequence[np.ndarray], max_new_tokens: int,
