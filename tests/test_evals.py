@@ -450,6 +450,26 @@ def test_cli_passkey_smoke(tmp_path, calibration_file):
         assert f"| {method} |" in summary
 
 
+def test_cli_calibrates_longmamba_on_the_fly(tmp_path, capsys):
+    """`--method longmamba` without --calibration on a tiny random model: calibrated on the task's
+    text, with a note saying so; on a checkpoint without --train-len: one clear error."""
+    from longmamba_evals.tasks.cli import main
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "evals", "perplexity", "--model", "tiny-random:mamba1",
+           "--tokenizer", "bytes", "--method", "longmamba", "--lengths", "200", "--windows", "1",
+           "--eval-tokens", "4", "--train-len", "32", "--backend", "reference", "--no-progress",
+           "--no-plot", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: no --calibration given; calibrating LongMamba now" in proc.stderr
+    assert (out / "perplexity_longmamba.json").is_file()
+    with pytest.raises(SystemExit):
+        main(["passkey", "--model", str(tmp_path), "--tokenizer", "bytes", "--method",
+              "longmamba", "--no-plot", "--out", str(out)])
+    assert "pass --calibration FILE" in capsys.readouterr().err
+
+
 def test_cli_errors():
     from longmamba_evals.tasks.cli import build_parser, main
 

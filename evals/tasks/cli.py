@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from longmamba_evals.tasks.lengths import parse_lengths
 from longmamba_evals.tasks.methods import MethodSpec, base_name, check_method
+from longmamba_jax.model_spec import parse_model_spec
 
 TASK_NAMES = ("passkey", "ruler", "perplexity", "longbench", "latency")
 
@@ -173,6 +174,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     calibration = args.calibration
     # validate the method settings before loading anything
     [_spec(args, m, calibration or "(on the fly)") for m in args.method]
+    if (calibration is None and args.train_len is None
+            and any(base_name(m) == "longmamba" for m in args.method)
+            and parse_model_spec(args.model).kind == "checkpoint"):
+        raise ValueError("LongMamba needs a calibration: pass --calibration FILE (make one once "
+                         "with longmamba-calibrate) or --train-len N to calibrate on the fly")
     tokenizer = load_tokenizer(args.tokenizer)
     params = load_model(args.model, tokenizer, seed=args.seed)
     if calibration is None and any(base_name(m) == "longmamba" for m in args.method):
@@ -232,21 +238,13 @@ def run(args: argparse.Namespace) -> list[dict]:
 def _calibration_on_the_fly(args, params, tokenizer):
     """LongMamba without --calibration: the demo's own, or one made now from the task's text
     (with a note on stderr saying so and how to make one once)."""
-    from longmamba_jax.model_spec import parse_model_spec
-
     if parse_model_spec(args.model).kind == "demo":
         print("note: no --calibration given; using the demo model's bundled calibration",
               file=sys.stderr)
         import longmamba_jax as lm
 
         return lm.demo_model().calibration
-    train_len = args.train_len
-    if train_len is None:
-        if parse_model_spec(args.model).kind != "tiny-random":
-            raise ValueError("LongMamba needs a calibration: pass --calibration FILE (make one "
-                             "once with longmamba-calibrate) or --train-len N to calibrate on "
-                             "the fly")
-        train_len = 64
+    train_len = 64 if args.train_len is None else args.train_len  # set for a checkpoint
     import numpy as np
 
     import longmamba_jax as lm
