@@ -100,6 +100,10 @@ class LongMamba:
                                            for a in cal.keep_fractions(int(seq_len))])
         elif what == "decay":
             param = self.scale * np.stack([np.asarray(d, np.float64) for d in cal.decay])
+        elif what == "count":  # decay / q: how many clamped-Δ tokens fill the decay
+            decay = np.stack([np.asarray(d, np.float64) for d in cal.decay])
+            q = np.stack([np.asarray(c, np.float64) for c in cal.clamp_values])
+            param = self.scale * np.where(q > 0, decay / np.where(q > 0, q, 1.0), 0.0)
         else:
             param = np.zeros(is_global.shape)
         return LayerFilters(jnp.asarray(is_global), jnp.asarray(param, jnp.float32))

@@ -13,6 +13,8 @@ channels are never changed. Notation: L the prompt length, v = a channel's Δ so
   "offline"           keep Δ ≥ v[⌊α·L⌋]               the α-quantile of the prompt's own Δ
   "bound"             keep the m largest, m = #{j : Σ_{i≤j} v_i ≤ decay}   decay calibrated (param)
   "norm"              Δ := Δ · decay / Σ_t Δ          (every token kept, rescaled)
+  "budget"            keep the ⌈decay / q⌉ largest     decay and clamp value q calibrated: the
+                      tokens whose clamped Δ fills the training window's decay (not published)
 
 All but "norm" and "all_topk" are a per-channel threshold on Δ (`keep_threshold`), so they run
 through the same filter as "threshold": Δ_eff = where(Δ <= t, 0, Δ). The prompt-adaptive ones
@@ -28,11 +30,12 @@ import jax.numpy as jnp
 
 f32 = jnp.float32
 
-RULES = ("threshold", "channelwise_topk", "all_topk", "alpha", "offline", "bound", "norm")
+RULES = ("threshold", "channelwise_topk", "all_topk", "alpha", "offline", "bound", "norm",
+         "budget")
 # What `param` holds for each rule (the calibration quantity LongMamba reads for it).
 RULE_PARAM = {
     "threshold": "theta", "channelwise_topk": None, "all_topk": None, "alpha": "alpha",
-    "offline": "alpha", "bound": "decay", "norm": "decay",
+    "offline": "alpha", "bound": "decay", "norm": "decay", "budget": "count",
 }
 
 
@@ -98,6 +101,9 @@ def keep_threshold(dt, param, rule: SelectionRule):
     v = _sorted_desc(dt)
     if kind == "alpha":
         n_keep = jnp.ceil(jnp.minimum(param.astype(f32) * length, length)).astype(jnp.int32)
+        return _value_at(v, n_keep)
+    if kind == "budget":
+        n_keep = jnp.ceil(jnp.minimum(param.astype(f32), length)).astype(jnp.int32)
         return _value_at(v, n_keep)
     if kind == "offline":
         j = jnp.minimum(jnp.floor(param.astype(f32) * length), length - 1).astype(jnp.int32)

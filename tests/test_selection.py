@@ -50,6 +50,8 @@ def published_mask(kind, d, param, k):
         ranked = -np.sort(-d, axis=2)
         count = (np.cumsum(ranked, axis=2) <= param[None, :, None]).sum(axis=2, keepdims=True)
         return ranks < count
+    if kind == "budget":  # ours, not published: the ⌈param⌉ largest
+        return ranks < np.ceil(param)[None, :, None]
     raise AssertionError(kind)
 
 
@@ -77,6 +79,8 @@ def _param(kind, d, rng):
         return rng.uniform(0.05, 0.6, c).astype(np.float32)
     if kind in ("bound", "norm"):
         return (d.sum(axis=1).mean(axis=0) * rng.uniform(0.1, 0.5, c)).astype(np.float32)
+    if kind == "budget":
+        return rng.uniform(0.5, 1.5 * d.shape[1], c).astype(np.float32)
     if kind == "threshold":
         return np.quantile(d, 0.7, axis=(0, 1)).astype(np.float32)
     return np.zeros(c, np.float32)
@@ -97,7 +101,7 @@ def test_rule_matches_the_published_code(kind, length):
     np.testing.assert_array_equal(got[..., ~is_global], d[..., ~is_global])  # locals untouched
 
 
-@pytest.mark.parametrize("kind", ["alpha", "offline", "bound", "channelwise_topk"])
+@pytest.mark.parametrize("kind", ["alpha", "offline", "bound", "channelwise_topk", "budget"])
 def test_threshold_form_keeps_exactly_the_published_tokens(kind):
     d = _delta(3, 64, 5, seed=7)
     rng = np.random.default_rng(1)
@@ -230,3 +234,19 @@ def test_keep_fractions_follow_the_published_alpha():
     one = lmj.Calibration.from_deltas(deltas, A, train_len=10)
     # decay = 1.0; resampled to S = 20: twenty values 0.1; cumsum > 1.0 first at index 10
     np.testing.assert_allclose(one.keep_fractions(20)[0], np.full(3, 11 / 20), rtol=1e-6)
+
+
+def test_budget_keeps_what_alpha_keeps_on_long_prompts():
+    """Past a few L, θ_S sits at the clamp value q and the calibration's cut falls in the flat
+    top of the resampled curve, so α_S·S = decay/q + 1 for every S: the "budget" rule's count
+    decay/q is that limit without storing α (docs/design.md, "LongMamba filtering")."""
+    params, cal = _calibrated("mamba2")
+    method = lmj.LongMamba(cal, channel_threshold=0.0, rule="budget")
+    count = np.asarray(method.layer_filters(params.config, 500).threshold)
+    expect = np.stack(cal.decay) / np.stack(cal.clamp_values)
+    np.testing.assert_allclose(count, expect, rtol=1e-6)
+    one = lmj.Calibration.from_deltas([np.full((1, 10, 3), 0.1)], [np.full(3, -1.0)],
+                                      train_len=10)
+    for s in (40, 400, 4000):
+        np.testing.assert_allclose(one.keep_fractions(s)[0] * s,
+                                   one.decay[0] / one.clamp_values[0] + 1, rtol=1e-5)

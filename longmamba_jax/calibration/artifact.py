@@ -169,6 +169,12 @@ class Calibration:
         """List over layers of ``[channels]`` float32: aggregated Σ_t clamped Δ."""
         return self._split(self._arrays["decay"])
 
+    @property
+    def clamp_values(self) -> list[np.ndarray]:
+        """List over layers of ``[channels]`` float32: the aggregated clamp value q (the
+        k-th largest Δ of a window), which θ_S reaches for long S."""
+        return self._split(self._arrays["theta_asym"].astype(np.float32))
+
     def global_channels(self, threshold: float = 0.05) -> list[np.ndarray]:
         """List over layers of ``[channels]`` bool: ``decay_fraction > threshold``."""
         if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
