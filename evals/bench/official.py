@@ -13,8 +13,9 @@ builds the forward passes of ``selective_scan_cuda`` and ``causal_conv1d`` into 
 Get the sources (the sdists, not wheels) once, on a machine with a package index, and unpack
 them into ``.official/`` at the repository root (git-ignored; copy it to the GPU machine):
 
-    pip download --no-deps --no-binary :all: mamba_ssm==2.3.2.post1
-    pip download --no-deps --no-binary :all: causal_conv1d==1.7.0
+    # (pip prepares an sdist's metadata: without these it would build the CUDA extensions)
+    MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE pip download --no-deps \
+        --no-build-isolation --no-binary :all: mamba_ssm==2.3.2.post1 causal_conv1d==1.7.0
     mkdir -p .official
     tar xzf mamba_ssm-2.3.2.post1.tar.gz && mv mamba_ssm-2.3.2.post1/{mamba_ssm,csrc} .official/
     tar xzf causal_conv1d-1.7.0.tar.gz -C .official       # -> .official/causal_conv1d-1.7.0
