@@ -14,13 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longmamba_kernels.common import filter_threshold
+from longmamba_kernels.common import (
+    apply_gate,
+    delta_from_projection,
+    filter_threshold,
+    gate_input,
+)
+from longmamba_kernels.selective_scan import selective_scan_pallas
+from longmamba_kernels.selective_scan.pallas_backward import SelectiveScanBackwardConfig
+from longmamba_kernels.selective_scan.pallas_mosaic import SelectiveScanMosaicConfig
+from longmamba_kernels.selective_scan.pallas_triton import SelectiveScanPallasConfig
+from longmamba_kernels.selective_scan.reference import selective_scan_reference
 from longmamba_kernels.ssd.pallas_backward import SSDBackwardConfig
 from longmamba_kernels.ssd.pallas_triton import SSDPallasConfig, ssd_pallas
 from longmamba_kernels.ssd.reference import ssd_reference
@@ -38,6 +49,9 @@ GRAD_TOL = {F32: (1e-5, 1e-4), BF16: (1e-2, 5e-2)}
 # small blocks, so short sequences span several chunks / segments / blocks
 SSD_FWD = SSDPallasConfig(chunk=16, block_p=16)
 SSD_BWD = SSDBackwardConfig(chunk=16, block_p=16, states_block_p=16, block_n=16)
+SS_FWD = SelectiveScanPallasConfig(block_e=8, block_t=2, segments=3)
+SS_MOSAIC_FWD = SelectiveScanMosaicConfig(block_t=16, unroll=4, stages=2)
+SS_BWD = SelectiveScanBackwardConfig(block_e=8, block_t=2, segment=8)
 
 
 def assert_grad_close(out, ref, dtype, what):
@@ -179,3 +193,192 @@ def test_ssd_grads_gpu(case, dtype):
                                interpret=False)
     check_vjps(kernel, _ssd_ref, args, {"dS present": ct, "dS absent": _zero_state(ct)},
                dtype, SSD_NAMES, "ssd gpu")
+
+
+# ---------------------------------------------------------------------------- selective scan
+@dataclasses.dataclass(frozen=True)
+class SSCase:
+    l: int
+    filt: bool
+    init: bool
+    fused: bool  # Δ from the raw projection (dt_bias + softplus) and the gate z
+    b: int = 2
+    e: int = 20  # not a multiple of the channel block
+    n: int = 4
+
+
+def ss_args(case: SSCase, dtype, seed=0, softplus=True):
+    k = jax.random.split(jax.random.key(seed), 9)
+    b, l, e, n = case.b, case.l, case.e, case.n
+    x = jax.random.normal(k[0], (b, l, e)).astype(dtype)
+    raw = jax.random.normal(k[1], (b, l, e)) - 1.0
+    A = -jnp.exp(jax.random.uniform(k[2], (e, n), minval=-1.0, maxval=1.5))
+    B = jax.random.normal(k[3], (b, l, n)).astype(dtype)
+    C = jax.random.normal(k[4], (b, l, n)).astype(dtype)
+    D = jax.random.normal(k[5], (e,))
+    h0 = jax.random.normal(k[6], (b, e, n)) if case.init else None
+    thr = filter_threshold(jnp.arange(e) % 2 == 0, jnp.full((e,), 0.3), e) if case.filt \
+        else None
+    if case.fused:  # the raw projection in the input dtype; the gate is z's last e columns
+        dt, bias = raw.astype(dtype), 0.5 * jax.random.normal(k[7], (e,))
+        z = jax.random.normal(k[8], (b, l, 2 * e + 3)).astype(dtype)
+        if not softplus:  # Δ = dt + dt_bias must stay >= 0 (else the state grows)
+            dt, bias = jax.nn.softplus(raw).astype(dtype), jnp.abs(bias)
+    else:
+        dt, bias, z = jax.nn.softplus(raw), None, None
+    return (x, dt, A, B, C, D, h0, thr, bias, z)
+
+
+def _ss_kernel(x, dt, A, B, C, D, h0, thr, bias, z, *, softplus, fwd=SS_FWD, bwd=SS_BWD,
+               interpret=True):
+    return selective_scan_pallas(x, dt, A, B, C, D, initial_state=h0, threshold=thr,
+                                 dt_bias=bias, dt_softplus=softplus, z=z, interpret=interpret,
+                                 config=fwd, backward_config=bwd)
+
+
+def _ss_ref(x, dt, A, B, C, D, h0, thr, bias, z, *, softplus):
+    """`selective_scan`'s reference path: Δ from the projection, the scan, the gate."""
+    if bias is not None or softplus:
+        dt = delta_from_projection(dt, bias, softplus)
+    y, h = selective_scan_reference(x, dt, A, B, C, D, initial_state=h0, threshold=thr)
+    if z is not None:
+        y = apply_gate(y, gate_input(z, x.shape[-1]))
+    return y, h
+
+
+SS_NAMES = ["x", "dt", "A", "B", "C", "D", "h0", "thr", "dt_bias", "z"]
+
+
+def _check_ss(case, dtype, fwd, bwd=SS_BWD, interpret=True, softplus=True, seed=11):
+    args = ss_args(case, dtype, seed=seed, softplus=softplus)
+    sp = softplus if case.fused else False
+    kernel = functools.partial(_ss_kernel, softplus=sp, fwd=fwd, bwd=bwd, interpret=interpret)
+    ref = functools.partial(_ss_ref, softplus=sp)
+    ct = _random_like(jax.random.key(seed + 1), jax.eval_shape(ref, *_upcast(args)))
+    check_vjps(kernel, ref, args, {"dh present": ct, "dh absent": _zero_state(ct)}, dtype,
+               SS_NAMES, f"selective_scan {fwd}")
+    return args, kernel, ct
+
+
+@pytest.mark.parametrize("fwd", [SS_FWD, SS_MOSAIC_FWD], ids=["triton", "mosaic"])
+def test_selective_scan_grads_fused_ragged_filter_init(fwd):
+    """37 tokens (blocks of 2 in segments of 8, the last padded), 20 channels in blocks of 8,
+    the fused Δ prologue (dt_bias + softplus) and the gate read from a wider z, filter and
+    initial state on; one backward whichever kernel ran the forward. Tokens the filter dropped
+    (it compares softplus(dt + dt_bias)) get exactly zero d dt; z's columns outside the gate
+    get zero gradient."""
+    args, kernel, ct = _check_ss(SSCase(l=37, filt=True, init=True, fused=True), F32, fwd)
+    x, dt, thr, bias, z = args[0], args[1], args[7], args[8], args[9]
+    grads = jax.vjp(kernel, *args)[1](ct)
+    dropped = jax.nn.softplus(dt + bias) <= thr
+    assert int(dropped.sum()) > 100
+    assert bool(jnp.all(jnp.where(dropped, grads[1], 0.0) == 0.0))
+    e = x.shape[-1]
+    assert bool(jnp.all(grads[9][..., : z.shape[-1] - e] == 0.0))
+    assert float(jnp.abs(grads[9][..., z.shape[-1] - e:]).max()) > 0.0
+
+
+def test_selective_scan_grads_one_token_plain():
+    """T = 1, Δ given (no prologue, no gate), no filter, no initial state: `jax.grad` of a loss
+    on y alone."""
+    args = ss_args(SSCase(l=1, filt=False, init=False, fused=False), F32, seed=13)
+    wy = jax.random.normal(jax.random.key(14), args[0].shape)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(wy * fn(*a, None, None, None, None, softplus=False)[0])
+
+    out = jax.grad(loss(_ss_kernel), argnums=tuple(range(6)))(*args[:6])
+    ref = jax.grad(loss(_ss_ref), argnums=tuple(range(6)))(*args[:6])
+    for name, o, r in zip(SS_NAMES, out, ref, strict=False):
+        assert_grad_close(o, r, F32, f"selective_scan T=1 d{name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,softplus", [
+    (SSCase(l=37, filt=True, init=True, fused=True), True),
+    (SSCase(l=37, filt=False, init=False, fused=True), False),  # bias alone, padded time
+    (SSCase(l=16, filt=True, init=False, fused=False, e=8, n=16), True),
+], ids=["fused", "bias_without_softplus", "plain_n16"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
+def test_selective_scan_grads_more_cases(case, softplus, dtype):
+    _check_ss(case, dtype, SS_FWD, softplus=softplus)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
+@pytest.mark.parametrize("fwd", [SelectiveScanPallasConfig(), SelectiveScanMosaicConfig(),
+                                 SelectiveScanPallasConfig(layout="tile", block_t=4)],
+                         ids=["lane", "mosaic", "tile-t4"])
+@pytest.mark.gpu
+@gpu_only
+def test_selective_scan_grads_gpu(fwd, dtype):
+    """Compiled, default backward blocks, the model's fused call (mamba-1.4b's n = 16), ragged
+    length."""
+    _check_ss(SSCase(l=999, filt=True, init=True, fused=True, b=2, e=256, n=16), dtype, fwd,
+              bwd=SelectiveScanBackwardConfig(), interpret=False)
+
+
+# ----------------------------------------------------------- lowering for CUDA (runs on CPU)
+def _cuda_text(fn, *args) -> str:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _kernel_names(text):
+    return set(re.findall(r'name = "([a-z0-9_]+)"', text))
+
+
+S = jax.ShapeDtypeStruct
+
+
+def _ssd_model_args(dtype):
+    b, l, h, p, g, n = 1, 1000, 8, 64, 1, 128  # mamba2-1.3b heads, ragged length
+    return (S((b, l, h, p), dtype), S((b, l, h), jnp.float32), S((h,), jnp.float32),
+            S((b, l, g, n), dtype), S((b, l, g, n), dtype), S((h,), jnp.float32),
+            S((b, h, p, n), jnp.float32), S((h,), jnp.float32))
+
+
+def _ss_model_args(dtype):
+    b, l, e, n = 1, 1000, 256, 16  # mamba-1.4b's state size, the model's fused call
+    return (S((b, l, e), dtype), S((b, l, e), dtype), S((e, n), jnp.float32),
+            S((b, l, n), dtype), S((b, l, n), dtype), S((e,), jnp.float32),
+            S((b, e, n), jnp.float32), S((e,), jnp.float32), S((e,), jnp.float32),
+            S((b, l, 2 * e), dtype))
+
+
+def _grad_of_sum(fn, n_args):
+    def loss(*a):
+        return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(fn(*a)))
+    return jax.grad(loss, argnums=tuple(range(n_args)))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
+def test_ssd_backward_lowers_for_cuda(dtype):
+    """The gradient program lowers for CUDA with the three backward kernels, default blocks."""
+    kernel = functools.partial(_ssd_kernel, fwd=SSDPallasConfig(), bwd=SSDBackwardConfig(),
+                               interpret=False)
+    text = _cuda_text(_grad_of_sum(kernel, 7), *_ssd_model_args(dtype))
+    assert {"ssd_bwd_states", "ssd_bwd_dx", "ssd_bwd_dbc"} <= _kernel_names(text)
+    assert "__nv_expf" not in text  # decays as exp2, as in the forward
+
+
+@pytest.mark.parametrize("fwd", [SelectiveScanPallasConfig(), SelectiveScanMosaicConfig()],
+                         ids=["triton", "mosaic"])
+def test_selective_scan_backward_lowers_for_cuda(fwd):
+    """The gradient program lowers for CUDA with the three backward kernels after either
+    forward kernel, fused prologue and gate, default blocks; fast-math exponentials."""
+    kernel = functools.partial(_ss_kernel, softplus=True, fwd=fwd,
+                               bwd=SelectiveScanBackwardConfig(), interpret=False)
+    text = _cuda_text(_grad_of_sum(kernel, 10), *_ss_model_args(BF16))
+    names = _kernel_names(text)
+    assert {"selective_scan_bwd_local", "selective_scan_bwd_fold", "selective_scan_bwd"} <= names
+    assert "ex2.approx.ftz.f32" in text
+
+
+def test_forward_without_gradient_runs_no_backward_kernel():
+    """Without differentiation the programs hold only the forward kernels (the custom_vjp adds
+    nothing to the forward)."""
+    ssd = functools.partial(_ssd_kernel, fwd=SSDPallasConfig(), interpret=False)
+    ss = functools.partial(_ss_kernel, softplus=True, fwd=SelectiveScanPallasConfig(),
+                           interpret=False)
+    for fn, args in ((ssd, _ssd_model_args(BF16)), (ss, _ss_model_args(BF16))):
+        names = _kernel_names(_cuda_text(fn, *args))
+        assert names and not any("bwd" in name for name in names), names
