@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from longmamba_kernels.causal_conv import causal_conv1d
 from longmamba_kernels.common import (
     apply_gate,
     delta_from_projection,
@@ -317,6 +318,73 @@ def test_selective_scan_grads_gpu(fwd, dtype):
               bwd=SelectiveScanBackwardConfig(), interpret=False)
 
 
+# ------------------------------------------------------------------------------- causal conv
+CONV_NAMES = ["src", "weight", "bias", "initial_state"]
+
+
+def conv_args(length, k, splits, with_bias, with_state, dtype, width=96, seed=0):
+    c = sum(splits)
+    key = jax.random.split(jax.random.key(seed), 4)
+    src = jax.random.normal(key[0], (2, length, width)).astype(dtype)
+    w = (0.5 * jax.random.normal(key[1], (k, c))).astype(dtype)
+    bias = jax.random.normal(key[2], (c,)).astype(dtype) if with_bias else None
+    state = jax.random.normal(key[3], (2, k - 1, c)) if with_state else None
+    return src, w, bias, state
+
+
+def _check_conv(length, k, splits, with_bias, with_state, activation, dtype, offset=16,
+                width=96, interpret=True, block_t=16, seed=21):
+    args = conv_args(length, k, splits, with_bias, with_state, dtype, width, seed)
+    kw = dict(offset=offset, splits=splits, activation=activation)
+
+    def kernel(src, w, bias, state):
+        return causal_conv1d(src, w, bias, initial_state=state, out_dtype=dtype,
+                             implementation="pallas", interpret=interpret, block_t=block_t,
+                             **kw)
+
+    def ref(src, w, bias, state):  # fp32 out: the kernel's rounding to its dtype passes dy on
+        return causal_conv1d(src, w, bias, initial_state=state, out_dtype=jnp.float32, **kw)
+
+    ct = _random_like(jax.random.key(seed + 1), jax.eval_shape(kernel, *args))
+    ct = (ct[0], ct[1].astype(jnp.float32))
+    check_vjps(kernel, ref, args, {"dstate present": ct, "dstate absent": _zero_state(ct)},
+               dtype, CONV_NAMES, f"causal_conv l={length} k={k}")
+    return args, kernel, ct
+
+
+@pytest.mark.parametrize("length,k,splits,with_bias,with_state,activation", [
+    (37, 4, (32, 16, 16), True, True, "silu"),  # ragged blocks, three outputs, state
+    (2, 4, (64,), False, True, None),  # fewer tokens than the state: dstate gets dy and dfinal
+    (1, 4, (48, 16), True, False, "silu"),  # one token, no state
+], ids=["T37_splits_state_silu", "T2_state_linear", "T1_nostate_silu"])
+def test_causal_conv_grads(length, k, splits, with_bias, with_state, activation):
+    """Channels read at offset 16 of 96 columns: src's gradient lands in those columns and is
+    zero elsewhere."""
+    args, kernel, ct = _check_conv(length, k, splits, with_bias, with_state, activation, F32)
+    dsrc = jax.vjp(kernel, *args)[1](ct)[0]
+    c = sum(splits)
+    assert bool(jnp.all(dsrc[..., :16] == 0.0)) and bool(jnp.all(dsrc[..., 16 + c:] == 0.0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("length,k,splits", [(37, 4, (32, 16, 16)), (100, 2, (48, 16))])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
+def test_causal_conv_grads_more_cases(length, k, splits, dtype):
+    _check_conv(length, k, splits, True, True, "silu", dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
+@pytest.mark.parametrize("offset,splits,width,with_state", [
+    (1024, (1024, 128, 128), 2368, True),  # Mamba2's xBC in place in [z | xBC | dt]
+    (0, (1024,), 2048, False),  # Mamba-1's x, the first half of [x | z]
+], ids=["mamba2", "mamba1"])
+@pytest.mark.gpu
+@gpu_only
+def test_causal_conv_grads_gpu(offset, splits, width, with_state, dtype):
+    _check_conv(1000, 4, splits, True, with_state, "silu", dtype, offset=offset, width=width,
+                interpret=False, block_t=64)
+
+
 # ----------------------------------------------------------- lowering for CUDA (runs on CPU)
 def _cuda_text(fn, *args) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
@@ -382,3 +450,17 @@ def test_forward_without_gradient_runs_no_backward_kernel():
     for fn, args in ((ssd, _ssd_model_args(BF16)), (ss, _ss_model_args(BF16))):
         names = _kernel_names(_cuda_text(fn, *args))
         assert names and not any("bwd" in name for name in names), names
+
+
+
+def test_conv_backward_lowers_for_cuda():
+    """Both backward kernels lower for CUDA at the models' shapes (mamba2-1.3b: xBC in place in
+    in_proj's output with a conv state, the norm's gate its first 4096 of 8512 columns)."""
+    def conv(src, w, bias, state):
+        return causal_conv1d(src, w, bias, initial_state=state, offset=4096,
+                             splits=(4096, 128, 128), activation="silu",
+                             out_dtype=jnp.bfloat16, implementation="pallas")
+
+    text = _cuda_text(_grad_of_sum(conv, 4), S((1, 1000, 8512), BF16), S((4, 4352), BF16),
+                      S((4352,), BF16), S((1, 3, 4352), jnp.float32))
+    assert "causal_conv1d_bwd" in _kernel_names(text)
