@@ -28,6 +28,7 @@ from longmamba_kernels.common import (
     filter_threshold,
     gate_input,
 )
+from longmamba_kernels.gated_rmsnorm import gated_rms_norm
 from longmamba_kernels.selective_scan import selective_scan_pallas
 from longmamba_kernels.selective_scan.pallas_backward import SelectiveScanBackwardConfig
 from longmamba_kernels.selective_scan.pallas_mosaic import SelectiveScanMosaicConfig
@@ -385,6 +386,36 @@ def test_causal_conv_grads_gpu(offset, splits, width, with_state, dtype):
                 interpret=False, block_t=64)
 
 
+# ---------------------------------------------------------------------------- gated RMSNorm
+def _check_norm(dtype, rows=(2, 37), e=128, z_width=300, interpret=True):
+    k = jax.random.split(jax.random.key(31), 3)
+    y = (2.0 * jax.random.normal(k[0], (*rows, e))).astype(dtype)
+    z = jax.random.normal(k[1], (*rows, z_width)).astype(dtype)
+    w = (1.0 + 0.2 * jax.random.normal(k[2], (e,))).astype(dtype)
+    kernel = lambda y, z, w: gated_rms_norm(y, z, w, implementation="pallas",
+                                            interpret=interpret)
+    ref = lambda y, z, w: gated_rms_norm(y, z, w)
+    ct = _random_like(jax.random.key(32), jax.eval_shape(kernel, y, z, w))
+    check_vjps(kernel, ref, (y, z, w), {"dout": ct}, dtype, ["y", "z", "weight"],
+               "gated_rms_norm")
+    return (y, z, w), kernel, ct
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
+def test_gated_rms_norm_grads(dtype):
+    """74 rows (blocks of 32 rows, the last ragged), z wider than y (the gate is its first 128
+    of 300 columns): z's other columns get zero gradient."""
+    args, kernel, ct = _check_norm(dtype)
+    dz = jax.vjp(kernel, *args)[1](ct)[1]
+    assert bool(jnp.all(dz[..., 128:] == 0.0)) and float(jnp.abs(dz[..., :128]).max()) > 0
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
+@pytest.mark.gpu
+@gpu_only
+def test_gated_rms_norm_grads_gpu(dtype):
+    _check_norm(dtype, rows=(2, 1000), e=2048, z_width=4480, interpret=False)
+
 # ----------------------------------------------------------- lowering for CUDA (runs on CPU)
 def _cuda_text(fn, *args) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
@@ -453,7 +484,7 @@ def test_forward_without_gradient_runs_no_backward_kernel():
 
 
 
-def test_conv_backward_lowers_for_cuda():
+def test_conv_and_norm_backward_lower_for_cuda():
     """Both backward kernels lower for CUDA at the models' shapes (mamba2-1.3b: xBC in place in
     in_proj's output with a conv state, the norm's gate its first 4096 of 8512 columns)."""
     def conv(src, w, bias, state):
@@ -464,3 +495,10 @@ def test_conv_backward_lowers_for_cuda():
     text = _cuda_text(_grad_of_sum(conv, 4), S((1, 1000, 8512), BF16), S((4, 4352), BF16),
                       S((4352,), BF16), S((1, 3, 4352), jnp.float32))
     assert "causal_conv1d_bwd" in _kernel_names(text)
+
+    def norm(y, z, w):
+        return gated_rms_norm(y, z, w, implementation="pallas")
+
+    text = _cuda_text(_grad_of_sum(norm, 3), S((1, 1000, 4096), BF16),
+                      S((1, 1000, 8512), BF16), S((4096,), BF16))
+    assert "gated_rms_norm_bwd" in _kernel_names(text)
