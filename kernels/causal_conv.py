@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from longmamba_kernels.common import check_segment_ids, document_index
+
 f32 = jnp.float32
 
 ACTIVATIONS = (None, "silu")
@@ -53,8 +55,9 @@ def default_block_c(splits) -> int:
 
 
 def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0,
-                  splits=None, activation=None, out_dtype=None, implementation="reference",
-                  interpret: bool = False, block_t: int = 64, num_warps: int = 8):
+                  splits=None, activation=None, out_dtype=None, segment_ids=None,
+                  lengths=None, implementation="reference", interpret: bool = False,
+                  block_t: int = 64, num_warps: int = 8):
     """Depthwise causal conv of channels `offset … offset + C` of `src` along time.
 
     Args:
@@ -68,6 +71,11 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
         arrays [b, l, w_i], channel order kept.
       activation: None or "silu".
       out_dtype: the outputs' dtype (default src's).
+      segment_ids: [b, l] int or None: packed documents (`common.document_index`); a token's
+        window holds only earlier tokens of its own document (the first document also reads
+        initial_state), as if each document ran alone.
+      lengths: [b] int or None: row i's final state is the K−1 inputs before position
+        lengths[i] (a right-padded batch: each row's state at its own last real token).
       implementation: "reference" | "pallas".
       interpret: run the Pallas kernel through the interpreter; only for "pallas".
       block_t: tokens per program (Pallas).
@@ -100,10 +108,12 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
         raise ValueError(f"causal_conv1d: activation {activation!r} not in {ACTIVATIONS}")
     if length == 0:
         raise ValueError("causal_conv1d: src has no tokens (l = 0)")
+    segment_ids = check_segment_ids(segment_ids, b, length)
     x = jax.lax.slice_in_dim(src, offset, offset + c, axis=2)
-    state = _final_state(x, initial_state, k)
+    state = _final_state(x, initial_state, k, segment_ids, lengths)
     if implementation == "reference":
-        y = _reference(x, weight, bias, initial_state, activation).astype(out_dtype)
+        y = _reference(x, weight, bias, initial_state, activation, segment_ids)
+        y = y.astype(out_dtype)
         bounds = [sum(splits[:i]) for i in range(len(splits) + 1)]
         return tuple(y[..., lo:hi] for lo, hi in zip(bounds, bounds[1:], strict=False)), state
     if implementation != "pallas":
@@ -111,6 +121,8 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
             f"causal_conv1d: unknown implementation {implementation!r} "
             "(expected 'reference' or 'pallas')"
         )
+    if segment_ids is not None:
+        raise NotImplementedError("causal_conv1d: segment_ids with implementation='pallas'")
     block_c = default_block_c(splits)
     if not block_c:
         raise ValueError(
@@ -126,22 +138,47 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
     return _differentiable(src, weight, bias, initial_state, static)
 
 
-def _final_state(x, initial_state, k):
-    """The last K−1 inputs in fp32 (what the next chunk or decode step reads)."""
+def _window_docs(segment_ids, k):
+    """Document index of every window slot: int32 [b, K−1+l], the K−1 initial-state slots in
+    document 0 (the one the initial state belongs to)."""
+    doc = document_index(segment_ids)
+    return jnp.concatenate([jnp.zeros((doc.shape[0], k - 1), doc.dtype), doc], axis=1)
+
+
+def _final_state(x, initial_state, k, segment_ids=None, lengths=None):
+    """The last K−1 inputs in fp32 (what the next chunk or decode step reads): those before
+    position lengths[i] of row i when given; with packed documents, inputs of documents
+    before the one the state ends in read as zeros."""
     b, length, c = x.shape
-    if length >= k - 1:
-        return x[:, length - (k - 1):].astype(f32)
     prev = jnp.zeros((b, k - 1, c), f32) if initial_state is None else initial_state.astype(f32)
-    return jnp.concatenate([prev, x.astype(f32)], axis=1)[:, length:]
+    full = jnp.concatenate([prev, x.astype(f32)], axis=1)  # [b, K−1+l, c]
+    if lengths is None and segment_ids is None:
+        return full[:, length:]
+    if lengths is None:
+        lengths = jnp.full((b,), length, jnp.int32)
+    # slots lengths[i] … lengths[i] + K − 2 of `full` are the inputs before position lengths[i]
+    idx = jnp.asarray(lengths, jnp.int32)[:, None] + jnp.arange(k - 1)  # [b, K−1]
+    out = jnp.take_along_axis(full, idx[..., None], axis=1)
+    if segment_ids is not None and k > 1:
+        docs = jnp.take_along_axis(_window_docs(segment_ids, k), idx, axis=1)  # [b, K−1]
+        out = jnp.where((docs == docs[:, -1:])[..., None], out, 0.0)
+    return out
 
 
-def _reference(x, weight, bias, initial_state, activation):
+def _reference(x, weight, bias, initial_state, activation, segment_ids=None):
     """The jnp form, fp32: the sum of the K shifted windows in tap order, the bias, silu."""
     b, length, c = x.shape
     k = weight.shape[0]
     state = jnp.zeros((b, k - 1, c), f32) if initial_state is None else initial_state
     full = jnp.concatenate([state.astype(f32), x.astype(f32)], axis=1)  # [b, K−1+l, c]
-    y = sum(full[:, i : i + length] * weight[i].astype(f32) for i in range(k))
+    if segment_ids is None:
+        y = sum(full[:, i : i + length] * weight[i].astype(f32) for i in range(k))
+    else:  # tap i reads slot t + i; it counts only inside the token's own document
+        docs = _window_docs(segment_ids, k)
+        own = docs[:, k - 1:]  # [b, l]
+        y = sum(jnp.where((docs[:, i : i + length] == own)[..., None],
+                          full[:, i : i + length], 0.0) * weight[i].astype(f32)
+                for i in range(k))
     if bias is not None:
         y = y + bias.astype(f32)
     if activation == "silu":

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from longmamba_kernels.common import (
     apply_gate,
     check_implementation,
+    check_segment_ids,
     delta_from_projection,
     filter_threshold,
     gate_input,
@@ -46,6 +47,7 @@ def selective_scan(
     dt_softplus: bool = False,
     z=None,
     out_dtype=jnp.float32,
+    segment_ids=None,
     implementation: str = "associative",
     interpret: bool = False,
 ):
@@ -62,6 +64,9 @@ def selective_scan(
       z: None, or the gate: y := y · silu(z) taken from z's last e columns ([b, l, >= e], so
         in_proj's [x | z] output can be passed whole).
       out_dtype: dtype of y (the state is always fp32).
+      segment_ids: [b, l] int or None: packed documents; where the id changes, the state
+        starts from zero (the first document continues initial_state; the final state is the
+        last document's).
       implementation: "reference" | "associative" | "pallas". The Pallas kernel computes the
         Δ prologue and the gate in place; the others compute them around the scan.
       interpret: run the Pallas kernel in interpret mode (CPU); only for "pallas".
@@ -70,7 +75,8 @@ def selective_scan(
       (y [b, l, e] out_dtype, final_state [b, e, n] fp32).
     """
     check_implementation(implementation)
-    e = x.shape[-1]
+    b, length, e = x.shape
+    segment_ids = check_segment_ids(segment_ids, b, length)
     threshold = filter_threshold(dt_global, dt_threshold, e)
     if dt_bias is not None and dt_bias.shape != (e,):
         raise ValueError(f"dt_bias must have shape ({e},); got {dt_bias.shape}")
@@ -79,6 +85,8 @@ def selective_scan(
         if z.shape[:2] != x.shape[:2]:
             raise ValueError(f"gate z {z.shape} and x {x.shape} disagree on [b, l]")
     if implementation == "pallas":
+        if segment_ids is not None:
+            raise NotImplementedError("selective_scan: segment_ids with implementation='pallas'")
         return selective_scan_pallas(
             x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
             dt_bias=dt_bias, dt_softplus=dt_softplus, z=z, out_dtype=out_dtype,
@@ -88,7 +96,8 @@ def selective_scan(
         dt = delta_from_projection(dt, dt_bias, dt_softplus)
     scan = selective_scan_reference if implementation == "reference" else \
         selective_scan_associative
-    y, h = scan(x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold)
+    y, h = scan(x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
+                segment_ids=segment_ids)
     if z is not None:
         y = apply_gate(y, gate_input(z, e))
     return y.astype(out_dtype), h

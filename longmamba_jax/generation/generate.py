@@ -54,6 +54,7 @@ from longmamba_jax.model import (
     empty_cache,
     method_kwargs,
 )
+from longmamba_jax.packing import resolve_segment_ids
 
 f32 = jnp.float32
 i32 = jnp.int32
@@ -80,21 +81,25 @@ class GenerateOutput(NamedTuple):
 
 
 def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None = None,
-            method: Any = None, backend: str = "auto", total_len: int | None = None):
+            method: Any = None, backend: str = "auto", total_len: int | None = None,
+            segment_ids=None, cu_seqlens=None):
     """Runs the full forward over a prompt (or one chunk of it) and returns the state after it.
 
     Args:
       params: `Params` from `load` or `init_params`.
       tokens: int [b, l], the prompt or its next chunk.
-      attention_mask: [b, l] 1 for real tokens, 0 for left padding (first chunk only).
+      attention_mask: [b, l] 1 for real tokens, 0 for padding, left or right (first chunk
+        only): each row's logits and cache are those after its own last real token.
       cache: the `Cache` returned by the previous chunk, or None to start from zeros.
       method: None, `LongMamba(...)` or `DeciMamba(...)`.
       backend: "auto" | "reference" | "associative" | "pallas" | "pallas-interpret".
       total_len: the whole prompt's length (LongMamba picks θ for it); defaults to l when
         `cache` is None and must be given for a later chunk when a method is used.
+      segment_ids / cu_seqlens: packed documents, as in `forward`; the cache is the last
+        document's state (the first document continues `cache`).
 
     Returns:
-      (logits fp32 [b, V] at the last position, `Cache` after the last token).
+      (logits fp32 [b, V] at each row's last real token, `Cache` after it).
 
     Raises:
       ValueError: bad tokens / mask, a chunk without `total_len` under a method, DeciMamba with
@@ -113,10 +118,18 @@ def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None 
             or total_len < length:
         raise ValueError(f"total_len must be an int >= the chunk length {length}, "
                          f"got {total_len!r}")
-    kwargs = method_kwargs(method, params.config, int(total_len))
+    segment_ids = resolve_segment_ids(tokens.shape, segment_ids, cu_seqlens)
+    if segment_ids is not None and method is not None and cache is not None:
+        raise ValueError("packed documents under a method are filtered per document length, "
+                         "so the row must be prefilled in one call (no cache)")
+    kwargs = method_kwargs(method, params.config, int(total_len), segment_ids)
+    if kwargs.get("rule") is not None and cache is not None:
+        raise ValueError(f"the LongMamba rule {kwargs['rule'].kind!r} reads the whole prompt's Δ "
+                         "in every layer, so the prompt must be prefilled in one call (no cache, "
+                         "no prefill_chunked); rule='threshold' works chunk by chunk")
     if kwargs.get("decimation"):
         if attention_mask is not None:
-            raise ValueError("attention_mask (left padding) is not supported with DeciMamba")
+            raise ValueError("attention_mask (padding) is not supported with DeciMamba")
         if cache is not None:
             raise ValueError("DeciMamba does not support chunked prefill (cache=...): it "
                              "decimates a whole prompt at once")
@@ -128,8 +141,8 @@ def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None 
                              "token kept (use keep_last >= 1)")
     mask = _mask(attention_mask, tokens)
     if mask is not None:
-        _check_left_padding(attention_mask)
-    out = apply_model(params, tokens, mask=mask, cache=cache,
+        _check_padding(attention_mask)
+    out = apply_model(params, tokens, mask=mask, cache=cache, segment_ids=segment_ids,
                       backend=resolve_backend(backend), last_n=1, return_cache=True, **kwargs)
     return out.logits[:, -1], out.cache
 
@@ -201,16 +214,19 @@ def _cached_filters(method, config, seq_len: int) -> LayerFilters | None:
     return method_kwargs(method, config, seq_len).get("filters")
 
 
-def _check_left_padding(attention_mask) -> None:
-    """Padding must be on the left (mask rows 0…0 1…1) and every row needs a real token."""
+def _check_padding(attention_mask) -> None:
+    """Each row's real tokens must be one run (padding on the left, the right or both: rows
+    0…0 1…1 0…0) with at least one real token."""
     if isinstance(attention_mask, jax.core.Tracer):
         return  # traced by the caller: cannot be checked here
     mask = np.asarray(attention_mask)
     if not np.isin(mask, (0, 1)).all():
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real tokens)")
-    if (np.diff(mask, axis=1) < 0).any() or not mask[:, -1].all():
-        raise ValueError("attention_mask must be left padding (each row 0…0 1…1, last column "
-                         "1); right padding is not supported")
+    rises = (np.diff(mask, axis=1) > 0).sum(axis=1) + mask[:, 0]  # runs of real tokens
+    if not mask.any(axis=1).all() or (rises > 1).any():
+        bad = int(np.flatnonzero(~mask.any(axis=1) | (rises > 1))[0])
+        raise ValueError(f"attention_mask row {bad} must hold one run of real tokens (padding "
+                         "only before and/or after it)")
 
 
 def _check_cache(params: Params, cache, batch: int) -> None:
@@ -310,8 +326,8 @@ def generate(params: Params, tokens, *, max_new_tokens: int, temperature: float 
       top_k / top_p: sampling filters (need temperature > 0); see `sampling.py`.
       eos_token_id: an id or a list of ids that end a sequence (None: never stop early).
       pad_token_id: id written after a sequence's EOS (default: the first EOS id, else 0).
-      attention_mask: [b, l] 1 for real tokens, 0 for left padding; each sequence then gets
-        exactly the tokens it would get alone (greedy).
+      attention_mask: [b, l] 1 for real tokens, 0 for padding (left or right); each sequence
+        then gets exactly the tokens it would get alone (greedy).
       seed: PRNG seed for sampling (the draw at step i uses fold_in(PRNGKey(seed), i)).
       backend: scan backend for the prefill ("auto", "reference", "associative", "pallas", ...).
       method: None, `LongMamba(...)` or `DeciMamba(...)` (see the module docstring).
