@@ -135,7 +135,7 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
                      interpret=bool(interpret),
                      block_t=min(block_t, max(16, 1 << (length - 1).bit_length())),
                      block_c=block_c, num_warps=num_warps)
-    return _differentiable(src, weight, bias, initial_state, static)
+    return _differentiable(src, weight, bias, initial_state, static), state
 
 
 def _window_docs(segment_ids, k):
@@ -267,15 +267,15 @@ class _Static:
 
 
 def _forward(src, weight, bias, initial_state, st):
-    ys = _pallas(src, weight, bias, initial_state, offset=st.offset, splits=st.splits,
-                 activation=st.activation, out_dtype=st.out_dtype, interpret=st.interpret,
-                 block_t=st.block_t, block_c=st.block_c, num_warps=st.num_warps)
-    x = jax.lax.slice_in_dim(src, st.offset, st.offset + weight.shape[1], axis=2)
-    return tuple(ys), _final_state(x, initial_state, weight.shape[0])
+    return tuple(_pallas(src, weight, bias, initial_state, offset=st.offset, splits=st.splits,
+                         activation=st.activation, out_dtype=st.out_dtype,
+                         interpret=st.interpret, block_t=st.block_t, block_c=st.block_c,
+                         num_warps=st.num_warps))
 
 
 # The forward kernel runs unchanged; its inputs are the residuals and the backward kernel
-# recomputes the pre-activations (docs/kernels.md, "Backward passes").
+# recomputes the pre-activations (docs/kernels.md, "Backward passes"). The final state (a slice
+# of the inputs, taken in XLA) is differentiated by XLA.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _differentiable(src, weight, bias, initial_state, st):
     return _forward(src, weight, bias, initial_state, st)
@@ -287,8 +287,7 @@ def _differentiable_fwd(src, weight, bias, initial_state, st):
 
 def _differentiable_bwd(st, residuals, cotangents):
     src, weight, bias, initial_state = residuals
-    dys, d_state = cotangents
-    return _backward(src, weight, bias, initial_state, tuple(dys), d_state, offset=st.offset,
+    return _backward(src, weight, bias, initial_state, tuple(cotangents), offset=st.offset,
                      splits=st.splits, activation=st.activation, interpret=st.interpret,
                      block_t=st.block_t, block_c=st.block_c, num_warps=st.num_warps)
 
@@ -296,12 +295,12 @@ def _differentiable_bwd(st, residuals, cotangents):
 _differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)
 
 
-def _backward_kernel(src_ref, w_ref, b_ref, s_ref, dfin_ref, *refs, k, length, offset, starts,
+def _backward_kernel(src_ref, w_ref, b_ref, s_ref, *refs, k, length, offset, starts,
                      block_t, block_c, has_bias, has_state, activation):
     """One block of rows × channels. Row r stands for input position t = r − (K−1) (negative:
-    the initial state), whose gradient is Σ_m w[K−1−m] · dpre_{t+m} (+ the final state's
-    cotangent for the last K−1 inputs), with dpre_t = dy_t · act'(pre_t) and pre_t recomputed;
-    the rows' own dpre also give this block's parts of dweight and dbias."""
+    the initial state), whose gradient is Σ_m w[K−1−m] · dpre_{t+m}, with dpre_t = dy_t ·
+    act'(pre_t) and pre_t recomputed; the rows' own dpre also give this block's parts of
+    dweight and dbias."""
     from jax.experimental.pallas import triton as plgpu
 
     n_out = len(starts) - 1
@@ -350,10 +349,6 @@ def _backward_kernel(src_ref, w_ref, b_ref, s_ref, dfin_ref, *refs, k, length, o
             dx = g0 * w[k - 1]
             for m in range(1, k):
                 dx = dx + dpre(t + m, dy_ref, lo)[0] * w[k - 1 - m]
-            fin = t - (length - (k - 1))  # index into the final state
-            in_fin = (fin >= 0) & (fin < k - 1)
-            dx = dx + plgpu.load(dfin_ref.at[pb, jnp.clip(fin, 0, k - 2)[:, None], ch[None, :]],
-                                 mask=in_fin[:, None], other=0.0).astype(f32)
             # rows outside an output are masked (Triton) and sent past its end, where the
             # interpreter drops them (a clipped or negative index could land on a real row)
             rows = (t >= 0) & (t < length)
@@ -370,10 +365,10 @@ def _backward_kernel(src_ref, w_ref, b_ref, s_ref, dfin_ref, *refs, k, length, o
 
 @functools.partial(jax.jit, static_argnames=(
     "offset", "splits", "activation", "interpret", "block_t", "block_c", "num_warps"))
-def _backward(src, weight, bias, initial_state, dys, d_state, *, offset, splits, activation,
+def _backward(src, weight, bias, initial_state, dys, *, offset, splits, activation,
               interpret, block_t, block_c, num_warps):
-    """Gradients for (src, weight, bias, initial_state) from the outputs' cotangents `dys`
-    and the final state's `d_state`; src's gradient is zero outside the columns read."""
+    """Gradients for (src, weight, bias, initial_state) from the outputs' cotangents `dys`;
+    src's gradient is zero outside the columns read."""
     from jax.experimental.pallas import triton as plgpu
 
     b, length, width = src.shape
@@ -396,8 +391,7 @@ def _backward(src, weight, bias, initial_state, dys, d_state, *, offset, splits,
         interpret=interpret,
         name="causal_conv1d_bwd",
     )(src, weight, bias if has_bias else np.zeros((1,), np.float32),
-      initial_state if has_state else np.zeros((1, 1, 1), np.float32),
-      d_state.astype(f32), *dys)
+      initial_state if has_state else np.zeros((1, 1, 1), np.float32), *dys)
     dsrc = jnp.pad(dx, ((0, 0), (0, 0), (offset, width - offset - c)))
     return (dsrc, jnp.sum(dw, axis=(0, 1)).astype(weight.dtype),
             jnp.sum(db, axis=(0, 1)).astype(bias.dtype) if has_bias else None,

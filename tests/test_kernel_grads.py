@@ -334,9 +334,9 @@ def conv_args(length, k, splits, with_bias, with_state, dtype, width=96, seed=0)
 
 
 def _check_conv(length, k, splits, with_bias, with_state, activation, dtype, offset=16,
-                width=96, interpret=True, block_t=16, seed=21):
+                width=96, interpret=True, block_t=16, seed=21, lengths=None):
     args = conv_args(length, k, splits, with_bias, with_state, dtype, width, seed)
-    kw = dict(offset=offset, splits=splits, activation=activation)
+    kw = dict(offset=offset, splits=splits, activation=activation, lengths=lengths)
 
     def kernel(src, w, bias, state):
         return causal_conv1d(src, w, bias, initial_state=state, out_dtype=dtype,
@@ -353,15 +353,18 @@ def _check_conv(length, k, splits, with_bias, with_state, activation, dtype, off
     return args, kernel, ct
 
 
-@pytest.mark.parametrize("length,k,splits,with_bias,with_state,activation", [
-    (37, 4, (32, 16, 16), True, True, "silu"),  # ragged blocks, three outputs, state
-    (2, 4, (64,), False, True, None),  # fewer tokens than the state: dstate gets dy and dfinal
-    (1, 4, (48, 16), True, False, "silu"),  # one token, no state
-], ids=["T37_splits_state_silu", "T2_state_linear", "T1_nostate_silu"])
-def test_causal_conv_grads(length, k, splits, with_bias, with_state, activation):
+@pytest.mark.parametrize("length,k,splits,with_bias,with_state,activation,lengths", [
+    # ragged blocks, three outputs, state; row 1's final state ends at its token 30
+    (37, 4, (32, 16, 16), True, True, "silu", (37, 30)),
+    (2, 4, (64,), False, True, None, None),  # fewer tokens than the state holds
+    (1, 4, (48, 16), True, False, "silu", None),  # one token, no state
+], ids=["T37_splits_state_silu_lengths", "T2_state_linear", "T1_nostate_silu"])
+def test_causal_conv_grads(length, k, splits, with_bias, with_state, activation, lengths):
     """Channels read at offset 16 of 96 columns: src's gradient lands in those columns and is
-    zero elsewhere."""
-    args, kernel, ct = _check_conv(length, k, splits, with_bias, with_state, activation, F32)
+    zero elsewhere. The final state (a slice of the inputs) is differentiated by XLA."""
+    lengths = None if lengths is None else jnp.array(lengths)
+    args, kernel, ct = _check_conv(length, k, splits, with_bias, with_state, activation, F32,
+                                   lengths=lengths)
     dsrc = jax.vjp(kernel, *args)[1](ct)[0]
     c = sum(splits)
     assert bool(jnp.all(dsrc[..., :16] == 0.0)) and bool(jnp.all(dsrc[..., 16 + c:] == 0.0))
