@@ -197,26 +197,26 @@ def _main_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_ref, z
         into = cks_ref[bi, blk, e_sl]  # Σ Δ from the segment start to this block
         h = [fma(exp2(a[j] * into), h_start[j], ck_ref[bi, blk, j, e_sl]) for j in range(n)]
         toks = []
-        for u in range(block_t):  # the block forward: states and decays kept
+        for u in range(block_t):  # the block forward: decays and a_t h_{t-1} kept
             t = blk * block_t + u
             x = x_ref[bi, t, e_sl].astype(f32)
             delta, ddt_scale = _delta(dt_ref[bi, t, e_sl], bias, softplus, thr, t < length,
                                       exp2)
-            bt = [b_ref[bi, t, j] for j in range(n)]
-            ct = [c_ref[bi, t, j] for j in range(n)]
             decay = [exp2(delta * a[j]) for j in range(n)]
             q = [decay[j] * h[j] for j in range(n)]  # a_t h_{t-1}
             ux = delta * x
-            h = [fma(ux, bt[j], q[j]) for j in range(n)]
+            h = [fma(ux, b_ref[bi, t, j], q[j]) for j in range(n)]
             y = None
             if has_z:  # y before the gate, for dz
-                y = h[0] * ct[0]
+                y = h[0] * c_ref[bi, t, 0]
                 for j in range(1, n):
-                    y = fma(h[j], ct[j], y)
+                    y = fma(h[j], c_ref[bi, t, j], y)
                 if has_d:
                     y = fma(d, x, y)
-            toks.append((t, x, delta, ddt_scale, ux, bt, ct, decay, q, h, y))
-        for t, x, delta, ddt_scale, ux, bt, ct, decay, q, h, y in reversed(toks):
+            toks.append((t, x, delta, ddt_scale, ux, decay, q, y))
+        for t, x, delta, ddt_scale, ux, decay, q, y in reversed(toks):
+            bt = [b_ref[bi, t, j] for j in range(n)]  # reloaded (L1): fewer registers held
+            ct = [c_ref[bi, t, j] for j in range(n)]
             dout = dout_ref[bi, t, e_sl]
             dy, gate = _gate(dout, z_ref[bi, t, z_sl] if has_z else None, exp2)
             if has_z:
@@ -241,7 +241,7 @@ def _main_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_ref, z
             for j in range(n):
                 acc_a[j] = fma(delta * g[j], q[j], acc_a[j])
                 db_ref[bi, ei, t, j] = jnp.sum(ux * g[j])
-                dc_ref[bi, ei, t, j] = jnp.sum(dy * h[j])
+                dc_ref[bi, ei, t, j] = jnp.sum(dy * fma(ux, bt[j], q[j]))  # dy h_t
             r = [decay[j] * g[j] for j in range(n)]
         return r, acc_a, acc_d, acc_bias
 
