@@ -188,14 +188,15 @@ def _main_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_ref, z
     thr = thr_ref[e_sl]
     bias = bias_ref[e_sl] if has_bias else None
     d = d_ref[e_sl] if has_d else None
-    h_start = [hs_ref[bi, si, j, e_sl] for j in range(n)]
     zero = jnp.zeros((block_e,), f32)
 
     def block(i, carry):
         r, acc_a, acc_d, acc_bias = carry
         blk = si * seg_steps + seg_steps - 1 - i
         into = cks_ref[bi, blk, e_sl]  # Σ Δ from the segment start to this block
-        h = [fma(exp2(a[j] * into), h_start[j], ck_ref[bi, blk, j, e_sl]) for j in range(n)]
+        # the segment's initial state is reloaded (L1) rather than held in registers
+        h = [fma(exp2(a[j] * into), hs_ref[bi, si, j, e_sl], ck_ref[bi, blk, j, e_sl])
+             for j in range(n)]
         toks = []
         for u in range(block_t):  # the block forward: decays and a_t h_{t-1} kept
             t = blk * block_t + u

@@ -53,7 +53,7 @@ class SSDBackwardConfig:
     block_p: int = 32
     states_block_p: int = 16
     block_n: int = 64
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
     fp32_states: bool = False
 
