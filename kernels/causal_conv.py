@@ -325,11 +325,10 @@ def _backward_kernel(src_ref, w_ref, b_ref, s_ref, *refs, k, length, offset, sta
         return v
 
     def dpre(tt, dy_ref, lo):
-        """dL/dpre at outputs tt [T] (zero outside 0 … l−1), and the K windows it read."""
-        xs = [window(tt + (i - (k - 1))) for i in range(k)]
-        pre = xs[0] * w[0]
+        """dL/dpre at outputs tt [T] (zero outside 0 … l−1); pre recomputed tap by tap."""
+        pre = window(tt - (k - 1)) * w[0]
         for i in range(1, k):
-            pre = pre + xs[i] * w[i]
+            pre = pre + window(tt + (i - (k - 1))) * w[i]
         if has_bias:
             pre = pre + b_ref[c_sl].astype(f32)[None, :]
         ok = (tt >= 0) & (tt < length)
@@ -338,17 +337,22 @@ def _backward_kernel(src_ref, w_ref, b_ref, s_ref, *refs, k, length, offset, sta
         if activation == "silu":
             sig = jax.nn.sigmoid(pre)
             g = g * sig * (1.0 + pre * (1.0 - sig))
-        return g, xs
+        return g
 
     for j, dy_ref in enumerate(dy_refs):  # the cotangent this channel block belongs to
         lo, hi = starts[j], starts[j + 1]
 
         @pl.when((pc * block_c >= lo) & (pc * block_c < hi))
         def _(dy_ref=dy_ref, lo=lo):
-            g0, xs = dpre(t, dy_ref, lo)  # the rows' own outputs (t >= 0 only)
+            g0 = dpre(t, dy_ref, lo)  # the rows' own outputs (t >= 0 only)
+            # dweight and dbias from the rows' own outputs; the windows are loaded again (L1
+            # hits) rather than kept live across the K recomputations below
+            for i in range(k):
+                dw_ref[pb, pt, i, c_sl] = jnp.sum(g0 * window(t + (i - (k - 1))), axis=0)
+            db_ref[pb, pt, c_sl] = jnp.sum(g0, axis=0)
             dx = g0 * w[k - 1]
             for m in range(1, k):
-                dx = dx + dpre(t + m, dy_ref, lo)[0] * w[k - 1 - m]
+                dx = dx + dpre(t + m, dy_ref, lo) * w[k - 1 - m]
             # rows outside an output are masked (Triton) and sent past its end, where the
             # interpreter drops them (a clipped or negative index could land on a real row)
             rows = (t >= 0) & (t < length)
@@ -358,9 +362,6 @@ def _backward_kernel(src_ref, w_ref, b_ref, s_ref, *refs, k, length, offset, sta
                 srow = jnp.where(t < 0, t + (k - 1), k - 1)
                 plgpu.store(ds_ref.at[pb, srow[:, None], ch[None, :]],
                             dx.astype(ds_ref.dtype), mask=(t < 0)[:, None])
-            for i in range(k):
-                dw_ref[pb, pt, i, c_sl] = jnp.sum(g0 * xs[i], axis=0)
-            db_ref[pb, pt, c_sl] = jnp.sum(g0, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -375,6 +376,8 @@ def _backward(src, weight, bias, initial_state, dys, *, offset, splits, activati
     k, c = weight.shape
     has_bias, has_state = bias is not None, initial_state is not None
     starts = tuple(sum(splits[:i]) for i in range(len(splits) + 1))
+    # half the forward's rows: the K recomputed pre-activations need more registers
+    block_t = max(16, block_t // 2)
     n_rows = pl.cdiv(length + k - 1, block_t)
     dx, ds, dw, db = pl.pallas_call(
         functools.partial(

@@ -179,7 +179,8 @@ def _backward(y, z, weight, dout, *, eps, interpret):
     rows, width = y.shape
     block_rows = min(BACKWARD_ROWS, rows)
     n_prog = pl.cdiv(rows, block_rows)
-    num_warps = 4 if width <= 4096 else 8
+    # about ten row vectors live at once: 8 warps keep a 4,096-wide row in registers
+    num_warps = 4 if width <= 1024 else 8 if width <= 4096 else 16
     dy, dz, dw = pl.pallas_call(
         functools.partial(_backward_kernel, eps=eps, width=width, rows=rows,
                           block_rows=block_rows),
