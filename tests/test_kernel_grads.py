@@ -180,6 +180,17 @@ def test_ssd_grads_more_shapes(case):
     check_vjps(_ssd_kernel, _ssd_ref, args, {"dS present": ct}, F32, SSD_NAMES, "ssd")
 
 
+@pytest.mark.slow
+def test_ssd_grads_default_blocks_interpret():
+    """The default backward blocks (p = 64 in blocks of 32 and 16, n = 128 in blocks of 64,
+    chunks of 64) through the interpreter: 130 tokens, 3 chunks, the last ragged."""
+    args = ssd_args(SSDCase(l=130, filt=True, init=True, b=1, h=2, p=64, g=1, n=128), F32,
+                    seed=9)
+    ct = _random_like(jax.random.key(10), jax.eval_shape(_ssd_ref, *_upcast(args)))
+    kernel = functools.partial(_ssd_kernel, bwd=SSDBackwardConfig())
+    check_vjps(kernel, _ssd_ref, args, {"dS present": ct}, F32, SSD_NAMES, "ssd default")
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
 @pytest.mark.parametrize("case", [SSDCase(l=1000, filt=True, init=True, b=2, h=8, p=64, g=2,
                                           n=128),
@@ -306,6 +317,14 @@ def test_selective_scan_grads_more_cases(case, softplus, dtype):
     _check_ss(case, dtype, SS_FWD, softplus=softplus)
 
 
+@pytest.mark.slow
+def test_selective_scan_grads_default_blocks_interpret():
+    """The default backward blocks (32 channels, blocks of 4 tokens, segments of 256) through
+    the interpreter: 300 tokens in two segments, 40 channels in two blocks, n = 16."""
+    _check_ss(SSCase(l=300, filt=True, init=True, fused=True, b=1, e=40, n=16), F32, SS_FWD,
+              bwd=SelectiveScanBackwardConfig())
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
 @pytest.mark.parametrize("fwd", [SelectiveScanPallasConfig(), SelectiveScanMosaicConfig(),
                                  SelectiveScanPallasConfig(layout="tile", block_t=4)],
@@ -375,6 +394,13 @@ def test_causal_conv_grads(length, k, splits, with_bias, with_state, activation,
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
 def test_causal_conv_grads_more_cases(length, k, splits, dtype):
     _check_conv(length, k, splits, True, True, "silu", dtype)
+
+
+@pytest.mark.slow
+def test_causal_conv_grads_default_blocks_interpret():
+    """The default blocks (64 tokens, so 32 in the backward; 128 channels) through the
+    interpreter: 70 tokens, 256 channels at offset 20 of 300."""
+    _check_conv(70, 4, (256,), True, True, "silu", F32, offset=20, width=300, block_t=64)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
