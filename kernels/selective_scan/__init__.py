@@ -15,6 +15,8 @@ names one. Asking for an implementation that cannot run raises; nothing falls ba
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -126,7 +128,8 @@ def _is_hopper_or_newer() -> bool:
 
 def selective_scan_pallas(
     x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, dt_bias=None,
-    dt_softplus=False, z=None, out_dtype=jnp.float32, interpret=False, config=None
+    dt_softplus=False, z=None, out_dtype=jnp.float32, interpret=False, config=None,
+    backward_config=None,
 ):
     """Mamba-1 selective scan, Pallas kernel. Same contract as `selective_scan_reference`, plus
     the fused Δ prologue and gate of `selective_scan`.
@@ -140,19 +143,65 @@ def selective_scan_pallas(
       interpret: run through the Pallas interpreter (any platform).
       config: `SelectiveScanPallasConfig` (Triton) or `SelectiveScanMosaicConfig` (Mosaic
         GPU); None: `default_config(interpret, n)`.
+      backward_config: `SelectiveScanBackwardConfig` of the gradient kernels (Triton, whichever
+        kernel ran the forward); None for the defaults. Differentiable in x, dt, A, B, C, D,
+        initial_state, dt_bias and z (and through the final state).
 
     Returns:
       (y [b, l, e] out_dtype, final_state [b, e, n] fp32).
     """
+    from longmamba_kernels.selective_scan.pallas_backward import SelectiveScanBackwardConfig
+
+    config = default_config(interpret, A.shape[-1]) if config is None else config
+    if backward_config is None:
+        backward_config = SelectiveScanBackwardConfig()
+    return _differentiable(x, dt, A, B, C, D, initial_state, threshold, dt_bias, z,
+                           bool(dt_softplus), jnp.dtype(out_dtype), bool(interpret), config,
+                           backward_config)
+
+
+def _run_kernel(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret, config):
     from longmamba_kernels.selective_scan.pallas_mosaic import (
         SelectiveScanMosaicConfig,
         selective_scan_mosaic,
     )
     from longmamba_kernels.selective_scan.pallas_triton import selective_scan_triton
 
-    config = default_config(interpret, A.shape[-1]) if config is None else config
     kernel = selective_scan_mosaic if isinstance(config, SelectiveScanMosaicConfig) else \
         selective_scan_triton
-    return kernel(x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
-                  dt_bias=dt_bias, dt_softplus=dt_softplus, z=z, out_dtype=out_dtype,
-                  interpret=interpret, config=config)
+    return kernel(x, dt, A, B, C, D, initial_state=h0, threshold=thr, dt_bias=dt_bias,
+                  dt_softplus=softplus, z=z, out_dtype=out_dtype, interpret=interpret,
+                  config=config)
+
+
+# Gradients: the forward kernel runs unchanged and its inputs are the only residuals; one
+# backward (`pallas_backward.py`, Triton) serves both forward kernels (docs/kernels.md,
+# "Backward passes"). The threshold gets no gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
+def _differentiable(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret,
+                    config, backward_config):
+    return _run_kernel(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret,
+                       config)
+
+
+def _differentiable_fwd(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret,
+                        config, backward_config):
+    out = _run_kernel(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret,
+                      config)
+    return out, (x, dt, A, B, C, D, h0, thr, dt_bias, z)
+
+
+def _differentiable_bwd(softplus, out_dtype, interpret, config, backward_config, residuals,
+                        cotangents):
+    from longmamba_kernels.selective_scan.pallas_backward import selective_scan_backward
+
+    x, dt, A, B, C, D, h0, thr, dt_bias, z = residuals
+    dy, d_final = cotangents
+    dx, ddt, dA, dB, dC, dD, dh0, dbias, dz = selective_scan_backward(
+        x, dt, A, B, C, D, h0, thr, dt_bias, z, dy, d_final, softplus=softplus,
+        interpret=interpret, config=backward_config)
+    dthr = None if thr is None else jnp.zeros_like(thr)
+    return dx, ddt, dA, dB, dC, dD, dh0, dthr, dbias, dz
+
+
+_differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)
