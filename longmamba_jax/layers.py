@@ -1,9 +1,9 @@
 """Small building blocks shared by both mixers: linear, RMSNorm, causal depthwise conv1d.
 
-Precision policy (docs/design.md, "Precision policy"): parameters may be fp32 or bf16; matmuls run in the parameter dtype
-with fp32 accumulation (`matmul_dtype`); norms, the conv, Δ, A and the scan run in fp32; the
-residual stream is fp32. Parameter names mirror the torch keys (`weight`, `bias`, `kernel` =
-transposed weight) so that conversion is a table.
+Precision policy (docs/design.md, "Precision policy"): parameters may be fp32 or bf16; matmuls
+run in the parameter dtype with fp32 accumulation (`matmul_dtype`); norms, the conv, Δ, A and
+the scan run in fp32; the residual stream is fp32. Parameter names mirror the torch keys
+(`weight`, `bias`, `kernel` = transposed weight) so that conversion is a table.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def matmul_dtype(param_dtype) -> jnp.dtype:
     """What a bf16 (or fp16) matmul writes: fp32 accumulation either way, then one rounding to
     the parameter dtype. On a GPU the rounding happens in the matmul's epilogue (bf16 out), which
     saves writing and re-reading an fp32 result: 14–18% off the models' in_proj at 16K tokens on
-    an H100 (docs/kernels.md, "Matmul outputs"). XLA's CPU backend is faster with an fp32 result, so it
-    keeps one. fp32 parameters: fp32."""
+    an H100 (docs/kernels.md, "Matmul outputs"). XLA's CPU backend is faster with an fp32
+    result, so it keeps one. fp32 parameters: fp32."""
     if jnp.dtype(param_dtype) != f32 and jax.default_backend() == "gpu":
         return jnp.dtype(param_dtype)
     return f32
@@ -98,14 +98,16 @@ class CausalConv1d(nn.Module):
     param_dtype: jnp.dtype = f32
 
     @nn.compact
-    def __call__(self, x, state=None, fused: FusedConv | None = None):
+    def __call__(self, x, state=None, fused: FusedConv | None = None, segment_ids=None,
+                 lengths=None):
         c = x.shape[-1] if fused is None else fused.channels
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.width, c),
                             self.param_dtype)
         bias = (self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
                 if self.use_bias else None)
         if fused is None:
-            (y,), new_state = causal_conv1d(x, kernel, bias, initial_state=state, out_dtype=f32)
+            (y,), new_state = causal_conv1d(x, kernel, bias, initial_state=state, out_dtype=f32,
+                                            segment_ids=segment_ids, lengths=lengths)
             return y, new_state
         return causal_conv1d(
             x, kernel, bias, initial_state=state, offset=fused.offset, splits=fused.splits,

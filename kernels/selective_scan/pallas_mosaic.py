@@ -11,7 +11,8 @@ warpgroup (128 threads) owns `block_e` channels × all n states: each thread `pe
 consecutive states of one channel, n / 4 lanes per channel, so y's sum over n is 4 products in
 the thread and two shuffles. At batch 1 that is one pass over time with enough threads
 (4,096 channels × 16 states / 4 = 16,384), so every decay is evaluated once; the Triton "lane"
-layout walks time twice and evaluates each decay twice (docs/kernels.md, "Selective scan (Mosaic GPU)").
+layout walks time twice and evaluates each decay twice (docs/kernels.md, "Selective scan
+(Mosaic GPU)").
 
 Time is walked in blocks of `block_t` tokens, copied by TMA into shared memory
 `stages` blocks ahead (x, Δ, B, C, and z with a gate); y is written to shared memory and stored

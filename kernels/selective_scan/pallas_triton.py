@@ -16,7 +16,7 @@ of A pre-scaled by log2 e (`common.LOG2E`), compiled as one `ex2.approx.ftz`, an
 update as one `fma`.
 
 On Hopper GPUs (n <= 64) the default is neither: `default_config` picks the Mosaic GPU kernel
-of `selective_scan_mgpu.py` (one pass over time), 1.3–1.4× faster on the H100.
+of `pallas_mosaic.py` (one pass over time), 1.3–1.4× faster on the H100.
 
 - "lane" (the default elsewhere): each thread owns whole channels (4 at n = 16), their n states in
   registers, so y's sum over n stays in the thread; B_t and C_t are loaded as scalars, the
@@ -126,9 +126,9 @@ class SelectiveScanPallasConfig:
 def lane_channels(n: int) -> int:
     """The "lane" layout's default channels per thread for state size n: a power of two near
     64 / n, from 1 to 8, so the states and decay rates a thread holds stay near 128 fp32
-    registers. Measured on the H100 at 16K tokens (docs/kernels.md, "Selective scan (Triton)"): n = 8
-    runs fastest with 8, n = 16 with 4, n = 32 with 2, n = 64 with 1; at n = 128 one channel
-    spills but still beats the "tile" layout."""
+    registers. Measured on the H100 at 16K tokens (docs/kernels.md, "Selective scan
+    (Triton)"): n = 8 runs fastest with 8, n = 16 with 4, n = 32 with 2, n = 64 with 1; at
+    n = 128 one channel spills but still beats the "tile" layout."""
     return min(8, 1 << max(64 // max(n, 1), 1).bit_length() - 1)
 
 

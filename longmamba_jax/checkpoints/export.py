@@ -26,7 +26,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from longmamba_jax.checkpoints.torch_format import torch_key
+from longmamba_jax.checkpoints.torch_format import flatten, torch_key
 from longmamba_jax.config import Config, Mamba2Config, MambaConfig
 
 LAYOUTS = ("transformers", "native")
@@ -129,15 +129,6 @@ def to_native_config(config: Config) -> dict:
 # ---------------------------------------------------------------------------------------------
 # State dicts.
 
-def _flatten(tree, prefix=()):
-    for key in sorted(tree):
-        value = tree[key]
-        if isinstance(value, dict):
-            yield from _flatten(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
-
-
 def _to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     if path[-1] == "kernel" and path[-2] == "conv1d":  # [K, C] -> [C, 1, K]
         return value.T[:, None, :]
@@ -152,7 +143,7 @@ def iter_torch_tensors(params, layout: str = "transformers") -> Iterator[tuple[s
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     native = layout == "native"
     config = params.config
-    for path, leaf in _flatten(params.weights):
+    for path, leaf in flatten(params.weights):
         array = np.asarray(leaf)
         if path[0] == "layers":
             if array.shape[0] != config.n_layer:

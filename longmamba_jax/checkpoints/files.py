@@ -12,6 +12,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import ml_dtypes
 import numpy as np
 
+from longmamba_jax.progress import NoBar
+from longmamba_jax.progress import progress_bar as tqdm_bar
+
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -222,20 +225,10 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, np.ndarray]]:
             yield path, key, array
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 def progress_bar(enabled: bool, files):
     """A tqdm bar over the tensors of `files` (a no-op object when not enabled)."""
     if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
+        return NoBar()
     total = 0
     for f in files:
         if f.suffix != ".safetensors":
@@ -246,7 +239,7 @@ def progress_bar(enabled: bool, files):
         except (OSError, CheckpointError):
             total = None  # the reader reports the problem, naming the file
             break
-    return tqdm(total=total, desc="tensors", unit="tensor")
+    return tqdm_bar(total=total, desc="tensors", unit="tensor")
 
 
 def read_json(path: Path):
