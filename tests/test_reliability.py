@@ -634,3 +634,13 @@ def test_signal_guard_records_then_raises_at_safe_points():
             assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.mark.parametrize("prompts", [[[1, 2, 3], [4, 2**40]], [[4, 2**63]], [1, 2**40]],
+                         ids=["ragged", "beyond-int64", "single"])
+def test_prompt_lists_are_range_checked_before_padding(prompts, tiny):
+    """generate pads a list of prompts into one array: that must not wrap 2**40 to 0."""
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
+        lmj.generate(tiny, prompts, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
+        lmj.generate(tiny, prompts, max_new_tokens=2, pad_to_multiple_of=4)
