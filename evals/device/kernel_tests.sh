@@ -33,7 +33,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   $PY -c "import xdist" 2>/dev/null && [ "${WORKERS:-8}" != 0 ] && workers=(-n "${WORKERS:-8}")
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT_S:-420}" \
     $PY -m pytest ${TEST_FILES:-tests} -q -p no:cacheprovider -m "${PYTEST_MARK-gpu}" \
-    -o addopts="-ra --strict-markers" "${workers[@]}" 2>&1 | tee "$OUT/pytest_gpu.log"
+    -p no:benchmark -o addopts="-ra --strict-markers" "${workers[@]}" 2>&1 | tee "$OUT/pytest_gpu.log"
   rc=${PIPESTATUS[0]}
   echo "pytest exit code: $rc"
 fi
