@@ -83,13 +83,14 @@ def torch_model(params):
     return model.eval()
 
 
-def verify(params, *, batch: int = 2, length: int = 17, seed: int = 0) -> dict:
+def verify(params, *, batch: int = 2, length: int = 17, seed: int = 0, check=None) -> dict:
     """Compares `longmamba_jax.forward(params, tokens)` with the transformers torch model.
 
     Args:
       params: `Params` (what was written, loaded back).
       batch, length: shape of the random token batch.
       seed: token seed.
+      check: called between the steps (the converter's safe point for signals).
 
     Returns:
       {"rel_norm_err", "max_rel_err", "tolerance", "dtype", "tokens": [batch, length],
@@ -104,11 +105,14 @@ def verify(params, *, batch: int = 2, length: int = 17, seed: int = 0) -> dict:
     dtype = str(np.dtype(params.dtype))
     tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, length),
                                                   dtype=np.int64)
+    check = check if check is not None else (lambda: None)
     ours = np.asarray(forward(params, tokens.astype(np.int32)), np.float32)
+    check()
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "falling back to the reference kernel" notices
     try:
         model = torch_model(params)
+        check()
         with torch.no_grad():
             ref = model(torch.from_numpy(tokens), use_cache=False).logits.float().numpy()
         del model

@@ -12,8 +12,10 @@ backend applies it inside the same compiled forward:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import weakref
 
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +44,9 @@ class LongMamba:
         train_len; the published code used 3,000 for train_len 2,000). Must be >= train_len.
       filter_decode: also filter decode steps, with θ for the final length (prompt +
         max_new_tokens, computed once before the decode loop); off as published.
+      check_weights: refuse a model whose weights differ from those the calibration was
+        measured on (compared by `weights_digest` when the calibration records one;
+        docs/reliability.md, "Calibrations"); False uses the calibration anyway.
     """
 
     calibration: object
@@ -51,6 +56,7 @@ class LongMamba:
     filter_decode: bool = False
     rule: str = "threshold"
     k: int | None = None
+    check_weights: bool = True
 
     def __post_init__(self):
         train_len = self.calibration.train_len
@@ -66,6 +72,29 @@ class LongMamba:
             )
         if self.scale <= 0:
             raise ValueError(f"LongMamba scale must be positive, got {self.scale}")
+
+    def check_params(self, params) -> None:
+        """Raises ValueError if the calibration records the digest of other weights than
+        `params` (once per weights object; skipped for traced weights or check_weights=False)."""
+        digest = getattr(self.calibration, "weights_digest", None)
+        if not self.check_weights or digest is None:
+            return
+        a_log = params.weights["layers"]["mixer"]["A_log"]
+        checked = self.__dict__.get("_checked")
+        if checked is not None and checked() is a_log:
+            return
+        from longmamba_jax.calibration.record import weights_digest
+
+        mine = weights_digest(params)
+        if mine is None:
+            return
+        if mine != digest:
+            raise ValueError(
+                f"calibration does not match the model: weights digest {digest} != model's "
+                f"{mine} (it was measured on other weights; LongMamba(..., check_weights=False) "
+                "uses it anyway)")
+        with contextlib.suppress(TypeError):  # remember these weights (if they take a weakref)
+            object.__setattr__(self, "_checked", weakref.ref(a_log))
 
     @property
     def switch_on_len(self) -> int:

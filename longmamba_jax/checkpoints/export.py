@@ -245,7 +245,7 @@ def export_torch(params, out_dir, *, layout: str = "transformers",
     Returns:
       The output directory.
     """
-    from longmamba_jax.checkpoints.converted import atomic_directory
+    from longmamba_jax.checkpoints.atomic import atomic_directory
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")

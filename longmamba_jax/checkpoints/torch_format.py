@@ -5,9 +5,10 @@ A checkpoint directory holds `config.json` and weights as `model.safetensors`, s
 `torch.load(weights_only=True)` only: a pickle that carries code or objects is refused).
 
 Conversion is a table (`_RULES`): torch key pattern -> parameter path and transform. Loading is
-strict: every tensor must be used, every parameter filled, every shape match the config; each
-failure is one `CheckpointError` naming the file and the key. Tensors are streamed one at a time
-into preallocated arrays of the target dtype (no second full copy in fp32).
+strict: every tensor must be used, every parameter filled, every shape match the config, every
+value be a finite float; each failure is one `CheckpointError` naming the file and the key.
+Tensors are streamed one at a time into preallocated arrays of the target dtype (no second full
+copy in fp32).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from longmamba_jax.checkpoints.files import (
@@ -119,7 +121,8 @@ def expected_shapes(config: Config) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {path: tuple(leaf.shape) for path, leaf in flatten(shapes)}
 
 
-def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
+def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False,
+                          on_tensor: Callable[[], None] | None = None):
     """Loads a torch checkpoint directory (either layout) into `Params`.
 
     Args:
@@ -127,6 +130,7 @@ def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
       dtype: parameter dtype (jnp.float32 / jnp.bfloat16); None keeps the checkpoint's dtype
         (fp32 when it mixes dtypes).
       progress: show a progress bar over tensors.
+      on_tensor: called after each tensor (the converter's safe point for signals).
 
     Returns:
       (Params, info) where info has the schema ("native" / "transformers"), files and dtype.
@@ -148,11 +152,14 @@ def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
     try:
         for path_file, key, array in iter_tensors(files):
             bar.update(1)
+            if on_tensor is not None:
+                on_tensor()
             hit = _match(rules, key)
             if hit is None:
                 raise CheckpointError(f"{path_file}: unexpected key {key!r} (not part of a "
                                       f"{config.arch} model in the {schema} layout)")
             path, layer, transform = hit
+            _check_values(path_file, key, array)
             if path == ("lm_head", "kernel") and config.tie_embeddings:
                 lm_head_tied = (path_file, array)  # mamba_ssm saves tied heads too; checked below
                 continue
@@ -225,6 +232,18 @@ def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
     return Params(weights, config), info
 
 
+_FLOAT_DTYPES = {np.dtype(d) for d in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)}
+
+
+def _check_values(path_file: Path, key: str, array: np.ndarray) -> None:
+    """Every parameter is floating point and finite (one pass over the tensor)."""
+    if np.dtype(array.dtype) not in _FLOAT_DTYPES:
+        raise CheckpointError(f"{path_file}: key {key!r} is {array.dtype}, but every parameter is "
+                              "floating point (float32, bfloat16, float16 or float64)")
+    if not np.isfinite(array).all():
+        raise CheckpointError(f"{path_file}: key {key!r} holds NaN or inf values")
+
+
 def _torch_shape(path, shape):
     if path[-1] == "kernel" and path[-2] == "conv1d":
         return (shape[1], 1, shape[0])
@@ -242,8 +261,9 @@ def read_config(directory: Path) -> tuple[Config, str]:
     raw = read_json(path)
     try:
         config = from_dict(raw, source=str(path))
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(str(exc)) from None
+    except (ConfigError, TypeError, ValueError, OverflowError) as exc:  # int("x"), int(inf)
+        msg = str(exc)
+        raise CheckpointError(msg if str(path) in msg else f"{path}: {msg}") from None
     schema = "transformers" if "model_type" in raw else "native" if "d_model" in raw else "ours"
     return config, schema
 
