@@ -24,13 +24,17 @@ import time
 from pathlib import Path
 
 from longmamba_jax.checkpoints.files import (
-    CONFIG_FILE,
     SAFETENSORS_INDEX,
     CheckpointError,
     weight_files,
 )
 from longmamba_jax.checkpoints.source import resolve_source
-from longmamba_jax.checkpoints.torch_format import load_torch_checkpoint
+from longmamba_jax.checkpoints.torch_format import (
+    MISTRAL_CONFIG,
+    MISTRAL_WEIGHTS,
+    config_file,
+    load_torch_checkpoint,
+)
 from longmamba_jax.config import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -69,7 +73,9 @@ def sha256(path: Path, chunk: int = 1 << 23) -> str:
 
 
 def _input_files(directory: Path) -> list[Path]:
-    files = [directory / CONFIG_FILE]
+    files = [config_file(directory)]
+    if files[0].name == MISTRAL_CONFIG:  # Codestral Mamba's own release
+        return files + [directory / MISTRAL_WEIGHTS]
     if (directory / SAFETENSORS_INDEX).exists():
         files.append(directory / SAFETENSORS_INDEX)
     return files + weight_files(directory)

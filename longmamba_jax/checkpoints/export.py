@@ -1,4 +1,5 @@
 """JAX -> PyTorch: configs and state dicts for transformers and mamba_ssm, and `export_torch`.
+(FalconMamba: the transformers layout only.)
 
 The inverse of the key table in `torch_format.py`: every parameter path maps back to its
 torch key, `kernel` [in, out] back to a Linear weight [out, in], and the conv kernel [K, C] back
@@ -63,13 +64,17 @@ def to_hf_config(config: Config) -> dict:
         "tie_word_embeddings": config.tie_embeddings,
     }
     if isinstance(config, MambaConfig):
-        return {
+        out = {
             "architectures": ["MambaForCausalLM"],
             "model_type": "mamba",
             **common,
             "intermediate_size": config.d_inner,
             "time_step_rank": config.dt_rank,
         }
+        if config.mixer_rms_eps is not None:
+            out.update(architectures=["FalconMambaForCausalLM"], model_type="falcon_mamba",
+                       mixer_rms_eps=config.mixer_rms_eps)
+        return out
     if isinstance(config, Mamba2Config):
         return {
             "architectures": ["Mamba2ForCausalLM"],
@@ -91,7 +96,7 @@ def to_native_config(config: Config) -> dict:
     same embedding shape. A non-default `norm_eps` is written as `norm_epsilon` (read by
     `from_dict`; mamba_ssm's own config class has no such key).
     """
-    if isinstance(config, MambaConfig):
+    if isinstance(config, MambaConfig) and config.mixer_rms_eps is None:
         ssm = {"layer": "Mamba1", "d_state": config.d_state, "d_conv": config.d_conv,
                "expand": config.expand,
                "dt_rank": "auto" if config.dt_rank == math.ceil(config.d_model / 16)
@@ -105,8 +110,8 @@ def to_native_config(config: Config) -> dict:
         if config.dt_limit != (0.0, math.inf):
             ssm["dt_limit"] = list(config.dt_limit)
     else:
-        raise TypeError(f"config must be MambaConfig or Mamba2Config, got "
-                        f"{type(config).__name__}")
+        raise ValueError(f"{config.family} has no mamba_ssm native layout (use "
+                         "layout='transformers')")
     out = {
         "d_model": config.d_model,
         "d_intermediate": 0,
