@@ -344,16 +344,19 @@ _HF_UNSUPPORTED = {
     "nemotron_h": "Nemotron-H (Mamba2 / attention / MLP / MoE blocks)",
     "granitemoehybrid": "GraniteMoeHybrid (Mamba2 + attention + mixture-of-experts layers)",
     "zamba": "Zamba (Mamba-1 + one shared attention block)",
-    "zamba2": "Zamba2 (Mamba2 + shared attention blocks)",
-    "bamba": "Bamba (Mamba2 + attention layers)",
 }
-HF_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba")
+HF_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "zamba2", "bamba")
 
 
 def from_hf_config(cfg: dict, source: str = "config.json"):
     """Builds a config from a transformers config dict: `MambaConfig` for mamba and
-    falcon_mamba, `Mamba2Config` for mamba2."""
+    falcon_mamba, `Mamba2Config` for mamba2, the hybrid configs of `longmamba_jax.hybrid` for
+    zamba2 and bamba."""
     model_type = cfg.get("model_type")
+    if model_type in ("zamba2", "bamba"):
+        from longmamba_jax.hybrid.config import from_hf_hybrid
+
+        return from_hf_hybrid(cfg, source)
     if model_type in _HF_UNSUPPORTED:
         raise ConfigError(f"{source}: model_type={model_type!r} ({_HF_UNSUPPORTED[model_type]}) "
                           f"is not supported; supported: {', '.join(HF_MODEL_TYPES)}")
@@ -411,7 +414,9 @@ def from_dict(cfg: dict, source: str = "config.json") -> Config:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
     if "arch" in cfg:
-        kinds = {"mamba1": MambaConfig, "mamba2": Mamba2Config}
+        from longmamba_jax.hybrid.config import HYBRID_CONFIGS
+
+        kinds = {"mamba1": MambaConfig, "mamba2": Mamba2Config, **HYBRID_CONFIGS}
         kind = kinds.get(cfg["arch"])
         if kind is None:
             raise ConfigError(f"{source}: arch={cfg['arch']!r} is not one of {sorted(kinds)}")

@@ -3,7 +3,8 @@
 A method turns a prompt length into extra inputs of `apply_model` (`model_kwargs`), so every
 backend applies it inside the same compiled forward:
 
-- LongMamba: per-layer arrays (is_global [n_layer, C], threshold [n_layer, C]); in global
+- LongMamba: per-SSM-layer arrays (is_global [n_ssm_layer, C], threshold [n_ssm_layer, C];
+  a hybrid model's attention layers have none); in global
   channels Δ_eff = Δ if Δ > scale·θ_S else 0, everywhere Δ enters the scan. Off (no extra inputs,
   bit-identical to vanilla) when S <= min_len or when no channel is global.
 - DeciMamba: a static plan ((layer, keep, keep_last), ...); in each decimating layer only the
@@ -62,7 +63,8 @@ class LongMamba:
     def layer_filters(self, config: Config, seq_len: int) -> LayerFilters | None:
         """The filter arrays for prompt length seq_len, or None when filtering is off."""
         cal = self.calibration
-        cal.check_compatible(config.fingerprint, config.n_layer, [config.channels] * config.n_layer)
+        n = config.n_ssm_layer  # hybrids: the Mamba2 layers only (docs/families.md)
+        cal.check_compatible(config.fingerprint, n, [config.channels] * n)
         if not self.active(seq_len):
             return None
         is_global = np.stack([np.asarray(g, bool)
@@ -118,6 +120,9 @@ class DeciMamba:
     def plan(self, config: Config, seq_len: int) -> tuple[tuple[int, int, int], ...]:
         """((layer, keep, keep_last), ...) for a prompt of seq_len tokens; layers where nothing
         would be dropped are left out."""
+        if config.family in ("zamba2", "bamba"):
+            raise ValueError(f"DeciMamba is not supported on {config.family}: decimation would "
+                             "drop tokens from its attention layers' context too")
         if self.layers[-1] >= config.n_layer:
             raise ValueError(f"DeciMamba layer {self.layers[-1]} does not exist (the model has "
                              f"{config.n_layer} layers)")

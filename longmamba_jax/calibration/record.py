@@ -1,6 +1,6 @@
 """`calibrate`: run the model on windows of `train_len` tokens taken evenly across a token
-stream, record Δ of every layer (after softplus), and stream them batch by batch into a
-`CalibrationBuilder`."""
+stream, record Δ of every SSM layer (after softplus; a hybrid model's Mamba2 layers, in
+order), and stream them batch by batch into a `CalibrationBuilder`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 from longmamba_jax.backends import resolve_backend
 from longmamba_jax.calibration.artifact import Calibration
 from longmamba_jax.calibration.builder import CalibrationBuilder
-from longmamba_jax.config import Mamba2Config
+from longmamba_jax.config import MambaConfig
 from longmamba_jax.model import Params, apply_model
 
 
@@ -26,7 +26,7 @@ def window_starts(n_tokens: int, train_len: int, num_windows: int) -> np.ndarray
 
 
 def layer_A(params: Params) -> list[np.ndarray]:
-    """A = −exp(A_log) per layer: [channels] (Mamba2) or [channels, d_state] (Mamba-1)."""
+    """A = −exp(A_log) per SSM layer: [channels] (Mamba2) or [channels, d_state] (Mamba-1)."""
     a_log = np.asarray(params.weights["layers"]["mixer"]["A_log"], np.float32)
     return [-np.exp(a) for a in a_log]
 
@@ -60,11 +60,11 @@ def record_deltas(params: Params, tokens, *, train_len: int, num_windows: int = 
     `calibrate` streams them instead."""
     cfg = params.config
     out = [np.empty((num_windows, train_len, cfg.channels), np.float32)
-           for _ in range(cfg.n_layer)]
+           for _ in range(cfg.n_ssm_layer)]
     i = 0
     for dt in _delta_batches(params, tokens, train_len=train_len, num_windows=num_windows,
                              backend=backend, batch_size=batch_size, progress=progress):
-        for layer in range(cfg.n_layer):
+        for layer in range(cfg.n_ssm_layer):
             out[layer][i : i + dt.shape[1]] = dt[layer]
         i += dt.shape[1]
     return out
@@ -104,6 +104,6 @@ def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
         builder.add(list(dt))
     return builder.finish(
         fingerprint=cfg.fingerprint,
-        model_info={"arch": cfg.arch, "n_layer": cfg.n_layer, "channels": cfg.channels,
-                    "kind": "heads" if isinstance(cfg, Mamba2Config) else "channels"},
+        model_info={"arch": cfg.arch, "n_layer": cfg.n_ssm_layer, "channels": cfg.channels,
+                    "kind": "channels" if isinstance(cfg, MambaConfig) else "heads"},
     )

@@ -43,6 +43,7 @@ from longmamba_jax.generation.decode_steps import (
     step_unrolled,
 )
 from longmamba_jax.generation.sampling import Sampler, make_sampler, sample_logits
+from longmamba_jax.hybrid import is_hybrid, reserve
 from longmamba_jax.mixers import ScanBackend
 from longmamba_jax.model import (
     Cache,
@@ -129,6 +130,8 @@ def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None 
     mask = _mask(attention_mask, tokens)
     if mask is not None:
         _check_left_padding(attention_mask)
+    if cache is not None:  # a hybrid model's KV cache: room for this chunk (and the prompt)
+        cache = reserve(cache, length, total=int(total_len), dtype=params.dtype)
     out = apply_model(params, tokens, mask=mask, cache=cache,
                       backend=resolve_backend(backend), last_n=1, return_cache=True, **kwargs)
     return out.logits[:, -1], out.cache
@@ -178,6 +181,7 @@ def decode_step(params: Params, cache: Cache, token, *, method: Any = None,
     if token.ndim != 1 or not jnp.issubdtype(token.dtype, jnp.integer):
         raise ValueError(f"token must be int [batch], got {token.dtype} {token.shape}")
     _check_cache(params, cache, token.shape[0])
+    cache = reserve(cache, 1, dtype=params.dtype, double=True)  # hybrid models: KV room
     filters = _decode_filters(method, params, seq_len)
     step = _step if donate else _step_keep
     return step(params, cache, token.astype(i32), filters, resolve_backend(backend))
@@ -327,6 +331,9 @@ def generate(params: Params, tokens, *, max_new_tokens: int, temperature: float 
     tokens = _check_tokens(params, tokens)
     if decode_impl not in DECODE_IMPLS:
         raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
+    if decode_impl != "scan" and is_hybrid(params.config):
+        raise ValueError(f"decode_impl={decode_impl!r} serves the pure Mamba models; a "
+                         f"{params.config.family} model decodes with decode_impl='scan'")
     try:
         n_new = operator.index(max_new_tokens)
     except TypeError:
@@ -347,6 +354,7 @@ def generate(params: Params, tokens, *, max_new_tokens: int, temperature: float 
     prompt_len = tokens.shape[1]
     logits0, cache = prefill(params, tokens, attention_mask=attention_mask, method=method,
                              backend=backend)
+    cache = reserve(cache, max_new_tokens, dtype=params.dtype)  # hybrid models: KV room
     filters = _decode_filters(method, params, prompt_len + max_new_tokens)
     out_tokens, scores, lengths, steps, _ = _decode_loop(
         params, cache, logits0, jax.random.PRNGKey(seed), filters,
