@@ -1,5 +1,5 @@
-"""`python -m evals <task> ...` from the repository root (see `longmamba_evals.cli`)."""
+"""`python -m evals <task> ...` from the repository root (see `longmamba_evals.tasks.cli`)."""
 
-from longmamba_evals.cli import main
+from longmamba_evals.tasks.cli import main
 
-main()
+main(prog="python -m evals")

@@ -26,12 +26,15 @@ wrapper takes in XLA.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+
+from longmamba_kernels.common import check_segment_ids, document_index
 
 f32 = jnp.float32
 
@@ -52,8 +55,9 @@ def default_block_c(splits) -> int:
 
 
 def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0,
-                  splits=None, activation=None, out_dtype=None, implementation="reference",
-                  interpret: bool = False, block_t: int = 64, num_warps: int = 8):
+                  splits=None, activation=None, out_dtype=None, segment_ids=None,
+                  lengths=None, implementation="reference", interpret: bool = False,
+                  block_t: int = 64, num_warps: int = 8):
     """Depthwise causal conv of channels `offset … offset + C` of `src` along time.
 
     Args:
@@ -67,6 +71,11 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
         arrays [b, l, w_i], channel order kept.
       activation: None or "silu".
       out_dtype: the outputs' dtype (default src's).
+      segment_ids: [b, l] int or None: packed documents (`common.document_index`); a token's
+        window holds only earlier tokens of its own document (the first document also reads
+        initial_state), as if each document ran alone.
+      lengths: [b] int or None: row i's final state is the K−1 inputs before position
+        lengths[i] (a right-padded batch: each row's state at its own last real token).
       implementation: "reference" | "pallas".
       interpret: run the Pallas kernel through the interpreter; only for "pallas".
       block_t: tokens per program (Pallas).
@@ -99,10 +108,12 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
         raise ValueError(f"causal_conv1d: activation {activation!r} not in {ACTIVATIONS}")
     if length == 0:
         raise ValueError("causal_conv1d: src has no tokens (l = 0)")
+    segment_ids = check_segment_ids(segment_ids, b, length)
     x = jax.lax.slice_in_dim(src, offset, offset + c, axis=2)
-    state = _final_state(x, initial_state, k)
+    state = _final_state(x, initial_state, k, segment_ids, lengths)
     if implementation == "reference":
-        y = _reference(x, weight, bias, initial_state, activation).astype(out_dtype)
+        y = _reference(x, weight, bias, initial_state, activation, segment_ids)
+        y = y.astype(out_dtype)
         bounds = [sum(splits[:i]) for i in range(len(splits) + 1)]
         return tuple(y[..., lo:hi] for lo, hi in zip(bounds, bounds[1:], strict=False)), state
     if implementation != "pallas":
@@ -110,6 +121,8 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
             f"causal_conv1d: unknown implementation {implementation!r} "
             "(expected 'reference' or 'pallas')"
         )
+    if segment_ids is not None:
+        raise NotImplementedError("causal_conv1d: segment_ids with implementation='pallas'")
     block_c = default_block_c(splits)
     if not block_c:
         raise ValueError(
@@ -118,29 +131,54 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
         )
     if block_t < 1 or block_t & (block_t - 1):
         raise ValueError(f"causal_conv1d: block_t must be a power of two, got {block_t}")
-    ys = _pallas(src, weight, bias, initial_state, offset=offset, splits=splits,
-                 activation=activation, out_dtype=out_dtype, interpret=interpret,
-                 block_t=min(block_t, max(16, 1 << (length - 1).bit_length())), block_c=block_c,
-                 num_warps=num_warps)
-    return tuple(ys), state
+    static = _Static(offset=offset, splits=splits, activation=activation, out_dtype=out_dtype,
+                     interpret=bool(interpret),
+                     block_t=min(block_t, max(16, 1 << (length - 1).bit_length())),
+                     block_c=block_c, num_warps=num_warps)
+    return _differentiable(src, weight, bias, initial_state, static), state
 
 
-def _final_state(x, initial_state, k):
-    """The last K−1 inputs in fp32 (what the next chunk or decode step reads)."""
+def _window_docs(segment_ids, k):
+    """Document index of every window slot: int32 [b, K−1+l], the K−1 initial-state slots in
+    document 0 (the one the initial state belongs to)."""
+    doc = document_index(segment_ids)
+    return jnp.concatenate([jnp.zeros((doc.shape[0], k - 1), doc.dtype), doc], axis=1)
+
+
+def _final_state(x, initial_state, k, segment_ids=None, lengths=None):
+    """The last K−1 inputs in fp32 (what the next chunk or decode step reads): those before
+    position lengths[i] of row i when given; with packed documents, inputs of documents
+    before the one the state ends in read as zeros."""
     b, length, c = x.shape
-    if length >= k - 1:
-        return x[:, length - (k - 1):].astype(f32)
     prev = jnp.zeros((b, k - 1, c), f32) if initial_state is None else initial_state.astype(f32)
-    return jnp.concatenate([prev, x.astype(f32)], axis=1)[:, length:]
+    full = jnp.concatenate([prev, x.astype(f32)], axis=1)  # [b, K−1+l, c]
+    if lengths is None and segment_ids is None:
+        return full[:, length:]
+    if lengths is None:
+        lengths = jnp.full((b,), length, jnp.int32)
+    # slots lengths[i] … lengths[i] + K − 2 of `full` are the inputs before position lengths[i]
+    idx = jnp.asarray(lengths, jnp.int32)[:, None] + jnp.arange(k - 1)  # [b, K−1]
+    out = jnp.take_along_axis(full, idx[..., None], axis=1)
+    if segment_ids is not None and k > 1:
+        docs = jnp.take_along_axis(_window_docs(segment_ids, k), idx, axis=1)  # [b, K−1]
+        out = jnp.where((docs == docs[:, -1:])[..., None], out, 0.0)
+    return out
 
 
-def _reference(x, weight, bias, initial_state, activation):
+def _reference(x, weight, bias, initial_state, activation, segment_ids=None):
     """The jnp form, fp32: the sum of the K shifted windows in tap order, the bias, silu."""
     b, length, c = x.shape
     k = weight.shape[0]
     state = jnp.zeros((b, k - 1, c), f32) if initial_state is None else initial_state
     full = jnp.concatenate([state.astype(f32), x.astype(f32)], axis=1)  # [b, K−1+l, c]
-    y = sum(full[:, i : i + length] * weight[i].astype(f32) for i in range(k))
+    if segment_ids is None:
+        y = sum(full[:, i : i + length] * weight[i].astype(f32) for i in range(k))
+    else:  # tap i reads slot t + i; it counts only inside the token's own document
+        docs = _window_docs(segment_ids, k)
+        own = docs[:, k - 1:]  # [b, l]
+        y = sum(jnp.where((docs[:, i : i + length] == own)[..., None],
+                          full[:, i : i + length], 0.0) * weight[i].astype(f32)
+                for i in range(k))
     if bias is not None:
         y = y + bias.astype(f32)
     if activation == "silu":
@@ -213,3 +251,151 @@ def _pallas(src, weight, bias, initial_state, *, offset, splits, activation, out
         name="causal_conv1d",
     )(src, weight, bias if has_bias else np.zeros((1,), np.float32),
       initial_state if has_state else np.zeros((1, 1, 1), np.float32))  # unused placeholders
+
+
+# ------------------------------------------------------------------------------ gradients
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    offset: int
+    splits: tuple
+    activation: str | None
+    out_dtype: jnp.dtype
+    interpret: bool
+    block_t: int
+    block_c: int
+    num_warps: int
+
+
+def _forward(src, weight, bias, initial_state, st):
+    return tuple(_pallas(src, weight, bias, initial_state, offset=st.offset, splits=st.splits,
+                         activation=st.activation, out_dtype=st.out_dtype,
+                         interpret=st.interpret, block_t=st.block_t, block_c=st.block_c,
+                         num_warps=st.num_warps))
+
+
+# The forward kernel runs unchanged; its inputs are the residuals and the backward kernel
+# recomputes the pre-activations (docs/kernels.md, "Backward passes"). The final state (a slice
+# of the inputs, taken in XLA) is differentiated by XLA.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _differentiable(src, weight, bias, initial_state, st):
+    return _forward(src, weight, bias, initial_state, st)
+
+
+def _differentiable_fwd(src, weight, bias, initial_state, st):
+    return _forward(src, weight, bias, initial_state, st), (src, weight, bias, initial_state)
+
+
+def _differentiable_bwd(st, residuals, cotangents):
+    src, weight, bias, initial_state = residuals
+    return _backward(src, weight, bias, initial_state, tuple(cotangents), offset=st.offset,
+                     splits=st.splits, activation=st.activation, interpret=st.interpret,
+                     block_t=st.block_t, block_c=st.block_c, num_warps=st.num_warps)
+
+
+_differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)
+
+
+def _backward_kernel(src_ref, w_ref, b_ref, s_ref, *refs, k, length, offset, starts,
+                     block_t, block_c, has_bias, has_state, activation):
+    """One block of rows × channels. Row r stands for input position t = r − (K−1) (negative:
+    the initial state), whose gradient is Σ_m w[K−1−m] · dpre_{t+m}, with dpre_t = dy_t ·
+    act'(pre_t) and pre_t recomputed; the rows' own dpre also give this block's parts of
+    dweight and dbias."""
+    from jax.experimental.pallas import triton as plgpu
+
+    n_out = len(starts) - 1
+    dy_refs, (dx_ref, ds_ref, dw_ref, db_ref) = refs[:n_out], refs[n_out:]
+    pb, pt, pc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    t = pt * block_t - (k - 1) + jnp.arange(block_t, dtype=jnp.int32)  # [T] input positions
+    ch = pc * block_c + jnp.arange(block_c, dtype=jnp.int32)  # [C'] conv channels
+    c_sl = pl.ds(pc * block_c, block_c)
+    w = [w_ref[i, c_sl].astype(f32)[None, :] for i in range(k)]
+
+    def window(tt):
+        """x̃ at positions tt [T] (negative: the initial state; zeros outside): [T, C']."""
+        in_x = (tt >= 0) & (tt < length)
+        v = plgpu.load(src_ref.at[pb, jnp.clip(tt, 0, length - 1)[:, None],
+                                  (ch + offset)[None, :]],
+                       mask=in_x[:, None], other=0.0).astype(f32)
+        if has_state:
+            in_s = (tt < 0) & (tt >= -(k - 1))
+            sv = plgpu.load(s_ref.at[pb, jnp.clip(tt + (k - 1), 0, k - 2)[:, None], ch[None, :]],
+                            mask=in_s[:, None], other=0.0).astype(f32)
+            v = jnp.where(in_s[:, None], sv, v)
+        return v
+
+    def dpre(tt, dy_ref, lo):
+        """dL/dpre at outputs tt [T] (zero outside 0 … l−1); pre recomputed tap by tap."""
+        pre = window(tt - (k - 1)) * w[0]
+        for i in range(1, k):
+            pre = pre + window(tt + (i - (k - 1))) * w[i]
+        if has_bias:
+            pre = pre + b_ref[c_sl].astype(f32)[None, :]
+        ok = (tt >= 0) & (tt < length)
+        g = plgpu.load(dy_ref.at[pb, jnp.clip(tt, 0, length - 1)[:, None], (ch - lo)[None, :]],
+                       mask=ok[:, None], other=0.0).astype(f32)
+        if activation == "silu":
+            sig = jax.nn.sigmoid(pre)
+            g = g * sig * (1.0 + pre * (1.0 - sig))
+        return g
+
+    for j, dy_ref in enumerate(dy_refs):  # the cotangent this channel block belongs to
+        lo, hi = starts[j], starts[j + 1]
+
+        @pl.when((pc * block_c >= lo) & (pc * block_c < hi))
+        def _(dy_ref=dy_ref, lo=lo):
+            g0 = dpre(t, dy_ref, lo)  # the rows' own outputs (t >= 0 only)
+            # dweight and dbias from the rows' own outputs; the windows are loaded again (L1
+            # hits) rather than kept live across the K recomputations below
+            for i in range(k):
+                dw_ref[pb, pt, i, c_sl] = jnp.sum(g0 * window(t + (i - (k - 1))), axis=0)
+            db_ref[pb, pt, c_sl] = jnp.sum(g0, axis=0)
+            dx = g0 * w[k - 1]
+            for m in range(1, k):
+                dx = dx + dpre(t + m, dy_ref, lo) * w[k - 1 - m]
+            # rows outside an output are masked (Triton) and sent past its end, where the
+            # interpreter drops them (a clipped or negative index could land on a real row)
+            rows = (t >= 0) & (t < length)
+            plgpu.store(dx_ref.at[pb, jnp.where(rows, t, length)[:, None], ch[None, :]],
+                        dx.astype(dx_ref.dtype), mask=rows[:, None])
+            if has_state:
+                srow = jnp.where(t < 0, t + (k - 1), k - 1)
+                plgpu.store(ds_ref.at[pb, srow[:, None], ch[None, :]],
+                            dx.astype(ds_ref.dtype), mask=(t < 0)[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "offset", "splits", "activation", "interpret", "block_t", "block_c", "num_warps"))
+def _backward(src, weight, bias, initial_state, dys, *, offset, splits, activation,
+              interpret, block_t, block_c, num_warps):
+    """Gradients for (src, weight, bias, initial_state) from the outputs' cotangents `dys`;
+    src's gradient is zero outside the columns read."""
+    from jax.experimental.pallas import triton as plgpu
+
+    b, length, width = src.shape
+    k, c = weight.shape
+    has_bias, has_state = bias is not None, initial_state is not None
+    starts = tuple(sum(splits[:i]) for i in range(len(splits) + 1))
+    # half the forward's rows: the K recomputed pre-activations need more registers
+    block_t = max(16, block_t // 2)
+    n_rows = pl.cdiv(length + k - 1, block_t)
+    dx, ds, dw, db = pl.pallas_call(
+        functools.partial(
+            _backward_kernel, k=k, length=length, offset=offset, starts=starts,
+            block_t=block_t, block_c=block_c, has_bias=has_bias, has_state=has_state,
+            activation=activation,
+        ),
+        grid=(b, n_rows, c // block_c),
+        out_shape=[jax.ShapeDtypeStruct((b, length, c), src.dtype),
+                   jax.ShapeDtypeStruct((b, k - 1, c) if has_state else (1, 1, 1), f32),
+                   jax.ShapeDtypeStruct((b, n_rows, k, c), f32),
+                   jax.ShapeDtypeStruct((b, n_rows, c), f32)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="causal_conv1d_bwd",
+    )(src, weight, bias if has_bias else np.zeros((1,), np.float32),
+      initial_state if has_state else np.zeros((1, 1, 1), np.float32), *dys)
+    dsrc = jnp.pad(dx, ((0, 0), (0, 0), (offset, width - offset - c)))
+    return (dsrc, jnp.sum(dw, axis=(0, 1)).astype(weight.dtype),
+            jnp.sum(db, axis=(0, 1)).astype(bias.dtype) if has_bias else None,
+            ds.astype(initial_state.dtype) if has_state else None)

@@ -53,6 +53,34 @@ def filter_threshold(dt_global, dt_threshold, channels: int):
     return jnp.where(dt_global.astype(bool), dt_threshold, -jnp.inf)
 
 
+def document_index(segment_ids):
+    """segment_ids [b, l] (any ints) -> int32 [b, l]: the index of each position's document in
+    its row, counting from 0. A document is a run of equal ids: position t starts a new one when
+    segment_ids[t] != segment_ids[t − 1]; the first document continues the initial state."""
+    seg = jnp.asarray(segment_ids)
+    if seg.ndim != 2 or not jnp.issubdtype(seg.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be int [b, l], got {seg.dtype} {seg.shape}")
+    change = (seg[:, 1:] != seg[:, :-1]).astype(jnp.int32)
+    return jnp.concatenate([jnp.zeros_like(change[:, :1]), jnp.cumsum(change, axis=1)], axis=1)
+
+
+def document_starts(segment_ids):
+    """bool [b, l]: where a new document starts (its state starts from zero), position 0 never."""
+    idx = document_index(segment_ids)
+    return jnp.concatenate([jnp.zeros_like(idx[:, :1], bool), idx[:, 1:] != idx[:, :-1]], 1)
+
+
+def check_segment_ids(segment_ids, b: int, length: int):
+    """segment_ids must be int [b, l] matching the inputs (None passes)."""
+    if segment_ids is None:
+        return None
+    seg = jnp.asarray(segment_ids)
+    if seg.shape != (b, length) or not jnp.issubdtype(seg.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be int [{b}, {length}] like the inputs' [b, l]; got "
+                         f"{seg.dtype} {seg.shape}")
+    return seg
+
+
 def apply_filter(dt, threshold):
     """Δ_eff = where(Δ <= threshold, 0, Δ), threshold broadcast over the last axis (channels)."""
     if threshold is None:

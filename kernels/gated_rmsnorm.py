@@ -78,8 +78,8 @@ def gated_rms_norm(y, z, weight, *, eps: float = 1e-5, group_size: int | None = 
     rows = 1
     for d in lead:
         rows *= d
-    out = _pallas(y.reshape(rows, e), z.reshape(rows, z.shape[-1]), weight, eps=eps,
-                  interpret=interpret)
+    out = _differentiable(y.reshape(rows, e), z.reshape(rows, z.shape[-1]), weight, float(eps),
+                          bool(interpret))
     return out.reshape(*lead, e)
 
 
@@ -116,3 +116,81 @@ def _pallas(y, z, weight, *, eps, interpret):
         interpret=interpret,
         name="gated_rms_norm",
     )(y, z, weight)
+
+
+# ------------------------------------------------------------------------------ gradients
+# The forward kernel runs unchanged; its inputs are the residuals and the backward kernel
+# recomputes each row's norm (docs/kernels.md, "Backward passes").
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _differentiable(y, z, weight, eps, interpret):
+    return _pallas(y, z, weight, eps=eps, interpret=interpret)
+
+
+def _differentiable_fwd(y, z, weight, eps, interpret):
+    return _pallas(y, z, weight, eps=eps, interpret=interpret), (y, z, weight)
+
+
+def _differentiable_bwd(eps, interpret, residuals, dout):
+    y, z, weight = residuals
+    return _backward(y, z, weight, dout, eps=eps, interpret=interpret)
+
+
+_differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)
+
+# rows per program of the backward: each program adds its rows' parts of dweight in registers
+BACKWARD_ROWS = 32
+
+
+def _backward_kernel(y_ref, z_ref, w_ref, do_ref, dy_ref, dz_ref, dw_ref, *, eps, width, rows,
+                     block_rows):
+    """Rows i … i + block_rows: with g = y·silu(z), r = rsqrt(mean(g²) + eps), n = g·r and
+    dn = dout·w: dg = r·(dn − n·mean(dn·n)), dy = dg·silu(z), dz = dg·y·silu'(z), and the rows'
+    part of dweight = Σ dout·n (n rounded to the weight's dtype, as the forward multiplies)."""
+    pid = pl.program_id(0)
+    w = w_ref[...].astype(f32)
+
+    def row(k, dw):
+        i = pid * block_rows + k
+        valid = i < rows
+        i = jnp.minimum(i, rows - 1)  # a ragged last block recomputes (and rewrites) the last row
+        y = y_ref[i, :].astype(f32)
+        z = z_ref[i, pl.ds(0, width)].astype(f32)
+        dout = do_ref[i, :].astype(f32)
+        sig = 1.0 / (1.0 + jnp.exp(-z))
+        silu = z * sig
+        g = y * silu
+        r = jax.lax.rsqrt(jnp.sum(g * g) * (1.0 / width) + eps)
+        n = g * r
+        dn = dout * w
+        dg = r * (dn - n * (jnp.sum(dn * n) * (1.0 / width)))
+        dy_ref[i, :] = (dg * silu).astype(dy_ref.dtype)
+        dz_ref[i, :] = (dg * y * sig * (1.0 + z * (1.0 - sig))).astype(dz_ref.dtype)
+        nw = n.astype(w_ref.dtype).astype(f32)
+        return dw + jnp.where(valid, dout * nw, 0.0)
+
+    dw_ref[pid, :] = jax.lax.fori_loop(0, block_rows, row, jnp.zeros((width,), f32))
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def _backward(y, z, weight, dout, *, eps, interpret):
+    """(dy, dz, dweight); dz has z's full width, zero past the gate's columns."""
+    from jax.experimental.pallas import triton as plgpu
+
+    rows, width = y.shape
+    block_rows = min(BACKWARD_ROWS, rows)
+    n_prog = pl.cdiv(rows, block_rows)
+    # about ten row vectors live at once: 8 warps keep a 4,096-wide row in registers
+    num_warps = 4 if width <= 1024 else 8 if width <= 4096 else 16
+    dy, dz, dw = pl.pallas_call(
+        functools.partial(_backward_kernel, eps=eps, width=width, rows=rows,
+                          block_rows=block_rows),
+        grid=(n_prog,),
+        out_shape=[jax.ShapeDtypeStruct((rows, width), y.dtype),
+                   jax.ShapeDtypeStruct((rows, width), z.dtype),
+                   jax.ShapeDtypeStruct((n_prog, width), f32)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="gated_rms_norm_bwd",
+    )(y, z, weight, dout)
+    dz = jnp.pad(dz, ((0, 0), (0, z.shape[-1] - width)))
+    return dy, dz, jnp.sum(dw, axis=0).astype(weight.dtype)

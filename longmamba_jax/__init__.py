@@ -4,6 +4,9 @@ context extension (LongMamba, DeciMamba).
     import longmamba_jax as lmj
     params = lmj.load("state-spaces/mamba2-130m")        # or a local directory
     logits = lmj.forward(params, tokens)                  # tokens int [batch, length]
+
+    lm = lmj.LanguageModel.from_pretrained("state-spaces/mamba2-130m")   # text in, text out
+    lm.generate("The capital of France is", max_new_tokens=20)
 """
 
 from importlib import metadata as _metadata
@@ -13,7 +16,15 @@ from longmamba_jax.calibration import Calibration, calibrate
 from longmamba_jax.checkpoints import CheckpointError, export_torch, load
 from longmamba_jax.config import ConfigError, Mamba2Config, MambaConfig
 from longmamba_jax.demo import demo_model
-from longmamba_jax.generation import decode_step, generate, prefill, prefill_chunked
+from longmamba_jax.generation import (
+    GenerateOutput,
+    decode_step,
+    generate,
+    prefill,
+    prefill_chunked,
+    stream_generate,
+)
+from longmamba_jax.lm import LanguageModel
 from longmamba_jax.methods import DeciMamba, LongMamba
 from longmamba_jax.model import Cache, Params, apply_model, empty_cache, forward, init_params
 
@@ -25,6 +36,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 __all__ = [
     "apply_model", "BACKENDS", "Cache", "calibrate", "Calibration", "CheckpointError",
     "ConfigError", "DeciMamba", "decode_step", "demo_model", "empty_cache", "export_torch",
-    "forward", "generate", "init_params", "load", "LongMamba", "Mamba2Config", "MambaConfig",
-    "Params", "prefill", "prefill_chunked", "resolve_backend",
+    "forward", "generate", "GenerateOutput", "init_params", "LanguageModel", "load", "LongMamba",
+    "Mamba2Config", "MambaConfig", "Params", "prefill", "prefill_chunked", "resolve_backend",
+    "stream_generate",
 ]

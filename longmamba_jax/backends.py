@@ -27,7 +27,7 @@ logger = logging.getLogger("longmamba_jax")
 def _pallas_present() -> bool:
     return all(
         importlib.util.find_spec(f"longmamba_kernels.{m}") is not None
-        for m in ("ssd_pallas", "selective_scan_pallas")
+        for m in ("ssd.pallas_triton", "selective_scan.pallas_triton")
     )
 
 

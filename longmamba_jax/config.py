@@ -201,6 +201,19 @@ class Mamba2Config(_Common):
 
 Config = MambaConfig | Mamba2Config
 
+
+def tiny_config(family: str, **overrides):
+    """A tiny config of a model family ("mamba1", "mamba2", "falcon_mamba", "zamba2", "bamba"),
+    for tests and `tiny-random:FAMILY` models."""
+    from longmamba_jax.hybrid.config import BambaConfig, Zamba2Config
+
+    makers = {"mamba1": MambaConfig.tiny, "mamba2": Mamba2Config.tiny,
+              "falcon_mamba": lambda **kw: MambaConfig.tiny(**{"mixer_rms_eps": 1e-6, **kw}),
+              "zamba2": Zamba2Config.tiny, "bamba": BambaConfig.tiny}
+    if family not in makers:
+        raise ConfigError(f"unknown model family {family!r} (one of {sorted(makers)})")
+    return makers[family](**overrides)
+
 # ---------------------------------------------------------------------------------------------
 # Parsing the checkpoint schemas.
 

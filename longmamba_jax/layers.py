@@ -98,14 +98,16 @@ class CausalConv1d(nn.Module):
     param_dtype: jnp.dtype = f32
 
     @nn.compact
-    def __call__(self, x, state=None, fused: FusedConv | None = None):
+    def __call__(self, x, state=None, fused: FusedConv | None = None, segment_ids=None,
+                 lengths=None):
         c = x.shape[-1] if fused is None else fused.channels
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.width, c),
                             self.param_dtype)
         bias = (self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
                 if self.use_bias else None)
         if fused is None:
-            (y,), new_state = causal_conv1d(x, kernel, bias, initial_state=state, out_dtype=f32)
+            (y,), new_state = causal_conv1d(x, kernel, bias, initial_state=state, out_dtype=f32,
+                                            segment_ids=segment_ids, lengths=lengths)
             return y, new_state
         return causal_conv1d(
             x, kernel, bias, initial_state=state, offset=fused.offset, splits=fused.splits,

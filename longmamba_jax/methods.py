@@ -21,6 +21,7 @@ import numpy as np
 
 from longmamba_jax.config import Config
 from longmamba_jax.model import LayerFilters
+from longmamba_jax.selection import RULE_PARAM, SelectionRule
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -28,9 +29,16 @@ class LongMamba:
     """LongMamba filtering of low-Δ tokens in the global channels.
 
     Args:
-      calibration: a `Calibration` of this model (see `longmamba_jax.calibration.record`).
+      calibration: a `Calibration` of this model (see `longmamba_jax.calibrate`).
       channel_threshold: c_thr; channels whose decay fraction tA_prod exceeds it are global.
-      scale: b; a token is kept in a global channel when Δ > b·θ_S.
+      scale: b; a token is kept in a global channel when Δ > b·θ_S (for the other rules b
+        scales their calibrated quantity: α for "alpha"/"offline", the decay for
+        "bound"/"norm"; the top-k rules ignore it).
+      rule: which tokens global channels keep (`longmamba_jax.selection`): "threshold" (the
+        paper's default, θ_S from the calibration), "channelwise_topk", "all_topk", "alpha",
+        "offline", "bound" or "norm". All but "threshold" read the prompt's own Δ, so they
+        need the whole prompt in one call (no `prefill_chunked`, no `filter_decode`).
+      k: tokens kept by the top-k rules (default: the calibration's train_len).
       min_len: filtering is on only for prompts longer than this (default: the calibration's
         train_len; the published code used 3,000 for train_len 2,000). Must be >= train_len.
       filter_decode: also filter decode steps, with θ for the final length (prompt +
@@ -42,9 +50,16 @@ class LongMamba:
     scale: float = 1.0
     min_len: int | None = None
     filter_decode: bool = False
+    rule: str = "threshold"
+    k: int | None = None
 
     def __post_init__(self):
         train_len = self.calibration.train_len
+        selection = SelectionRule(self.rule, train_len if self.k is None else self.k)
+        object.__setattr__(self, "_selection", selection)
+        if self.filter_decode and selection.adaptive:
+            raise ValueError(f"filter_decode=True needs rule='threshold' (the rule {self.rule!r} "
+                             "reads the whole prompt's Δ, which a decode step does not have)")
         if self.min_len is not None and self.min_len < train_len:
             raise ValueError(
                 f"LongMamba min_len={self.min_len} is below the calibration's train_len="
@@ -60,8 +75,15 @@ class LongMamba:
     def active(self, seq_len: int) -> bool:
         return seq_len > self.switch_on_len
 
+    @property
+    def selection(self) -> SelectionRule:
+        """The token-selection rule (static under jit)."""
+        return self._selection
+
     def layer_filters(self, config: Config, seq_len: int) -> LayerFilters | None:
-        """The filter arrays for prompt length seq_len, or None when filtering is off."""
+        """The filter arrays for prompt length seq_len, or None when filtering is off:
+        is_global, and per channel the rule's parameter (θ_S, α or the decay, times `scale`;
+        zeros for the top-k rules)."""
         cal = self.calibration
         n = config.n_ssm_layer  # hybrids: the Mamba2 layers only (docs/families.md)
         cal.check_compatible(config.fingerprint, n, [config.channels] * n)
@@ -71,12 +93,60 @@ class LongMamba:
                               for g in cal.global_channels(self.channel_threshold)])
         if not is_global.any():
             return None
-        theta = np.stack([np.asarray(t, np.float64) for t in cal.thresholds(int(seq_len))])
-        return LayerFilters(jnp.asarray(is_global), jnp.asarray(self.scale * theta, jnp.float32))
+        what = RULE_PARAM[self.rule]
+        if what == "theta":
+            param = self.scale * np.stack([np.asarray(t, np.float64)
+                                           for t in cal.thresholds(int(seq_len))])
+        elif what == "alpha":
+            param = self.scale * np.stack([np.asarray(a, np.float64)
+                                           for a in cal.keep_fractions(int(seq_len))])
+        elif what == "decay":
+            param = self.scale * np.stack([np.asarray(d, np.float64) for d in cal.decay])
+        elif what == "count":  # decay / q: how many clamped-Δ tokens fill the decay
+            decay = np.stack([np.asarray(d, np.float64) for d in cal.decay])
+            q = np.stack([np.asarray(c, np.float64) for c in cal.clamp_values])
+            param = self.scale * np.where(q > 0, decay / np.where(q > 0, q, 1.0), 0.0)
+        else:
+            param = np.zeros(is_global.shape)
+        return LayerFilters(jnp.asarray(is_global), jnp.asarray(param, jnp.float32))
 
-    def model_kwargs(self, config: Config, seq_len: int) -> dict:
+    def document_filters(self, config: Config, lengths: list[list[int]]) -> LayerFilters | None:
+        """Filters for packed documents: each document filtered with θ for its own length
+        (threshold [n_layer, b, documents, C], −inf for documents not longer than the switch-on
+        length and for the padding of rows with fewer documents), or None when none is filtered.
+        Only the fixed-threshold rule: the adaptive ones read the whole row's Δ."""
+        if self.selection.adaptive:
+            raise ValueError(f"the LongMamba rule {self.rule!r} is not defined per packed "
+                             "document; use rule='threshold' with segment_ids")
+        cal = self.calibration
+        n = config.n_ssm_layer
+        cal.check_compatible(config.fingerprint, n, [config.channels] * n)
+        longest = max(len(row) for row in lengths)
+        theta = np.full((n, len(lengths), longest, config.channels), -np.inf)
+        is_global = np.stack([np.asarray(g, bool)
+                              for g in cal.global_channels(self.channel_threshold)])
+        if not is_global.any():
+            return None
+        for b, row in enumerate(lengths):
+            for d, n in enumerate(row):
+                if self.active(n):
+                    theta[:, b, d] = self.scale * np.stack(cal.thresholds(int(n)))
+        if not np.isfinite(theta).any():
+            return None
+        return LayerFilters(jnp.asarray(is_global), jnp.asarray(theta, jnp.float32))
+
+    def model_kwargs(self, config: Config, seq_len: int, documents=None) -> dict:
+        """`apply_model` arguments at prompt length seq_len, or, for packed documents, with
+        `documents` = each row's document lengths."""
+        if documents is not None:
+            filters = self.document_filters(config, documents)
+            return {} if filters is None else {"filters": filters}
         filters = self.layer_filters(config, seq_len)
-        return {} if filters is None else {"filters": filters}
+        if filters is None:
+            return {}
+        if self.selection.adaptive:
+            return {"filters": filters, "rule": self.selection}
+        return {"filters": filters}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +209,9 @@ class DeciMamba:
                 length = keep + self.keep_last
         return tuple(out)
 
-    def model_kwargs(self, config: Config, seq_len: int) -> dict:
+    def model_kwargs(self, config: Config, seq_len: int, documents=None) -> dict:
+        if documents is not None:
+            raise ValueError("DeciMamba decimates a whole row; it is not supported with packed "
+                             "documents (segment_ids / cu_seqlens)")
         plan = self.plan(config, seq_len)
         return {"decimation": plan} if plan else {}

@@ -20,7 +20,8 @@ Both take, besides the input u [b, l, d]:
 - `conv_state` [b, K−1, conv_dim], `ssm_state` (decoding / chunked prefill); new ones are returned;
 - `mask` [b, l] (1 = real token): padded positions neither enter the conv window nor the state;
 - `dt_filter` (is_global [channels] bool, threshold [channels]): the LongMamba filter, applied
-  inside the scan;
+  inside the scan; with `dt_rule` (an adaptive `SelectionRule`) the second array is the rule's
+  calibrated parameter and the rule is applied to Δ in XLA before the scan;
 - `decimate` (keep, keep_last): DeciMamba — keep the `keep` highest-‖Δ‖₂ tokens among the first
   l − keep_last, in order, plus the last keep_last; the SSM and its output see only those;
 - `capture_dt`: also return Δ (before any filter), for calibration.
@@ -44,7 +45,8 @@ from longmamba_jax.layers import (
     matmul_dtype,
     silu,
 )
-from longmamba_kernels.common import apply_gate, filter_threshold
+from longmamba_jax.selection import apply_document_thresholds, apply_rule
+from longmamba_kernels.common import apply_gate, document_index, filter_threshold
 from longmamba_kernels.gated_rmsnorm import gated_rms_norm
 from longmamba_kernels.gated_rmsnorm import supported as gated_norm_supported
 from longmamba_kernels.selective_scan import selective_scan
@@ -62,11 +64,14 @@ class ScanBackend:
     implementation: str = "associative"
     interpret: bool = False
 
-    def fused_conv(self, offset, splits, out_dtype, mask, step) -> FusedConv | None:
+    def fused_conv(self, offset, splits, out_dtype, mask, step,
+                   segment_ids=None) -> FusedConv | None:
         """How the mixer's conv runs as one Pallas kernel, or None for the jnp form: the
-        kernel serves the Pallas backend's prefill without a padding mask (a mask and single
-        decode steps take the jnp form) when every output width is a multiple of 16."""
-        if self.implementation != "pallas" or mask is not None or step:
+        kernel serves the Pallas backend's prefill without a padding mask or packed documents
+        (those and single decode steps take the jnp form) when every output width is a
+        multiple of 16."""
+        if (self.implementation != "pallas" or mask is not None or step
+                or segment_ids is not None):
             return None
         if not FusedConv.supported(splits):
             return None
@@ -85,8 +90,9 @@ class MixerAux:
 
 
 def decimation_indices(dt, keep: int, keep_last: int):
-    """DeciMamba's choice (docs/design.md, "DeciMamba"): score = ‖Δ_t‖₂ over channels; among the first l − keep_last
-    tokens take the `keep` highest scores, in their original order, then the last keep_last.
+    """DeciMamba's choice (docs/design.md, "DeciMamba"): score = ‖Δ_t‖₂ over channels; among
+    the first l − keep_last tokens take the `keep` highest scores, in their original order,
+    then the last keep_last.
 
     dt: [b, l, channels] -> int32 [b, keep + keep_last] ascending positions.
     """
@@ -106,9 +112,29 @@ def weightless_rms_norm(x, eps: float):
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
+def _adaptive(rule, dt_filter, step) -> bool:
+    """Whether a prompt-adaptive selection rule runs in this call (never in a decode step)."""
+    if rule is None or dt_filter is None or not rule.adaptive:
+        return False
+    if step:
+        raise ValueError(f"the LongMamba rule {rule.kind!r} reads the whole prompt's Δ; decode "
+                         "steps cannot be filtered with it")
+    return True
+
+
 def _take(a, idx):
     """Gathers positions idx [b, k] along axis 1 of a [b, l, ...]."""
     return jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+
+
+def row_ends(mask):
+    """mask [b, l] (1 = real token) -> int32 [b]: one past each row's last real token (l for a
+    left-padded row); None for None. Padding after it neither enters the state nor the conv
+    window that decoding continues from."""
+    if mask is None:
+        return None
+    length = mask.shape[1]
+    return (length - jnp.argmax(mask[:, ::-1] > 0, axis=1)).astype(jnp.int32)
 
 
 def _apply_mask(a, mask):
@@ -144,17 +170,18 @@ class Mamba1Mixer(nn.Module):
 
     @nn.compact
     def __call__(self, u, *, conv_state=None, ssm_state=None, mask=None, dt_filter=None,
-                 decimate=None, capture_dt=False, step=False):
+                 dt_rule=None, decimate=None, capture_dt=False, step=False, segment_ids=None):
         cfg, pd = self.config, self.param_dtype
         e, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
         xz = Linear(2 * e, cfg.bias, pd, name="in_proj")(u)  # [b, l, 2e]
         x, z = jnp.split(xz, 2, axis=-1)
         conv = CausalConv1d(cfg.d_conv, cfg.conv_bias, pd, name="conv1d")
-        fused = self.backend.fused_conv(0, (e,), pd, mask, step)
+        fused = self.backend.fused_conv(0, (e,), pd, mask, step, segment_ids)
         if fused is not None:  # conv + silu in one kernel, x read in place from xz
             (x,), conv_state = conv(xz, conv_state, fused=fused)
         else:
-            x, conv_state = conv(_apply_mask(x, mask), conv_state)
+            x, conv_state = conv(_apply_mask(x, mask), conv_state, segment_ids=segment_ids,
+                                 lengths=row_ends(mask))
             x = _apply_mask(silu(x), mask).astype(pd)  # [b, l, e]
         dt_raw, B, C = jnp.split(Linear(r + 2 * n, False, pd, name="x_proj")(x), [r, r + n], -1)
         if cfg.mixer_rms_eps is not None:  # FalconMamba: weightless RMSNorms on Δ's input, B, C
@@ -164,7 +191,10 @@ class Mamba1Mixer(nn.Module):
         D = self.param("D", nn.initializers.ones, (e,), pd)
         A = -jnp.exp(A_log.astype(f32))  # [e, n]
         glob, thr = dt_filter if dt_filter is not None else (None, None)
-        if not (step or capture_dt or mask is not None or decimate is not None):
+        adaptive = _adaptive(dt_rule, dt_filter, step)
+        per_document = thr is not None and thr.ndim == 3  # [b, documents, e]
+        if not (step or capture_dt or mask is not None or decimate is not None or adaptive
+                or per_document):
             # Δ's bias and softplus before the scan and the gate after it, in the scan call:
             # the Pallas kernel does both in place (Δ never written in fp32, y written once, in
             # the parameter dtype); the other implementations compute the same around the scan.
@@ -172,13 +202,19 @@ class Mamba1Mixer(nn.Module):
             y, ssm_state = selective_scan(
                 x, dt_lin, A, B, C, D, initial_state=ssm_state, dt_global=glob,
                 dt_threshold=thr, dt_bias=dt_bias, dt_softplus=True, z=xz, out_dtype=pd,
-                implementation=self.backend.implementation, interpret=self.backend.interpret,
+                segment_ids=segment_ids, implementation=self.backend.implementation,
+                interpret=self.backend.interpret,
             )
             aux = MixerAux(conv_state=conv_state, ssm_state=ssm_state)
             return Linear(cfg.d_model, cfg.bias, pd, name="out_proj")(y), aux
         dt = DtProj(e, pd, name="dt_proj")(dt_raw)  # [b, l, e] fp32
         dt = _apply_mask(dt, mask)
         aux = MixerAux(dt=dt if capture_dt else None)
+        if adaptive:
+            dt, glob, thr = apply_rule(dt, glob, thr, dt_rule), None, None
+        elif per_document:
+            dt = apply_document_thresholds(dt, glob, thr, document_index(segment_ids))
+            glob, thr = None, None
         if decimate is not None:
             aux.kept = decimation_indices(dt, *decimate)
             x, z, dt, B, C = (_take(a, aux.kept) for a in (x, z, dt, B, C))
@@ -191,7 +227,8 @@ class Mamba1Mixer(nn.Module):
         else:
             y, ssm_state = selective_scan(
                 x, dt, A, B, C, D, initial_state=ssm_state, dt_global=glob, dt_threshold=thr,
-                implementation=self.backend.implementation, interpret=self.backend.interpret,
+                segment_ids=segment_ids, implementation=self.backend.implementation,
+                interpret=self.backend.interpret,
             )
         y = apply_gate(y, z)
         aux.conv_state, aux.ssm_state = conv_state, ssm_state
@@ -228,18 +265,19 @@ class Mamba2Mixer(nn.Module):
 
     @nn.compact
     def __call__(self, u, *, conv_state=None, ssm_state=None, mask=None, dt_filter=None,
-                 decimate=None, capture_dt=False, step=False):
+                 dt_rule=None, decimate=None, capture_dt=False, step=False, segment_ids=None):
         cfg, pd = self.config, self.param_dtype
         E, h, p, g, n = cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
         b, length, _ = u.shape
         zxbcdt = Linear(cfg.in_proj_dim, cfg.bias, pd, name="in_proj")(u)
         z, xBC, dt = jnp.split(zxbcdt, [E, E + cfg.conv_dim], axis=-1)
         conv = CausalConv1d(cfg.d_conv, cfg.conv_bias, pd, name="conv1d")
-        fused = self.backend.fused_conv(E, (E, g * n, g * n), pd, mask, step)
+        fused = self.backend.fused_conv(E, (E, g * n, g * n), pd, mask, step, segment_ids)
         if fused is not None:  # conv + silu in one kernel: xBC read in place, x, B, C written
             (x, B, C), conv_state = conv(zxbcdt, conv_state, fused=fused)
         else:
-            xBC, conv_state = conv(_apply_mask(xBC, mask), conv_state)
+            xBC, conv_state = conv(_apply_mask(xBC, mask), conv_state, segment_ids=segment_ids,
+                                   lengths=row_ends(mask))
             xBC = _apply_mask(silu(xBC), mask).astype(pd)
             x, B, C = jnp.split(xBC, [E, E + g * n], axis=-1)
         dt_bias = self.param("dt_bias", nn.initializers.zeros, (h,), pd)
@@ -257,9 +295,14 @@ class Mamba2Mixer(nn.Module):
             aux.kept = decimation_indices(dt, *decimate)
             x, z, dt, B, C = (_take(a, aux.kept) for a in (x, z, dt, B, C))
             length = aux.kept.shape[1]
+        glob, thr = dt_filter if dt_filter is not None else (None, None)
+        if _adaptive(dt_rule, dt_filter, step):
+            dt, glob, thr = apply_rule(dt, glob, thr, dt_rule), None, None
+        elif thr is not None and thr.ndim == 3:  # one θ per packed document
+            dt = apply_document_thresholds(dt, glob, thr, document_index(segment_ids))
+            glob, thr = None, None
         x = x.reshape(b, length, h, p)
         B, C = B.reshape(b, length, g, n), C.reshape(b, length, g, n)
-        glob, thr = dt_filter if dt_filter is not None else (None, None)
         if step:
             threshold = filter_threshold(glob, thr, h)
             y, ssm_state = ssd_step(
@@ -269,7 +312,7 @@ class Mamba2Mixer(nn.Module):
         else:
             y, ssm_state = ssd(
                 x, dt, A, B, C, D, chunk_size=cfg.chunk_size, initial_state=ssm_state,
-                dt_global=glob, dt_threshold=thr,
+                dt_global=glob, dt_threshold=thr, segment_ids=segment_ids,
                 implementation=self.backend.implementation, interpret=self.backend.interpret,
             )
         y = y.reshape(b, length, E)

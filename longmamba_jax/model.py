@@ -20,7 +20,9 @@ import jax.numpy as jnp
 from longmamba_jax.backends import resolve_backend
 from longmamba_jax.config import Config, Mamba2Config, MambaConfig
 from longmamba_jax.layers import rms_norm
-from longmamba_jax.mixers import Block, ScanBackend
+from longmamba_jax.mixers import Block, ScanBackend, row_ends
+from longmamba_jax.packing import document_lengths, resolve_segment_ids
+from longmamba_jax.selection import SelectionRule
 
 f32 = jnp.float32
 DEFAULT_BACKEND = ScanBackend()
@@ -46,6 +48,17 @@ class Params:
 
     def astype(self, dtype) -> Params:
         return Params(jax.tree.map(lambda a: a.astype(dtype), self.weights), self.config)
+
+    def __repr__(self) -> str:
+        """A summary (the weights would print megabytes): architecture, size, dtype."""
+        cfg = self.config
+        leaves = jax.tree.leaves(self.weights)
+        count = sum(int(getattr(a, "size", 0)) for a in leaves)
+        size = next((f"{count / unit:.{d}f}{name}" for unit, name, d in
+                     ((1e9, "B", 2), (1e6, "M", 1), (1e3, "K", 1)) if count >= unit), str(count))
+        dtypes = sorted({str(getattr(a, "dtype", "?")) for a in leaves})
+        return (f"Params({getattr(cfg, 'arch', type(cfg).__name__)}, {cfg.n_layer} layers, "
+                f"d_model={cfg.d_model}, {size} params, {'/'.join(dtypes) or 'no weights'})")
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["conv", "ssm"],
@@ -78,7 +91,9 @@ def empty_cache(config: Config, batch: int) -> Cache:
 
 
 class LayerFilters(NamedTuple):
-    """Per-layer LongMamba filter arrays: is_global [n_layer, C] bool, threshold [n_layer, C]."""
+    """Per-layer LongMamba filter arrays: is_global [n_layer, C] bool, threshold [n_layer, C]
+    (θ_S for the fixed-threshold rule; the rule's calibrated parameter for the others, see
+    `longmamba_jax.selection`)."""
 
     is_global: jax.Array
     threshold: jax.Array
@@ -151,7 +166,8 @@ def _slice(tree, start, stop):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("backend", "decimation", "last_n", "return_cache", "capture_dt", "step"),
+    static_argnames=("backend", "decimation", "last_n", "return_cache", "capture_dt", "step",
+                     "rule"),
 )
 def apply_model(
     params: Params,
@@ -166,6 +182,8 @@ def apply_model(
     return_cache: bool = False,
     capture_dt: bool = False,
     step: bool = False,
+    rule: SelectionRule | None = None,
+    segment_ids=None,
 ) -> ModelOutput:
     """The whole model, every option explicit (the public `forward`, `prefill`, `decode_step`
     and `calibrate` are thin wrappers).
@@ -181,6 +199,9 @@ def apply_model(
       return_cache: return the state after the last token.
       capture_dt: return Δ of every layer (calibration; incompatible with decimation).
       step: single-token recurrent step (l must be 1; needs a cache).
+      segment_ids: [b, l] int, packed documents (`longmamba_jax.packing`), or None.
+      rule: the LongMamba token-selection rule that reads `filters.threshold` as its per-channel
+        parameter (static); None is the fixed-threshold rule, applied inside the scan.
     """
     cfg = params.config
     if not isinstance(cfg, (MambaConfig, Mamba2Config)):  # Zamba2, Bamba: docs/families.md
@@ -188,7 +209,8 @@ def apply_model(
 
         return apply_hybrid(params, tokens, mask=mask, filters=filters, cache=cache,
                             backend=backend, decimation=decimation, last_n=last_n,
-                            return_cache=return_cache, capture_dt=capture_dt, step=step)
+                            return_cache=return_cache, capture_dt=capture_dt, step=step,
+                            rule=rule, segment_ids=segment_ids)
     w = params.weights
     dtype = params.dtype
     batch, length = tokens.shape
@@ -213,8 +235,8 @@ def apply_model(
             dt_filter = (x["glob"], x["thr"]) if "glob" in x else None
             h, aux = block.apply(
                 {"params": x["params"]}, h, conv_state=x["conv"], ssm_state=x["ssm"],
-                mask=mask, dt_filter=dt_filter, decimate=decimate, capture_dt=capture_dt,
-                step=step,
+                mask=mask, dt_filter=dt_filter, dt_rule=rule, decimate=decimate,
+                capture_dt=capture_dt, step=step, segment_ids=segment_ids,
             )
             return h, (aux.conv_state, aux.ssm_state, aux.dt, aux.kept)
 
@@ -230,7 +252,11 @@ def apply_model(
         new_ssm.append(ssm)
         if capture_dt:
             dts.append(dt)
-    if last_n is not None:
+    if last_n == 1 and mask is not None:  # each row's last real token (right padding)
+        last = (row_ends(mask) - 1)[:, None]  # [b, 1]
+        h = jnp.take_along_axis(h, last[..., None], axis=1)
+        positions = jnp.take_along_axis(positions, last, axis=1)
+    elif last_n is not None:
         h, positions = h[:, -last_n:], positions[:, -last_n:]
     logits = lm_head(params, h)
     out_cache = None
@@ -245,7 +271,8 @@ def apply_model(
 
 
 def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto",
-            last_n: int | None = None, attention_mask=None, return_positions: bool = False):
+            last_n: int | None = None, attention_mask=None, return_positions: bool = False,
+            segment_ids=None, cu_seqlens=None):
     """Logits of the model on `tokens`.
 
     Args:
@@ -254,20 +281,26 @@ def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto"
       method: None (vanilla), `LongMamba(...)` or `DeciMamba(...)`.
       backend: "auto" | "reference" | "associative" | "pallas" | "pallas-interpret".
       last_n: return logits for the last n positions only (saves memory on long prompts).
-      attention_mask: [b, l] 1/0, left padding only (not with DeciMamba).
+      attention_mask: [b, l] 1 for real tokens, 0 for padding, left or right (not with
+        DeciMamba): each row's real tokens get the logits they get alone.
       return_positions: also return the original positions [b, l'] of the returned logits
         (differs from arange only under DeciMamba, which drops tokens).
+      segment_ids: int [b, l], packed documents: where the id changes a new document starts
+        from a zero state, as if it ran alone; LongMamba filters each document with θ for its
+        own length. Or `cu_seqlens` [0, l_1, l_1 + l_2, ..., l] for one row
+        (`longmamba_jax.packing`).
 
     Returns:
       fp32 logits [b, l', padded_vocab], where l' = l, or last_n, or the number of tokens
       DeciMamba kept; with return_positions, (logits, positions).
     """
     tokens = _check_tokens(params, tokens)
-    kwargs = method_kwargs(method, params.config, tokens.shape[1])
+    segment_ids = resolve_segment_ids(tokens.shape, segment_ids, cu_seqlens)
+    kwargs = method_kwargs(method, params.config, tokens.shape[1], segment_ids)
     if attention_mask is not None and "decimation" in kwargs:
-        raise ValueError("attention_mask (left padding) is not supported with DeciMamba")
+        raise ValueError("attention_mask (padding) is not supported with DeciMamba")
     out = apply_model(params, tokens, mask=_mask(attention_mask, tokens), last_n=last_n,
-                      backend=resolve_backend(backend), **kwargs)
+                      backend=resolve_backend(backend), segment_ids=segment_ids, **kwargs)
     if not return_positions:
         return out.logits
     positions = out.positions
@@ -277,10 +310,14 @@ def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto"
     return out.logits, positions
 
 
-def method_kwargs(method, config: Config, seq_len: int) -> dict:
+def method_kwargs(method, config: Config, seq_len: int, segment_ids=None) -> dict:
     """What a context-extension method (None: vanilla) contributes to `apply_model` at prompt
-    length seq_len."""
-    return {} if method is None else method.model_kwargs(config, seq_len)
+    length seq_len (for packed documents: at each document's own length)."""
+    if method is None:
+        return {}
+    if segment_ids is None:
+        return method.model_kwargs(config, seq_len)
+    return method.model_kwargs(config, seq_len, documents=document_lengths(segment_ids))
 
 
 def _check_tokens(params: Params, tokens):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from longmamba_evals.common import DEFAULT_TEXT
+from longmamba_evals.tasks.text import DEFAULT_TEXT
 
 
 @pytest.fixture(scope="module")

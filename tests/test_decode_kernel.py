@@ -3,7 +3,7 @@ its jnp reference and the Flax mixer's step, and `generate(decode_impl="fused")`
 default scan decode (same greedy tokens, logits within fp32 rounding).
 
 The kernel runs through the Pallas interpreter here ("pallas-interpret"); the compiled kernel
-is checked on the GPU by `evals/bench_model.py` (decode section: tokens and logits vs "scan").
+is checked on the GPU by `evals/bench/model.py` (decode section: tokens and logits vs "scan").
 Shapes are awkward on purpose: 6 heads, ngroups 1 / 2 / 3, batch 1 and 3, a layer in the
 middle of a stacked cache, the LongMamba filter on some heads, a dt_limit clamp.
 """

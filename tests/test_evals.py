@@ -9,14 +9,16 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 import longmamba_jax as lm
-from longmamba_evals import common, latency, longbench, passkey, perplexity, ruler
-from longmamba_evals.common import Filler, LMRunner, MethodSpec, load_text, parse_lengths
+from longmamba_evals.tasks import latency, longbench, outputs, passkey, perplexity, ruler
+from longmamba_evals.tasks.lengths import parse_lengths
+from longmamba_evals.tasks.methods import MethodSpec
+from longmamba_evals.tasks.runner import LMRunner
+from longmamba_evals.tasks.text import Filler, load_text
 from longmamba_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -345,7 +347,7 @@ def test_save_run_writes_json_markdown_and_plot(tmp_path):
                "settings": {"seed": 0}, "curves": {"accuracy": {"x": [1000, 2000], "y": acc}},
                "table": {"columns": ["length", "acc"], "rows": [[1000, acc[0]], [2000, acc[1]]]},
                "samples": [{"length": 1000, "expected": "1", "produced": "1"}]}
-        paths = common.save_run(str(tmp_path), res, quiet=True)
+        paths = outputs.save_run(str(tmp_path), res, quiet=True)
     assert os.path.getsize(paths["plot"]) > 1000
     with open(tmp_path / "passkey_longmamba.json") as f:
         assert json.load(f)["samples"][0]["produced"] == "1"
@@ -364,7 +366,7 @@ def test_end_to_end_tiny_model(tiny_params, tmp_path, longbench_dir):
     (s,) = res["samples"]
     assert s["prompt_len"] == 300 and len(s["expected"]) == 5
     assert s["correct"] == (s["produced"] == s["expected"])
-    common.save_run(str(tmp_path), res, quiet=True)
+    outputs.save_run(str(tmp_path), res, quiet=True)
 
     # Params work directly too (wrapped in an LMRunner with the tokenizer's EOS).
     res = ruler.run_ruler(tiny_params, TOK, tasks=["niah_single_noise"], lengths=[400],
@@ -448,8 +450,28 @@ def test_cli_passkey_smoke(tmp_path, calibration_file):
         assert f"| {method} |" in summary
 
 
+def test_cli_calibrates_longmamba_on_the_fly(tmp_path, capsys):
+    """`--method longmamba` without --calibration on a tiny random model: calibrated on the task's
+    text, with a note saying so; on a checkpoint without --train-len: one clear error."""
+    from longmamba_evals.tasks.cli import main
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "evals", "perplexity", "--model", "tiny-random:mamba1",
+           "--tokenizer", "bytes", "--method", "longmamba", "--lengths", "200", "--windows", "1",
+           "--eval-tokens", "4", "--train-len", "32", "--backend", "reference", "--no-progress",
+           "--no-plot", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: no --calibration given; calibrating LongMamba now" in proc.stderr
+    assert (out / "perplexity_longmamba.json").is_file()
+    with pytest.raises(SystemExit):
+        main(["passkey", "--model", str(tmp_path), "--tokenizer", "bytes", "--method",
+              "longmamba", "--no-plot", "--out", str(out)])
+    assert "pass --calibration FILE" in capsys.readouterr().err
+
+
 def test_cli_errors():
-    from longmamba_evals.cli import build_parser, main
+    from longmamba_evals.tasks.cli import build_parser, main
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["passkey", "--model", "m", "--tokenizer", "bytes",
@@ -466,7 +488,7 @@ def test_cli_errors():
 def test_triton_sass_loops():
     """The SASS loop counter: a backward branch closes a loop (its body counted by opcode,
     predicates and modifiers dropped); a forward branch does not."""
-    from longmamba_evals.triton_sass import sass_loops
+    from longmamba_evals.bench.triton_sass import sass_loops
 
     sass = "\n".join([
         "        /*0000*/                   MOV R1, c[0x0][0x28] ;   /* 0x0 */",
@@ -486,7 +508,7 @@ def test_triton_sass_loops():
 def test_triton_sass_captures_the_kernels_triton_ir():
     """The tool's hook on Pallas's Triton lowering still sees every kernel of a call (the lane
     layout: the states pass and the scan) on this jax, with no GPU and no triton package."""
-    from longmamba_evals.triton_sass import capture_triton_ir
+    from longmamba_evals.bench.triton_sass import capture_triton_ir
 
     config, modules = capture_triton_ir("selective_scan", {}, 1024, None)
     assert config.block_e == 128 and len(modules) == 2
@@ -497,7 +519,7 @@ def test_triton_sass_captures_the_kernels_triton_ir():
 def test_bench_scan_parse_fields():
     """Config fields from the benchmark's command line: booleans, integers (negative ones
     too, so the config rejects them with its own message), strings."""
-    from longmamba_evals.bench_scan import parse_fields
+    from longmamba_evals.bench.common import parse_fields
     from longmamba_kernels.selective_scan.pallas_triton import SelectiveScanPallasConfig
 
     assert parse_fields("layout=tile,block_e=8,prefetch=False,segments=-1") == dict(
@@ -507,17 +529,20 @@ def test_bench_scan_parse_fields():
         SelectiveScanPallasConfig(**parse_fields("segments=-1"))
 
 
-def test_bench_scan_time_paired_rotates_and_ratios():
+def test_bench_scan_time_paired_rotates_and_ratios(monkeypatch):
     """Interleaved timing: every call runs once per round, the order rotates (so no call always
-    goes first), and the per-round ratio of a 3 ms call to a 1 ms one reads about 3."""
-    from longmamba_evals.bench_scan import paired_ratio, time_paired
+    goes first), and the per-round ratio of a 3 ms call to a 1 ms one reads about 3. The clock
+    is a fake one that each call advances, so the ratio does not depend on the machine's load."""
+    from longmamba_evals.bench import timing
+    from longmamba_evals.bench.timing import paired_ratio, time_paired
 
-    order = []
+    order, clock = [], [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
 
     def sleeper(name, ms):
         def fn():
             order.append(name)
-            time.sleep(ms / 1e3)
+            clock[0] += ms / 1e3
             return name
         return fn
 
@@ -532,7 +557,7 @@ def test_bench_scan_time_paired_rotates_and_ratios():
 def test_profile_prefill_classify_and_summarize():
     """Kernel names of both stacks fall into the right class ("convert" is not a conv), and the
     summary divides by the number of traced prefills."""
-    from longmamba_evals.profile_prefill import classify, summarize
+    from longmamba_evals.bench.profile_prefill import classify, summarize
 
     assert classify("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
     assert classify("_chunk_scan_fwd_kernel") == "scan"
@@ -551,7 +576,7 @@ def test_profile_prefill_classify_and_summarize():
 def test_profile_prefill_fusion_lines():
     """A kernel's defining HLO line comes with the body of the computation it calls, metadata
     stripped; the profiler's "fusion_2" finds HLO's "fusion.2"; unknown names are left out."""
-    from longmamba_evals.profile_prefill import fusion_lines
+    from longmamba_evals.bench.profile_prefill import fusion_lines
 
     hlo = (
         "%fused_add (p0: f32[4], p1: f32[4]) -> f32[4] {\n"
@@ -570,3 +595,26 @@ def test_profile_prefill_fusion_lines():
     text = out["loop_add_fusion"]
     assert text.startswith("ROOT %loop_add_fusion = f32[4]{0} fusion(%a, %a)")
     assert "add(%p0, %p1)" in text and "metadata" not in text
+
+
+def test_method_names_with_selection_rules():
+    """`--method longmamba-RULE` (or longmamba:RULE) builds LongMamba with that rule."""
+    from longmamba_evals.tasks.cli import build_parser
+    from longmamba_evals.tasks.methods import MethodSpec, check_method
+
+    assert check_method("longmamba:bound") == "longmamba-bound"
+    assert check_method("vanilla") == "vanilla"
+    for bad in ("longmamba-topk", "vanilla-bound", "decimamba-alpha", "other"):
+        with pytest.raises(ValueError, match="unknown method"):
+            check_method(bad)
+    args = build_parser().parse_args(
+        ["passkey", "--model", "tiny-random:mamba2", "--tokenizer", "bytes", "--method",
+         "vanilla,longmamba:alpha", "--calibration", "c.npz", "--rule-k", "5", "--out", "o"])
+    assert args.method == ["vanilla", "longmamba-alpha"]
+    params = lm.init_params(lm.Mamba2Config.tiny(n_layer=2), seed=0)
+    stream = np.random.default_rng(0).integers(0, params.config.vocab_size, 200)
+    cal = lm.calibrate(params, stream, train_len=8, num_windows=2, backend="associative",
+                        progress=False)
+    method = MethodSpec("longmamba-alpha", calibration=cal, rule_k=5).build()
+    assert method.rule == "alpha" and method.selection.k == 5
+    assert MethodSpec("longmamba", calibration=cal).build().rule == "threshold"

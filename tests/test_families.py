@@ -410,6 +410,16 @@ def test_long_prompt_never_materialises_length_squared(config, monkeypatch):
 # Configs
 
 
+@pytest.mark.parametrize("family", ["falcon_mamba", "zamba2", "bamba"])
+def test_tiny_random_model_spec(family):
+    from longmamba_jax.model_spec import parse_model_spec
+
+    spec = parse_model_spec(f"tiny-random:{family}")
+    assert str(spec) == f"tiny-random:{family}"
+    shapes = jax.eval_shape(lambda: spec.load(vocab_size=100))
+    assert shapes.config.family == family and shapes.config.vocab_size == 100
+
+
 def test_configs_round_trip_and_refusals():
     for cfg in (Zamba2Config.tiny(), BambaConfig.tiny(), lmj.MambaConfig.tiny(mixer_rms_eps=1e-6)):
         assert from_dict(cfg.to_dict()) == cfg

@@ -1,5 +1,5 @@
 """Generation: prefill + recurrent decode vs the full
-forward and vs transformers' `generate`; chunked prefill; left padding; EOS; sampling filters;
+forward and vs transformers' `generate`; chunked prefill; padding; EOS; sampling filters;
 no per-step recompilation; method plumbing (LongMamba filter, DeciMamba).
 
 Models are tiny perturbed transformers checkpoints (`torch_models.py`), loaded through
@@ -322,10 +322,10 @@ def test_decode_step_donates_and_checks(models):
         lmj.generate(params, prompts, max_new_tokens=2, eos_token_id=VOCAB)
     with pytest.raises(ValueError, match="attention_mask"):
         lmj.generate(params, prompts, max_new_tokens=2, attention_mask=np.ones((1, 4)))
-    right_padded = np.ones((1, L), np.int32)
-    right_padded[0, -2:] = 0
-    with pytest.raises(ValueError, match="left padding"):
-        lmj.generate(params, prompts, max_new_tokens=2, attention_mask=right_padded)
+    holed = np.ones((1, L), np.int32)
+    holed[0, 1] = 0  # padding inside the prompt: its real tokens are not one run
+    with pytest.raises(ValueError, match="one run of real tokens"):
+        lmj.generate(params, prompts, max_new_tokens=2, attention_mask=holed)
 
 
 # ----------------------------------------------------------------------------------------------

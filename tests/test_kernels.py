@@ -4,7 +4,7 @@ Every implementation is compared with the sequential fp32 reference (output AND 
 ‖out − ref‖ / ‖ref‖ against `RTOL[dtype]`), NaN-free, with the LongMamba filter and an initial
 state on and off; the reference and the Pallas kernel are also checked against an independent
 float64 numpy loop. "pallas" runs through the Pallas interpreter on CPU; "pallas-gpu" is the same
-kernel compiled (marked `gpu`; `evals/run_gpu_kernel_tests.sh` runs it on the device machine).
+kernel compiled (marked `gpu`; `evals/device/kernel_tests.sh` runs it on a GPU).
 Small Pallas block sizes are used so that short sequences still span several chunks.
 """
 

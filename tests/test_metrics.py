@@ -2,7 +2,7 @@
 
 import pytest
 
-from longmamba_evals.longbench_metrics import (
+from longmamba_evals.tasks.longbench_metrics import (
     classification_score,
     code_sim_score,
     count_score,
@@ -14,7 +14,7 @@ from longmamba_evals.longbench_metrics import (
     rouge_score,
     score_prediction,
 )
-from longmamba_evals.ruler import string_match_all
+from longmamba_evals.tasks.ruler import string_match_all
 
 
 def test_normalize_answer_squad_rules():

@@ -1,7 +1,8 @@
-"""The short-training script and the bundled demo (`longmamba_jax.demo`)."""
+"""The short-training code (`evals/short_train/`) and the bundled demo (`longmamba_jax.demo`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,20 +11,24 @@ import numpy as np
 import pytest
 
 import longmamba_jax as lmj
-from longmamba_evals import train as T
-from longmamba_evals.common import DEFAULT_TEXT, Filler
-from longmamba_evals.passkey import INSTRUCTION, make_prompt
+from longmamba_evals.short_train import train as T
+from longmamba_evals.short_train.train_config import TrainConfig
+from longmamba_evals.short_train.train_data import TaskSampler
+from longmamba_evals.short_train.train_loop import train, train_seeds
+from longmamba_evals.short_train.train_model import decay_mask, mamba_init
+from longmamba_evals.tasks.passkey import INSTRUCTION, make_prompt
+from longmamba_evals.tasks.text import DEFAULT_TEXT, Filler
 from longmamba_jax.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 
 
-def _tiny(text: str, **kw) -> T.TrainConfig:
+def _tiny(text: str, **kw) -> TrainConfig:
     base = dict(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=64, train_len=256,
                 bucket=256, tokens_per_step=512, steps=8, lr=1e-2, warmup_steps=1, log_every=1,
                 val_every=1000, ckpt_every=1000, val_prompts=4, text=text)
     base.update(kw)
-    return T.TrainConfig(**base)
+    return TrainConfig(**base)
 
 
 def _decode(ids) -> str:
@@ -31,7 +36,7 @@ def _decode(ids) -> str:
 
 
 def test_passkey_example_masks(small_text):
-    sampler = T.TaskSampler(_tiny(small_text), Path(small_text).read_text())
+    sampler = TaskSampler(_tiny(small_text), Path(small_text).read_text())
     rng = np.random.default_rng(0)
     for instruction in (True, False):
         ex = sampler.passkey(rng, 60, instruction, key="12345", depth=0.5)
@@ -52,7 +57,7 @@ def test_passkey_example_masks(small_text):
 
 def test_batches_constant_tokens_and_curriculum(small_text):
     tc = _tiny(small_text, train_len=512, bucket=256, tokens_per_step=2048, lm_frac=0.2)
-    sampler = T.TaskSampler(tc, Path(small_text).read_text())
+    sampler = TaskSampler(tc, Path(small_text).read_text())
     seen = set()
     for step in range(12):
         b = sampler.batch(step, total_steps=100)
@@ -74,7 +79,7 @@ def test_batches_constant_tokens_and_curriculum(small_text):
     a, b2 = sampler.batch(5, 100), sampler.batch(5, 100)
     np.testing.assert_array_equal(a.tokens, b2.tokens)  # a pure function of (seed, step)
     # another seed: other rows, but the same bucket at every step (so seeds train under vmap)
-    other = T.TaskSampler(T.dataclasses.replace(tc, seed=7), Path(small_text).read_text())
+    other = TaskSampler(dataclasses.replace(tc, seed=7), Path(small_text).read_text())
     for step in range(30):
         x, y = sampler.batch(step, 100), other.batch(step, 100)
         assert x.tokens.shape == y.tokens.shape
@@ -83,7 +88,7 @@ def test_batches_constant_tokens_and_curriculum(small_text):
 
 def test_train_reduces_loss_and_resumes_identically(small_text, tmp_path):
     tc = _tiny(small_text)
-    full = T.train(tc, tmp_path / "full", quiet=True)
+    full = train(tc, tmp_path / "full", quiet=True)
     log = [json.loads(line)
            for line in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
@@ -91,8 +96,8 @@ def test_train_reduces_loss_and_resumes_identically(small_text, tmp_path):
     assert np.mean(losses[-2:]) < losses[0] - 0.1
     assert any("val_passkey_acc" in r for r in log)
 
-    T.train(tc, tmp_path / "resumed", stop_after=4, quiet=True)
-    resumed = T.train(tc, tmp_path / "resumed", quiet=True)
+    train(tc, tmp_path / "resumed", stop_after=4, quiet=True)
+    resumed = train(tc, tmp_path / "resumed", quiet=True)
     events = [json.loads(line) for line in
               (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "resume" and e["step"] == 4 for e in events)
@@ -116,8 +121,8 @@ def _assert_same_weights(a, b):
 def test_seeds_together_equal_seeds_apart(small_text, tmp_path):
     """train_seeds([a, b]) (one vmapped step) gives each seed the weights of its own run."""
     tc = _tiny(small_text, steps=5, compute_dtype="float32")
-    both = T.train_seeds(tc, [3, 5], [tmp_path / "s3", tmp_path / "s5"], quiet=True)
-    apart = [T.train(T.dataclasses.replace(tc, seed=s), tmp_path / f"one{s}", quiet=True)
+    both = train_seeds(tc, [3, 5], [tmp_path / "s3", tmp_path / "s5"], quiet=True)
+    apart = [train(dataclasses.replace(tc, seed=s), tmp_path / f"one{s}", quiet=True)
              for s in (3, 5)]
     for together, alone in zip(both, apart, strict=True):
         _assert_same_weights(together.weights, alone.weights)
@@ -131,17 +136,17 @@ def test_seeds_together_equal_seeds_apart(small_text, tmp_path):
                                    [r["loss"] for r in alone if "loss" in r], rtol=1e-5)
         assert json.loads((tmp_path / f"s{s}" / "train_config.json").read_text())["seed"] == s
     # resuming a seed on its own from the pair's checkpoint continues that seed's run
-    more = T.dataclasses.replace(tc, seed=5, steps=7)
-    T.train(more, tmp_path / "one5", quiet=True)
-    resumed = T.train(more, tmp_path / "s5", quiet=True)
+    more = dataclasses.replace(tc, seed=5, steps=7)
+    train(more, tmp_path / "one5", quiet=True)
+    resumed = train(more, tmp_path / "s5", quiet=True)
     _assert_same_weights(resumed.weights,
-                         T.train(more, tmp_path / "one5", quiet=True).weights)
+                         train(more, tmp_path / "one5", quiet=True).weights)
 
 
 def test_micro_batches_give_the_same_step(small_text, tmp_path):
     tc = _tiny(small_text, steps=3, compute_dtype="float32")
-    whole = T.train(tc, tmp_path / "k1", quiet=True)
-    split = T.train(T.dataclasses.replace(tc, micro_batches=2), tmp_path / "k2", quiet=True)
+    whole = train(tc, tmp_path / "k1", quiet=True)
+    split = train(dataclasses.replace(tc, micro_batches=2), tmp_path / "k2", quiet=True)
     _assert_same_weights(whole.weights, split.weights)
     with pytest.raises(ValueError, match="micro_batches"):
         _tiny(small_text, micro_batches=3)
@@ -150,23 +155,23 @@ def test_micro_batches_give_the_same_step(small_text, tmp_path):
 def test_train_seeds_errors(small_text, tmp_path, capsys):
     tc = _tiny(small_text)
     with pytest.raises(ValueError, match="distinct"):
-        T.train_seeds(tc, [1, 1], [tmp_path / "a", tmp_path / "b"], quiet=True)
+        train_seeds(tc, [1, 1], [tmp_path / "a", tmp_path / "b"], quiet=True)
     with pytest.raises(ValueError, match="one output directory per seed"):
-        T.train_seeds(tc, [1, 2], [tmp_path / "a"], quiet=True)
+        train_seeds(tc, [1, 2], [tmp_path / "a"], quiet=True)
     assert T.main(["--seeds", "1,2", "--out", str(tmp_path / "x"), "--text", small_text]) == 2
     assert "must contain {seed}" in capsys.readouterr().err
 
 
 def test_time_budget_fixes_the_step_count(small_text, tmp_path):
     tc = _tiny(small_text, steps=6, time_budget_s=1e6)
-    T.train(tc, tmp_path / "long", quiet=True)
+    train(tc, tmp_path / "long", quiet=True)
     log = [json.loads(x) for x in (tmp_path / "long" / "train_log.jsonl").read_text().split("\n")
            if x]
     budget = next(r for r in log if r.get("event") == "budget")
     assert budget["total_steps"] == 6 and set(budget["step_time_s"]) == {"256"}
     assert budget["predicted_train_s"] > 0
     assert log[-1]["event"] == "done" and log[-1]["step"] == 6
-    T.train(T.dataclasses.replace(tc, time_budget_s=1e-3), tmp_path / "short", quiet=True)
+    train(dataclasses.replace(tc, time_budget_s=1e-3), tmp_path / "short", quiet=True)
     log = [json.loads(x) for x in (tmp_path / "short" / "train_log.jsonl").read_text().split("\n")
            if x]
     assert log[-1]["event"] == "done" and log[-1]["total_steps"] == 1
@@ -177,14 +182,14 @@ def test_resume_refuses_other_settings(small_text, tmp_path):
     (tmp_path / "run" / "train_config.json").write_text(
         json.dumps({**json.loads(json.dumps(_tiny(small_text).__dict__)), "d_model": 64}))
     with pytest.raises(ValueError, match="d_model"):
-        T.train(_tiny(small_text), tmp_path / "run", quiet=True)
+        train(_tiny(small_text), tmp_path / "run", quiet=True)
 
 
 @pytest.mark.parametrize("arch", ["mamba2", "mamba1"])
 def test_mamba_init(arch):
     cfg = (lmj.Mamba2Config.tiny(vocab_size=257) if arch == "mamba2"
            else lmj.MambaConfig.tiny(vocab_size=257))
-    weights = T.mamba_init(cfg, 0).weights
+    weights = mamba_init(cfg, 0).weights
     w = weights["layers"]["mixer"]
     bias = w["dt_bias"] if arch == "mamba2" else w["dt_proj"]["bias"]
     dt = np.log1p(np.exp(np.asarray(bias)))
@@ -192,16 +197,16 @@ def test_mamba_init(arch):
     if arch == "mamba2":
         a = np.exp(np.asarray(w["A_log"]))
         assert a.min() >= 1 and a.max() <= 16
-    mask = T.decay_mask(weights)
+    mask = decay_mask(weights)
     assert mask["layers"]["mixer"]["in_proj"]["kernel"]
     assert not mask["layers"]["mixer"]["A_log"] and not mask["layers"]["norm"]["weight"]
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="arch"):
-        T.TrainConfig(arch="transformer")
+        TrainConfig(arch="transformer")
     with pytest.raises(ValueError, match="multiple of bucket"):
-        T.TrainConfig(train_len=500, bucket=256)
+        TrainConfig(train_len=500, bucket=256)
 
 
 # ------------------------------------------------------------------------------ the demo

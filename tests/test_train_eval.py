@@ -1,25 +1,28 @@
 """The train-short-test-long pipeline end to end on CPU with tiny models: several seeds trained
-together, export, calibration, evaluation (`evals/train_eval.py`), and the aggregation over seeds
-(`evals/aggregate_seeds.py`)."""
+together, export, calibration, evaluation (`evals/short_train/evaluate.py`), and the aggregation
+over seeds (`evals/short_train/aggregate.py`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from longmamba_evals import aggregate_seeds as A
-from longmamba_evals import train as T
-from longmamba_evals import train_eval as E
+from longmamba_evals.short_train import aggregate as A
+from longmamba_evals.short_train import evaluate as E
+from longmamba_evals.short_train import train as T
+from longmamba_evals.short_train.train_config import TrainConfig
+from longmamba_evals.short_train.train_data import BatchSource
 
 
 def test_batch_workers_match_inline(small_text):
-    tc = T.TrainConfig(train_len=512, bucket=256, tokens_per_step=2048, text=small_text)
-    tcs = [T.dataclasses.replace(tc, seed=s) for s in (0, 4)]
+    tc = TrainConfig(train_len=512, bucket=256, tokens_per_step=2048, text=small_text)
+    tcs = [dataclasses.replace(tc, seed=s) for s in (0, 4)]
     text = Path(small_text).read_text()
-    inline, workers = T._BatchSource(tcs, text, 0), T._BatchSource(tcs, text, 1)
+    inline, workers = BatchSource(tcs, text, 0), BatchSource(tcs, text, 1)
     try:
         workers.prefetch(0, 50)
         for step, total in [(0, 50), (1, 50), (2, 10), (3, 10)]:  # the schedule changes at 2

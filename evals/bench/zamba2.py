@@ -38,7 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import longmamba_jax as lmj
-from longmamba_evals.bench_generate import _device, _timed, _tokens
+from longmamba_evals.bench.common import write_json
+from longmamba_evals.bench.model_setup import peak_bytes
+from longmamba_evals.bench.model_setup import random_tokens as _tokens
+from longmamba_evals.bench.timing import timed
+from longmamba_evals.tasks.runner import device_name
 from longmamba_jax.generation.generate import _decode_loop
 from longmamba_jax.generation.sampling import Greedy
 from longmamba_jax.hybrid import Zamba2Config, reserve
@@ -61,18 +65,13 @@ def small_config() -> Zamba2Config:
                              n_kv_heads=4, ffn_dim=128, num_mem_blocks=1, adapter_rank=8)
 
 
-def _peak_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
-
-
 def jax_prefill(params, length: int, *, backend: str, repeats: int) -> dict:
     tokens = _tokens(1, length, params.config.vocab_size)
-    first, times = _timed(lambda: lmj.prefill(params, tokens, backend=backend), repeats)
+    first, times = timed(lambda: lmj.prefill(params, tokens, backend=backend), repeats)
     t = statistics.median(times)
     return {"impl": "jax", "kind": "prefill", "batch": 1, "length": length, "median_s": t,
             "tokens_per_s": length / t, "compile_s": max(first - t, 0.0), "times_s": times,
-            "peak_bytes": _peak_bytes()}
+            "peak_bytes": peak_bytes()}
 
 
 def jax_decode(params, *, batch: int, prompt_len: int, new_tokens: int, backend: str,
@@ -87,7 +86,7 @@ def jax_decode(params, *, batch: int, prompt_len: int, new_tokens: int, backend:
     )
     copies = [jax.tree.map(jnp.copy, cache) for _ in range(repeats + 1)]  # the loop donates
     jax.block_until_ready(copies)
-    first, times = _timed(lambda: loop(copies.pop())[:4], repeats)
+    first, times = timed(lambda: loop(copies.pop())[:4], repeats)
     t = statistics.median(times)
     steps = new_tokens - 1  # token 0 comes from the prefill logits
     return {"impl": "jax", "kind": "decode", "batch": batch, "prompt_len": prompt_len,
@@ -110,21 +109,12 @@ def _torch_row(fn, torch, repeats: int, **row) -> dict:
     torch.cuda.reset_peak_memory_stats()
     try:
         with torch.no_grad():
-            first, times = _timed_torch(fn, repeats, torch)
+            first, times = timed(fn, repeats, sync=lambda _: torch.cuda.synchronize())
     except Exception as exc:  # noqa: BLE001 - recorded, e.g. CUDA out of memory
         return {"impl": "torch", **row, "error": f"{type(exc).__name__}: {exc}"[:300]}
     t = statistics.median(times)
     return {"impl": "torch", **row, "median_s": t, "compile_s": max(first - t, 0.0),
             "times_s": times, "peak_bytes": int(torch.cuda.max_memory_allocated())}
-
-
-def _timed_torch(fn, repeats: int, torch):
-    """`_timed` with a CUDA synchronisation after each call (the helper waits on JAX only)."""
-    def synced():
-        fn()
-        torch.cuda.synchronize()
-
-    return _timed(synced, repeats)
 
 
 def torch_prefill(model, length: int, torch, repeats: int) -> dict:
@@ -203,7 +193,7 @@ def main(argv=None) -> dict:
     if args.jax:
         params = jax.block_until_ready(jax.jit(lambda: lmj.init_params(config, 0, dtype))())
     print(f"zamba2: {n_params / 1e6:,.1f}M parameters ({jnp.dtype(dtype).name}) on "
-          f"{_device()}, backend {args.backend}", flush=True)
+          f"{device_name()}, backend {args.backend}", flush=True)
     rows = []
     for length in lengths if args.jax else []:
         rows.append(jax_prefill(params, length, backend=args.backend, repeats=args.repeats))
@@ -251,14 +241,13 @@ def main(argv=None) -> dict:
                 print(_table(rows[-1:]).splitlines()[-1], flush=True)
     print(f"\ntorch: {torch_note}\n")
     print(_table(rows))
-    result = {"device": _device(), "jax": jax.__version__, "longmamba_jax": lmj.__version__,
+    result = {"device": device_name(), "jax": jax.__version__, "longmamba_jax": lmj.__version__,
               "python": platform.python_version(), "config": config.to_dict(),
               "n_params": n_params, "dtype": jnp.dtype(dtype).name, "backend": args.backend,
               "resolved_backend": str(lmj.resolve_backend(args.backend)), "small": args.small,
               "torch": torch_note, "results": rows}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        write_json(args.out, result, indent=2)
         print(f"\nsaved {args.out}")
     return result
 

@@ -15,12 +15,15 @@ names one. Asking for an implementation that cannot run raises; nothing falls ba
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from longmamba_kernels.common import (
     apply_gate,
     check_implementation,
+    check_segment_ids,
     delta_from_projection,
     filter_threshold,
     gate_input,
@@ -44,6 +47,7 @@ def selective_scan(
     dt_softplus: bool = False,
     z=None,
     out_dtype=jnp.float32,
+    segment_ids=None,
     implementation: str = "associative",
     interpret: bool = False,
 ):
@@ -60,6 +64,9 @@ def selective_scan(
       z: None, or the gate: y := y · silu(z) taken from z's last e columns ([b, l, >= e], so
         in_proj's [x | z] output can be passed whole).
       out_dtype: dtype of y (the state is always fp32).
+      segment_ids: [b, l] int or None: packed documents; where the id changes, the state
+        starts from zero (the first document continues initial_state; the final state is the
+        last document's).
       implementation: "reference" | "associative" | "pallas". The Pallas kernel computes the
         Δ prologue and the gate in place; the others compute them around the scan.
       interpret: run the Pallas kernel in interpret mode (CPU); only for "pallas".
@@ -68,7 +75,8 @@ def selective_scan(
       (y [b, l, e] out_dtype, final_state [b, e, n] fp32).
     """
     check_implementation(implementation)
-    e = x.shape[-1]
+    b, length, e = x.shape
+    segment_ids = check_segment_ids(segment_ids, b, length)
     threshold = filter_threshold(dt_global, dt_threshold, e)
     if dt_bias is not None and dt_bias.shape != (e,):
         raise ValueError(f"dt_bias must have shape ({e},); got {dt_bias.shape}")
@@ -77,6 +85,8 @@ def selective_scan(
         if z.shape[:2] != x.shape[:2]:
             raise ValueError(f"gate z {z.shape} and x {x.shape} disagree on [b, l]")
     if implementation == "pallas":
+        if segment_ids is not None:
+            raise NotImplementedError("selective_scan: segment_ids with implementation='pallas'")
         return selective_scan_pallas(
             x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
             dt_bias=dt_bias, dt_softplus=dt_softplus, z=z, out_dtype=out_dtype,
@@ -86,7 +96,8 @@ def selective_scan(
         dt = delta_from_projection(dt, dt_bias, dt_softplus)
     scan = selective_scan_reference if implementation == "reference" else \
         selective_scan_associative
-    y, h = scan(x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold)
+    y, h = scan(x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
+                segment_ids=segment_ids)
     if z is not None:
         y = apply_gate(y, gate_input(z, e))
     return y.astype(out_dtype), h
@@ -117,7 +128,8 @@ def _is_hopper_or_newer() -> bool:
 
 def selective_scan_pallas(
     x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, dt_bias=None,
-    dt_softplus=False, z=None, out_dtype=jnp.float32, interpret=False, config=None
+    dt_softplus=False, z=None, out_dtype=jnp.float32, interpret=False, config=None,
+    backward_config=None,
 ):
     """Mamba-1 selective scan, Pallas kernel. Same contract as `selective_scan_reference`, plus
     the fused Δ prologue and gate of `selective_scan`.
@@ -131,19 +143,65 @@ def selective_scan_pallas(
       interpret: run through the Pallas interpreter (any platform).
       config: `SelectiveScanPallasConfig` (Triton) or `SelectiveScanMosaicConfig` (Mosaic
         GPU); None: `default_config(interpret, n)`.
+      backward_config: `SelectiveScanBackwardConfig` of the gradient kernels (Triton, whichever
+        kernel ran the forward); None for the defaults. Differentiable in x, dt, A, B, C, D,
+        initial_state, dt_bias and z (and through the final state).
 
     Returns:
       (y [b, l, e] out_dtype, final_state [b, e, n] fp32).
     """
+    from longmamba_kernels.selective_scan.pallas_backward import SelectiveScanBackwardConfig
+
+    config = default_config(interpret, A.shape[-1]) if config is None else config
+    if backward_config is None:
+        backward_config = SelectiveScanBackwardConfig()
+    return _differentiable(x, dt, A, B, C, D, initial_state, threshold, dt_bias, z,
+                           bool(dt_softplus), jnp.dtype(out_dtype), bool(interpret), config,
+                           backward_config)
+
+
+def _run_kernel(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret, config):
     from longmamba_kernels.selective_scan.pallas_mosaic import (
         SelectiveScanMosaicConfig,
         selective_scan_mosaic,
     )
     from longmamba_kernels.selective_scan.pallas_triton import selective_scan_triton
 
-    config = default_config(interpret, A.shape[-1]) if config is None else config
     kernel = selective_scan_mosaic if isinstance(config, SelectiveScanMosaicConfig) else \
         selective_scan_triton
-    return kernel(x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
-                  dt_bias=dt_bias, dt_softplus=dt_softplus, z=z, out_dtype=out_dtype,
-                  interpret=interpret, config=config)
+    return kernel(x, dt, A, B, C, D, initial_state=h0, threshold=thr, dt_bias=dt_bias,
+                  dt_softplus=softplus, z=z, out_dtype=out_dtype, interpret=interpret,
+                  config=config)
+
+
+# Gradients: the forward kernel runs unchanged and its inputs are the only residuals; one
+# backward (`pallas_backward.py`, Triton) serves both forward kernels (docs/kernels.md,
+# "Backward passes"). The threshold gets no gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
+def _differentiable(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret,
+                    config, backward_config):
+    return _run_kernel(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret,
+                       config)
+
+
+def _differentiable_fwd(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret,
+                        config, backward_config):
+    out = _run_kernel(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret,
+                      config)
+    return out, (x, dt, A, B, C, D, h0, thr, dt_bias, z)
+
+
+def _differentiable_bwd(softplus, out_dtype, interpret, config, backward_config, residuals,
+                        cotangents):
+    from longmamba_kernels.selective_scan.pallas_backward import selective_scan_backward
+
+    x, dt, A, B, C, D, h0, thr, dt_bias, z = residuals
+    dy, d_final = cotangents
+    dx, ddt, dA, dB, dC, dD, dh0, dbias, dz = selective_scan_backward(
+        x, dt, A, B, C, D, h0, thr, dt_bias, z, dy, d_final, softplus=softplus,
+        interpret=interpret, config=backward_config)
+    dthr = None if thr is None else jnp.zeros_like(thr)
+    return dx, ddt, dA, dB, dC, dD, dh0, dthr, dbias, dz
+
+
+_differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)

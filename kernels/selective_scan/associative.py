@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from longmamba_kernels.common import HIGHEST, apply_filter, pad_time
+from longmamba_kernels.common import HIGHEST, apply_filter, document_starts, pad_time
 
 DEFAULT_CHUNK = 128
 
@@ -30,7 +30,8 @@ def _combine(left, right):
 
 
 def selective_scan_associative(
-    x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, chunk_size=DEFAULT_CHUNK
+    x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, chunk_size=DEFAULT_CHUNK,
+    segment_ids=None,
 ):
     """Same contract as `selective_scan_reference`."""
     f32 = jnp.float32
@@ -39,16 +40,19 @@ def selective_scan_associative(
     b, length, e = x.shape
     n = A.shape[-1]
     s = min(chunk_size, max(length, 1))
+    keep = jnp.ones((b, length), f32) if segment_ids is None else \
+        1.0 - document_starts(segment_ids).astype(f32)  # [b, l]: 0 where a document starts
     xs, dts, Bs, Cs = (pad_time(a, s) for a in (x, dt, B, C))
+    ks = pad_time(keep, s, value=1)  # padding neither resets nor moves the state
     nc = xs.shape[1] // s
     # [b, c·s, ...] -> [c, b, s, ...] so lax.scan walks the chunks.
     to_chunks = lambda a: jnp.moveaxis(a.reshape(b, nc, s, *a.shape[2:]), 1, 0)
-    xs, dts, Bs, Cs = (to_chunks(a) for a in (xs, dts, Bs, Cs))
+    xs, dts, Bs, Cs, ks = (to_chunks(a) for a in (xs, dts, Bs, Cs, ks))
     h0 = jnp.zeros((b, e, n), f32) if initial_state is None else initial_state.astype(f32)
 
     def chunk(h, inp):
-        x_c, dt_c, B_c, C_c = inp  # [b, s, e], [b, s, e], [b, s, n], [b, s, n]
-        a = jnp.exp(dt_c[..., None] * A)  # [b, s, e, n]
+        x_c, dt_c, B_c, C_c, k_c = inp  # [b, s, e], [b, s, e], [b, s, n], [b, s, n], [b, s]
+        a = jnp.exp(dt_c[..., None] * A) * k_c[..., None, None]  # [b, s, e, n]
         u = (dt_c * x_c)[..., None] * B_c[:, :, None, :]  # [b, s, e, n]
         a_cum, u_cum = jax.lax.associative_scan(_combine, (a, u), axis=1)
         hs = u_cum + a_cum * h[:, None]  # [b, s, e, n]
@@ -56,7 +60,7 @@ def selective_scan_associative(
         return hs[:, -1], y
 
     chunk = jax.checkpoint(chunk, prevent_cse=False)  # see the module docstring
-    h, ys = jax.lax.scan(chunk, h0, (xs, dts, Bs, Cs))
+    h, ys = jax.lax.scan(chunk, h0, (xs, dts, Bs, Cs, ks))
     y = jnp.moveaxis(ys, 0, 1).reshape(b, nc * s, e)[:, :length]
     if D is not None:
         y = y + D.astype(f32) * x

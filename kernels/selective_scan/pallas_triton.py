@@ -16,7 +16,7 @@ of A pre-scaled by log2 e (`common.LOG2E`), compiled as one `ex2.approx.ftz`, an
 update as one `fma`.
 
 On Hopper GPUs (n <= 64) the default is neither: `default_config` picks the Mosaic GPU kernel
-of `selective_scan_mgpu.py` (one pass over time), 1.3–1.4× faster on the H100.
+of `pallas_mosaic.py` (one pass over time), 1.3–1.4× faster on the H100.
 
 - "lane" (the default elsewhere): each thread owns whole channels (4 at n = 16), their n states in
   registers, so y's sum over n stays in the thread; B_t and C_t are loaded as scalars, the

@@ -11,16 +11,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from longmamba_kernels.common import HIGHEST, apply_filter
+from longmamba_kernels.common import HIGHEST, apply_filter, document_starts
 
 
-def selective_scan_reference(x, dt, A, B, C, D=None, *, initial_state=None, threshold=None):
+def selective_scan_reference(x, dt, A, B, C, D=None, *, initial_state=None, threshold=None,
+                             segment_ids=None):
     """Sequential `lax.scan` over time.
 
     Args:
       x: [b, l, e] inputs. dt: [b, l, e] Δ after softplus. A: [e, n]. B, C: [b, l, n].
       D: [e] or None. initial_state: [b, e, n] or None (zeros). threshold: [e] fp32 folded
-        LongMamba filter (see `common.filter_threshold`) or None.
+        LongMamba filter (see `common.filter_threshold`) or None. segment_ids: [b, l] int or
+        None: where the id changes a new document starts from a zero state.
 
     Returns:
       y [b, l, e] fp32 and the final state [b, e, n] fp32.
@@ -32,13 +34,17 @@ def selective_scan_reference(x, dt, A, B, C, D=None, *, initial_state=None, thre
     n = A.shape[-1]
     h0 = jnp.zeros((b, e, n), f32) if initial_state is None else initial_state.astype(f32)
 
+    keep = jnp.ones(x.shape[:2], f32) if segment_ids is None else \
+        1.0 - document_starts(segment_ids).astype(f32)  # [b, l]: 0 where a document starts
+
     def step(h, inp):
-        x_t, dt_t, B_t, C_t = inp  # [b, e], [b, e], [b, n], [b, n]
-        h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * x_t)[..., None] * B_t[:, None, :]
+        x_t, dt_t, B_t, C_t, k_t = inp  # [b, e], [b, e], [b, n], [b, n], [b]
+        decay = jnp.exp(dt_t[..., None] * A) * k_t[:, None, None]
+        h = decay * h + (dt_t * x_t)[..., None] * B_t[:, None, :]
         y_t = jnp.einsum("ben,bn->be", h, C_t, precision=HIGHEST)
         return h, y_t
 
-    time_major = [jnp.swapaxes(a, 0, 1) for a in (x, dt, B, C)]
+    time_major = [jnp.swapaxes(a, 0, 1) for a in (x, dt, B, C, keep)]
     h, ys = jax.lax.scan(step, h0, time_major)
     y = jnp.swapaxes(ys, 0, 1)
     if D is not None:

@@ -44,6 +44,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from longmamba_kernels.common import LOG2E
+from longmamba_kernels.ssd.pallas_backward import SSDBackwardConfig, ssd_backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +235,7 @@ def _fold_segment_states(s0, s_sub, la, n_seg, splits):
 
 def ssd_pallas(
     x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, interpret=False, config=None,
-    y_dtype=None,
+    y_dtype=None, backward_config=None,
 ):
     """Mamba2 SSD scan, Pallas kernel. Same contract as `ssd_reference`.
 
@@ -247,18 +248,45 @@ def ssd_pallas(
       y_dtype: dtype y is written in (None: fp32). The accumulation is fp32 either way; bf16
         halves y's bytes, the largest of the kernel's memory traffic (what the official
         mamba_ssm kernel returns for bf16 inputs).
+      backward_config: `SSDBackwardConfig` of the gradient kernels; None for the defaults.
+        Differentiable in x, dt, A, B, C, D, initial_state (and through the final state).
 
     Returns:
       (y [b, l, h, p] in y_dtype, final_state [b, h, p, n] fp32).
     """
     config = SSDPallasConfig() if config is None else config
+    backward_config = SSDBackwardConfig() if backward_config is None else backward_config
     y_dtype = jnp.dtype(jnp.float32 if y_dtype is None else y_dtype)
     if not jnp.issubdtype(y_dtype, jnp.floating):
         raise ValueError(f"ssd_pallas y_dtype must be a floating dtype, got {y_dtype}")
-    return _ssd_pallas(
-        x, dt, A, B, C, D, initial_state, threshold, interpret=interpret, config=config,
-        y_dtype=y_dtype,
-    )
+    return _ssd_differentiable(x, dt, A, B, C, D, initial_state, threshold, bool(interpret),
+                               config, y_dtype, backward_config)
+
+
+# Gradients: the forward above runs unchanged (no extra outputs) and its inputs are the only
+# residuals; the backward kernels recompute the chunk states (`pallas_backward.py`,
+# docs/kernels.md, "Backward passes"). The threshold gets no gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _ssd_differentiable(x, dt, A, B, C, D, s0, thr, interpret, config, y_dtype, bwd_config):
+    return _ssd_pallas(x, dt, A, B, C, D, s0, thr, interpret=interpret, config=config,
+                       y_dtype=y_dtype)
+
+
+def _ssd_differentiable_fwd(x, dt, A, B, C, D, s0, thr, interpret, config, y_dtype, bwd_config):
+    out = _ssd_pallas(x, dt, A, B, C, D, s0, thr, interpret=interpret, config=config,
+                      y_dtype=y_dtype)
+    return out, (x, dt, A, B, C, D, s0, thr)
+
+
+def _ssd_differentiable_bwd(interpret, config, y_dtype, bwd_config, residuals, cotangents):
+    x, dt, A, B, C, D, s0, thr = residuals
+    dy, d_final = cotangents
+    grads = ssd_backward(x, dt, A, B, C, D, s0, thr, dy, d_final, interpret=interpret,
+                         config=bwd_config)
+    return (*grads, None if thr is None else jnp.zeros_like(thr))
+
+
+_ssd_differentiable.defvjp(_ssd_differentiable_fwd, _ssd_differentiable_bwd)
 
 
 def ssd_segments(batch: int, length: int, config: SSDPallasConfig) -> int:

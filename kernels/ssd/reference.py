@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from longmamba_kernels.common import HIGHEST, apply_filter
+from longmamba_kernels.common import HIGHEST, apply_filter, document_starts
 
 
 def _expand_groups(a, heads: int):
@@ -22,13 +22,15 @@ def _expand_groups(a, heads: int):
     return jnp.repeat(a, heads // groups, axis=-2)
 
 
-def ssd_reference(x, dt, A, B, C, D=None, *, initial_state=None, threshold=None):
+def ssd_reference(x, dt, A, B, C, D=None, *, initial_state=None, threshold=None,
+                  segment_ids=None):
     """Sequential `lax.scan` over time.
 
     Args:
       x: [b, l, h, p]. dt: [b, l, h] Δ after softplus (and dt_limit). A: [h]. B, C: [b, l, g, n].
       D: [h] or None. initial_state: [b, h, p, n] or None. threshold: [h] folded LongMamba
-        filter or None.
+        filter or None. segment_ids: [b, l] int or None: where the id changes a new document
+        starts from a zero state (`common.document_index`).
 
     Returns:
       y [b, l, h, p] fp32 and the final state [b, h, p, n] fp32.
@@ -41,14 +43,17 @@ def ssd_reference(x, dt, A, B, C, D=None, *, initial_state=None, threshold=None)
     B, C = _expand_groups(B, h), _expand_groups(C, h)
     s0 = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)
 
+    keep = jnp.ones(x.shape[:2], f32) if segment_ids is None else \
+        1.0 - document_starts(segment_ids).astype(f32)  # [b, l]: 0 where a document starts
+
     def step(s, inp):
-        x_t, dt_t, B_t, C_t = inp  # [b, h, p], [b, h], [b, h, n], [b, h, n]
-        decay = jnp.exp(dt_t * A)[..., None, None]
+        x_t, dt_t, B_t, C_t, k_t = inp  # [b, h, p], [b, h], [b, h, n], [b, h, n], [b]
+        decay = (jnp.exp(dt_t * A) * k_t[:, None])[..., None, None]
         s = decay * s + (dt_t[..., None] * x_t)[..., None] * B_t[:, :, None, :]
         y_t = jnp.einsum("bhpn,bhn->bhp", s, C_t, precision=HIGHEST)
         return s, y_t
 
-    time_major = [jnp.swapaxes(a, 0, 1) for a in (x, dt, B, C)]
+    time_major = [jnp.swapaxes(a, 0, 1) for a in (x, dt, B, C, keep)]
     s, ys = jax.lax.scan(step, s0, time_major)
     y = jnp.swapaxes(ys, 0, 1)
     if D is not None:

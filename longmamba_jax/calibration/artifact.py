@@ -27,7 +27,12 @@ from typing import Any
 import numpy as np
 
 from longmamba_jax.calibration.grid import decode, pack_codes, unpack_codes
-from longmamba_jax.calibration.rule import aggregate_windows, const_from, exact_theta_rows
+from longmamba_jax.calibration.rule import (
+    aggregate_windows,
+    const_from,
+    exact_cut_rows,
+    exact_theta_rows,
+)
 from longmamba_jax.calibration.validate import check_int, short
 
 __all__ = ["Calibration", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -164,6 +169,12 @@ class Calibration:
         """List over layers of ``[channels]`` float32: aggregated Σ_t clamped Δ."""
         return self._split(self._arrays["decay"])
 
+    @property
+    def clamp_values(self) -> list[np.ndarray]:
+        """List over layers of ``[channels]`` float32: the aggregated clamp value q (the
+        k-th largest Δ of a window), which θ_S reaches for long S."""
+        return self._split(self._arrays["theta_asym"].astype(np.float32))
+
     def global_channels(self, threshold: float = 0.05) -> list[np.ndarray]:
         """List over layers of ``[channels]`` bool: ``decay_fraction > threshold``."""
         if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
@@ -195,6 +206,28 @@ class Calibration:
                 self._cache.clear()
             self._cache[s] = flat
         return self._split(self._cache[s])
+
+    def keep_fractions(self, seq_len: int) -> list[np.ndarray]:
+        """α for a sequence of ``seq_len`` tokens: per channel the share of the S tokens the
+        calibration rule keeps ((k + 1) / S at θ_S's cut), aggregated over windows like θ; what
+        the "alpha" and "offline" selection rules read.
+
+        Returns:
+          List over layers of ``[channels]`` float32 α_S in (0, 1].
+        """
+        s = check_int("seq_len", seq_len, minimum=1)
+        if s <= self.train_len:
+            raise ValueError(f"seq_len={s} must exceed train_len={self.train_len}")
+        if self.storage != "exact":
+            raise ValueError(
+                "this calibration stores θ on a grid, without the kept fractions α that the "
+                "'alpha' and 'offline' rules need; calibrate again with storage='exact'")
+        out = []
+        for y, wd in zip(self._curves, self._wdecay, strict=True):
+            w, c, length = y.shape
+            _, alpha = exact_cut_rows(y.reshape(w * c, length), wd.reshape(-1), s)
+            out.append(aggregate_windows(alpha.reshape(w, c), self._header["aggregate"]))
+        return [a.astype(np.float32) for a in out]
 
     def _exact_layer(self, i: int, s: int) -> np.ndarray:
         y, wd, cst = self._curves[i], self._wdecay[i], self._const[i]

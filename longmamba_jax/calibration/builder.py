@@ -35,7 +35,8 @@ _EXACT_BUDGET_FEW_WINDOWS = 1 << 25
 
 
 class CalibrationBuilder:
-    """Builds a :class:`Calibration` from windows streamed in batches (SPEC §3.1).
+    """Builds a :class:`Calibration` from windows streamed in batches (docs/design.md,
+    "LongMamba calibration").
 
     ``Calibration.from_deltas`` needs every window's Δ at once: ``windows × train_len ×
     channels`` floats per layer, 157 GB for a 48-layer, 4096-channel Mamba-1 with 100 windows of

@@ -17,7 +17,8 @@ from longmamba_jax.calibration.record import calibrate
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="longmamba-calibrate",
                                      description="LongMamba calibration of a model on a long text.")
-    parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory or hub id, 'demo', or tiny-random:mamba1|2")
     parser.add_argument("--text", required=True, help="a long plain-text file")
     parser.add_argument("--tokenizer", required=True,
                         help="'bytes' or a local Hugging Face tokenizer directory / name")
@@ -30,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args(argv)
 
-    from longmamba_jax.checkpoints import load
+    from longmamba_jax.model_spec import parse_model_spec
     from longmamba_jax.tokenizer import load_tokenizer
 
     try:
-        params = load(args.model)
         tokenizer = load_tokenizer(args.tokenizer)
+        params = parse_model_spec(args.model).load(vocab_size=tokenizer.vocab_size)
         with open(args.text, encoding="utf-8", errors="replace") as f:
             tokens = np.asarray(tokenizer.encode(f.read()), np.int64)
         print(f"{args.text}: {tokens.size} tokens; {args.num_windows} windows of "

@@ -33,7 +33,7 @@ def layer_A(params: Params) -> list[np.ndarray]:
 
 def _delta_batches(params: Params, tokens, *, train_len: int, num_windows: int, backend: str,
                    batch_size: int, progress: bool):
-    """Yields Δ of every layer for successive batches of windows: [n_layer, w, l, channels]."""
+    """Yields Δ of every SSM layer for successive batches of windows: [n_ssm_layer, w, l, C]."""
     stream = np.asarray(tokens).reshape(-1)
     starts = window_starts(stream.shape[0], train_len, num_windows)
     if batch_size < 1:
@@ -46,7 +46,7 @@ def _delta_batches(params: Params, tokens, *, train_len: int, num_windows: int, 
         for i in range(0, num_windows, batch_size):
             batch = np.stack([stream[s : s + train_len] for s in starts[i : i + batch_size]])
             dt = apply_model(params, jnp.asarray(batch, jnp.int32), backend=impl,
-                             capture_dt=True, last_n=1).dt  # [n_layer, w, l, C]
+                             capture_dt=True, last_n=1).dt  # [n_ssm_layer, w, l, C]
             yield np.asarray(jax.device_get(dt))
             bar.update(len(batch))
 

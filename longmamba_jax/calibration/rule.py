@@ -72,18 +72,21 @@ def resample_positions(length: int, s: int) -> tuple[np.ndarray, np.ndarray, np.
     return i0, i1, lam
 
 
-def exact_theta_rows(y: np.ndarray, decay: np.ndarray, s: int) -> np.ndarray:
-    """The rule of step 3, evaluated directly.
+def exact_cut_rows(y: np.ndarray, decay: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rule of step 3, evaluated directly: θ_S and the kept fraction α_S per row.
+
+    α_S = (k + 1) / S, capped at 1, is the published "alpha" (the share of the S tokens whose
+    sorted prefix first exceeds the decay).
 
     Args:
       y: ``[r, l]`` float64 sorted clamped curves; decay: ``[r]``; s: target length (> 1).
 
     Returns:
-      ``[r]`` float64 θ_S per row.
+      (θ_S ``[r]`` float64, α_S ``[r]`` float64).
     """
     r, length = y.shape
     i0, i1, lam = resample_positions(length, s)
-    out = np.empty(r, np.float64)
+    theta, alpha = np.empty(r, np.float64), np.empty(r, np.float64)
     step = max(1, CHUNK_ELEMS // s)
     for r0 in range(0, r, step):
         yb = y[r0 : r0 + step]
@@ -91,8 +94,14 @@ def exact_theta_rows(y: np.ndarray, decay: np.ndarray, s: int) -> np.ndarray:
         hit = np.cumsum(v, axis=1) > decay[r0 : r0 + step, None]
         k = np.where(hit.any(axis=1), np.argmax(hit, axis=1), 0)  # torch: argmax(all False) = 0
         idx = np.minimum(k + 1, s - 1)
-        out[r0 : r0 + step] = v[np.arange(len(yb)), idx]
-    return out
+        theta[r0 : r0 + step] = v[np.arange(len(yb)), idx]
+        alpha[r0 : r0 + step] = np.minimum((k + 1) / s, 1.0)
+    return theta, alpha
+
+
+def exact_theta_rows(y: np.ndarray, decay: np.ndarray, s: int) -> np.ndarray:
+    """θ_S per row of `exact_cut_rows`."""
+    return exact_cut_rows(y, decay, s)[0]
 
 
 def fast_theta_rows(y: np.ndarray, decay: np.ndarray, grid_s: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from longmamba_jax.checkpoints.torch_format import torch_key
+from longmamba_jax.checkpoints.torch_format import flatten, torch_key
 from longmamba_jax.config import Config, Mamba2Config, MambaConfig
 
 LAYOUTS = ("transformers", "native")
@@ -138,15 +138,6 @@ def to_native_config(config: Config) -> dict:
 # ---------------------------------------------------------------------------------------------
 # State dicts.
 
-def _flatten(tree, prefix=()):
-    for key in sorted(tree):
-        value = tree[key]
-        if isinstance(value, dict):
-            yield from _flatten(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
-
-
 def _to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     if path[-1] == "kernel" and path[-2] == "conv1d":  # [K, C] -> [C, 1, K]
         return value.T[:, None, :]
@@ -167,7 +158,7 @@ def iter_torch_tensors(params, layout: str = "transformers") -> Iterator[tuple[s
                              "layout='transformers')")
         yield from _hybrid_tensors(params)
         return
-    for path, leaf in _flatten(params.weights):
+    for path, leaf in flatten(params.weights):
         array = np.asarray(leaf)
         if path[0] == "layers":
             if array.shape[0] != config.n_layer:
@@ -187,7 +178,7 @@ def _hybrid_tensors(params) -> Iterator[tuple[str, np.ndarray]]:
     from longmamba_jax.checkpoints.torch_format import key_table
 
     table = key_table(params.config)
-    for path, leaf in _flatten(params.weights):
+    for path, leaf in flatten(params.weights):
         array = np.asarray(leaf)
         if path[0] in ("embedding", "norm_f", "lm_head"):
             yield table.torch_key(path, None), _to_torch_layout(path, array)

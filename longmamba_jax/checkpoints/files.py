@@ -11,6 +11,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from longmamba_jax.progress import NoBar
+from longmamba_jax.progress import progress_bar as tqdm_bar
+
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -151,20 +154,10 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, np.ndarray]]:
             yield path, key, array
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 def progress_bar(enabled: bool, files):
     """A tqdm bar over the tensors of `files` (a no-op object when not enabled)."""
     if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
+        return NoBar()
     total = 0
     for f in files:
         if f.suffix == ".safetensors":
@@ -178,7 +171,7 @@ def progress_bar(enabled: bool, files):
         else:
             total = None
             break
-    return tqdm(total=total, desc="tensors", unit="tensor")
+    return tqdm_bar(total=total, desc="tensors", unit="tensor")
 
 
 def read_json(path: Path):

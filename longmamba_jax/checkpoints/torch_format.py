@@ -142,12 +142,14 @@ def torch_key(path: tuple[str, ...], layer: int | None, native: bool) -> str:
     return f"backbone.layers.{layer}.{leaf}"
 
 
-def _flatten(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, prefix + (k,))
+def flatten(tree: dict, prefix: tuple[str, ...] = ()):
+    """(path, leaf) of a nested dict, depth first in sorted key order."""
+    for key in sorted(tree):
+        value = tree[key]
+        if isinstance(value, dict):
+            yield from flatten(value, prefix + (key,))
         else:
-            yield prefix + (k,), v
+            yield prefix + (key,), value
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -161,7 +163,7 @@ def expected_shapes(config: Config) -> dict[tuple[str, ...], tuple[int, ...]]:
     from longmamba_jax.model import init_params
 
     shapes = jax.eval_shape(lambda: init_params(config).weights)
-    return {path: tuple(leaf.shape) for path, leaf in _flatten(shapes)}
+    return {path: tuple(leaf.shape) for path, leaf in flatten(shapes)}
 
 
 def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):

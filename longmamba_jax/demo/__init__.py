@@ -70,13 +70,17 @@ class DemoModel:
 
     def answer(self, prompt_ids, method=None, *, backend: str = "auto") -> str:
         """The first 5 digits of the greedy continuation ("" if no digit comes)."""
-        import jax.numpy as jnp
-
         from longmamba_jax.generation.generate import generate
 
-        ids = jnp.asarray(np.asarray(prompt_ids, np.int32)[None])
-        out = generate(self.params, ids, max_new_tokens=8, method=method, backend=backend)
-        return parse_answer(self.tokenizer.decode(np.asarray(out[0]).tolist()))
+        out = generate(self.params, np.asarray(prompt_ids, np.int32), max_new_tokens=8,
+                       method=method, backend=backend)  # one prompt in, int32 [8] out
+        return parse_answer(self.tokenizer.decode(np.asarray(out).tolist()))
+
+    def __repr__(self) -> str:
+        cal = self.calibration
+        cal = f"Calibration({cal.n_layers} layers)" if hasattr(cal, "n_layers") else repr(cal)
+        return (f"DemoModel({self.params!r}, tokenizer={self.tokenizer!r}, "
+                f"train_len={self.train_len}, calibration={cal})")
 
 
 def demo_model(path: str | Path | None = None) -> DemoModel:

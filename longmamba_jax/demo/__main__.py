@@ -2,7 +2,9 @@
 
 Loads the bundled 5.8M-parameter byte-level Mamba2 (trained at L_train = 512) from its torch
 checkpoint through `longmamba_jax.load`, builds a passkey prompt at 16x L_train, and prints what
-vanilla and LongMamba answer, the true key and the time taken.
+vanilla and LongMamba answer, the true key and the time taken. Compiled programs are kept on
+disk (`longmamba_jax.compile_cache`), so a second run skips compiling; --no-compile-cache
+turns that off.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from longmamba_jax import compile_cache
 from longmamba_jax.demo import DEMO_DIR, demo_model
 
 
@@ -28,7 +31,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the key (default 0)")
     parser.add_argument("--filler", default=None, help="filler text file (default: bundled)")
     parser.add_argument("--backend", default="auto")
+    compile_cache.add_cli_option(parser)
     args = parser.parse_args(argv)
+    compile_cache.setup_from_args(args)
 
     import jax
 

@@ -17,6 +17,7 @@ from longmamba_jax.hybrid.config import (
     HybridConfig,
     Zamba2Config,
 )
+from longmamba_jax.mixers import row_ends
 
 __all__ = ["BambaConfig", "HYBRID_CONFIGS", "HybridCache", "HybridConfig", "Zamba2Config",
            "apply_hybrid", "empty_hybrid_cache", "init_hybrid", "is_hybrid", "reserve"]
@@ -45,7 +46,8 @@ def init_hybrid(config: HybridConfig, seed: int = 0, dtype=jnp.float32):
 
 
 def apply_hybrid(params, tokens, *, mask=None, filters=None, cache=None, backend, decimation=(),
-                 last_n=None, return_cache=False, capture_dt=False, step=False):
+                 last_n=None, return_cache=False, capture_dt=False, step=False, rule=None,
+                 segment_ids=None):
     """`longmamba_jax.model.apply_model` for a hybrid model (called inside its jit)."""
     from longmamba_jax.model import ModelOutput, lm_head
 
@@ -56,15 +58,20 @@ def apply_hybrid(params, tokens, *, mask=None, filters=None, cache=None, backend
     if cache is not None and not isinstance(cache, HybridCache):
         raise TypeError(f"a {cfg.family} model needs a HybridCache (from prefill or "
                         f"empty_cache), got {type(cache).__name__}")
+    if segment_ids is not None:
+        raise ValueError(f"packed documents (segment_ids) are not supported on {cfg.family}: "
+                         "its attention would see across documents")
     if step and cache is None:
         raise ValueError("a decode step needs a cache")
     fresh = cache is None
     if fresh:
         cache = empty_hybrid_cache(cfg, tokens.shape[0], 0, params.dtype)
     _, body = _family(cfg)
-    h, new, dt = body(params, tokens, mask=mask, filters=filters, cache=cache, fresh=fresh,
-                      backend=backend, return_cache=return_cache, capture_dt=capture_dt,
-                      step=step)
-    if last_n is not None:
+    h, new, dt = body(params, tokens, mask=mask, filters=filters, rule=rule, cache=cache,
+                      fresh=fresh, backend=backend, return_cache=return_cache,
+                      capture_dt=capture_dt, step=step)
+    if last_n == 1 and mask is not None:  # each row's last real token (right padding)
+        h = jnp.take_along_axis(h, (row_ends(mask) - 1)[:, None, None], axis=1)
+    elif last_n is not None:
         h = h[:, -last_n:]
     return ModelOutput(logits=lm_head(params, h), cache=new, positions=None, dt=dt)

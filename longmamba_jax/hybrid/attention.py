@@ -47,13 +47,15 @@ class BlockSizes:
 def rope(x, positions, theta: float, rotary_dim: int):
     """Rotary embedding (rotate-half form) on the first `rotary_dim` dims of each head.
 
-    x [b, l, heads, H]; positions int32 [l] (absolute). cos / sin and the rotation in fp32,
-    the result in x's dtype.
+    x [b, l, heads, H]; positions int32 [b, l] (per row) or [l]. cos / sin and the rotation in
+    fp32, the result in x's dtype.
     """
     half = rotary_dim // 2
     inv_freq = 1.0 / theta ** (jnp.arange(0, rotary_dim, 2, dtype=f32) / rotary_dim)  # [H_r/2]
-    freqs = positions.astype(f32)[:, None] * inv_freq[None, :]  # [l, H_r/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[None, :, None, :]  # [1, l, 1, H_r]
+    freqs = positions.astype(f32)[..., None] * inv_freq  # [b, l, H_r/2] or [l, H_r/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[..., None, :]  # [b, l, 1, H_r]
+    if positions.ndim == 1:
+        emb = emb[None]
     xr = x[..., :rotary_dim].astype(f32)
     rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
     out = (xr * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)

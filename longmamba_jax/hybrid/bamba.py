@@ -100,7 +100,7 @@ def _runs(cfg: BambaConfig):
     return out
 
 
-def bamba_body(params, tokens, *, mask, filters, cache, fresh, backend, return_cache,
+def bamba_body(params, tokens, *, mask, filters, rule, cache, fresh, backend, return_cache,
                capture_dt, step):
     """(residual stream after the last layer, new `HybridCache` or None, Δ or None); `cache`
     holds the states to start from (`fresh`: zeros and no KV cache). See `apply_hybrid`."""
@@ -114,7 +114,7 @@ def bamba_body(params, tokens, *, mask, filters, cache, fresh, backend, return_c
     convs, ssms, dts, keys, values = [], [], [], [], []
 
     def mamba_body(h, x):
-        h, ys = mamba_layer(h, x, mixer=mixer, eps=cfg.norm_eps, mask=mask,
+        h, ys = mamba_layer(h, x, mixer=mixer, eps=cfg.norm_eps, mask=mask, rule=rule,
                             capture_dt=capture_dt, step=step)
         return _mlp(cfg, h, x["params"]), ys
 

@@ -4,8 +4,10 @@
     ssm:      [n_ssm_layer, b, nheads, headdim, d_state] fp32
     keys:     [n_kv, b, S, n_kv_heads, head_dim]   one per attention use, parameter dtype
     values:   same
-    kv_valid: bool [b, S]   slot s holds a real token (False: left padding or not yet written)
-    length:   int32 []      slots written (the next token's position)
+    kv_valid: bool [b, S]   slot s holds a real token (False: padding or not yet written)
+    length:   int32 []      slots written (where the next token's keys go)
+    positions: int32 [b]    real tokens of each row so far (the next token's rotary position:
+                            padding takes no position, so a padded row matches the row alone)
 
 S is the capacity. A prompt writes its keys at `length` … `length + l − 1`; the caller keeps
 `length + l <= S` (`reserve` grows the buffers on the host before a call that would not fit).
@@ -25,7 +27,8 @@ f32 = jnp.float32
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["conv", "ssm", "keys", "values", "kv_valid", "length"],
+                   data_fields=["conv", "ssm", "keys", "values", "kv_valid", "length",
+                                "positions"],
                    meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class HybridCache(Cache):
@@ -35,6 +38,7 @@ class HybridCache(Cache):
     values: jax.Array
     kv_valid: jax.Array
     length: jax.Array
+    positions: jax.Array
 
     @property
     def capacity(self) -> int:
@@ -51,7 +55,7 @@ def empty_hybrid_cache(config, batch: int, capacity: int = 0, kv_dtype=f32) -> H
         conv=jnp.zeros((n, batch, m.d_conv - 1, m.conv_dim), f32),
         ssm=jnp.zeros((n, batch, m.nheads, m.headdim, m.d_state), f32),
         keys=kv, values=kv, kv_valid=jnp.zeros((batch, capacity), bool),
-        length=jnp.zeros((), jnp.int32),
+        length=jnp.zeros((), jnp.int32), positions=jnp.zeros((batch,), jnp.int32),
     )
 
 

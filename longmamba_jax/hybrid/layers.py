@@ -71,10 +71,11 @@ class KVState:
     """What every attention sub-layer of one forward shares: the query positions, the validity
     of each key slot and, with a cache, where the new keys go."""
 
-    start: Any  # int32 []: position of the first new token
-    positions: Any  # int32 [l]
+    start: Any  # int32 []: the key slot of the first new token
+    positions: Any  # int32 [b, l]: rotary positions (each row's real tokens counted)
     kv_valid: Any  # bool [b, S] or None (no padding, no cache)
     cached: bool  # the keys live in a cache buffer of S slots (else S = l, the new keys)
+    next_positions: Any  # int32 [b]: positions after this call (for the cache)
 
 
 def attention_sublayer(x, w: dict, spec: AttentionSpec, state: KVState, kv=None,
@@ -110,16 +111,23 @@ def attention_sublayer(x, w: dict, spec: AttentionSpec, state: KVState, kv=None,
 
 
 def kv_state(cache, mask, batch: int, length: int) -> tuple[KVState, Any]:
-    """The shared `KVState` of a forward over `length` new tokens, and the kv_valid to store."""
-    new_valid = jnp.ones((batch, length), bool) if mask is None else mask > 0
+    """The shared `KVState` of a forward over `length` new tokens, and the kv_valid to store.
+
+    A token's rotary position is the number of real tokens before it in its row (the cache's
+    `positions` plus the real tokens of this call), so padding on either side leaves each row's
+    positions those it has alone."""
+    real = jnp.ones((batch, length), bool) if mask is None else mask > 0
+    base = jnp.zeros((batch,), jnp.int32) if cache is None else cache.positions
+    counted = jnp.cumsum(real.astype(jnp.int32), axis=1)  # [b, l]
+    positions = base[:, None] + jnp.maximum(counted - 1, 0)
+    next_positions = base + counted[:, -1]
     if cache is None:
-        positions = jnp.arange(length, dtype=jnp.int32)
-        state = KVState(jnp.int32(0), positions, None if mask is None else new_valid, False)
-        return state, new_valid
+        state = KVState(jnp.int32(0), positions, None if mask is None else real, False,
+                        next_positions)
+        return state, real
     start = cache.length
-    valid = jax.lax.dynamic_update_slice_in_dim(cache.kv_valid, new_valid, start, 1)
-    positions = start + jnp.arange(length, dtype=jnp.int32)
-    return KVState(start, positions, valid, True), valid
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.kv_valid, real, start, 1)
+    return KVState(start, positions, valid, True, next_positions), valid
 
 
 def new_cache(cache, state: KVState, kv_valid, conv, ssm, keys: list, values: list, length: int):
@@ -133,10 +141,11 @@ def new_cache(cache, state: KVState, kv_valid, conv, ssm, keys: list, values: li
         shape = cache.keys.shape
         keys = values = jnp.zeros((0, shape[1], kv_valid.shape[1], *shape[3:]), cache.keys.dtype)
     return HybridCache(conv=conv, ssm=ssm, keys=keys, values=values, kv_valid=kv_valid,
-                       length=(state.start + length).astype(jnp.int32))
+                       length=(state.start + length).astype(jnp.int32),
+                       positions=state.next_positions)
 
 
-def mamba_layer(h, x: dict, *, mixer: Mamba2Mixer, eps: float, t=None, mask=None,
+def mamba_layer(h, x: dict, *, mixer: Mamba2Mixer, eps: float, t=None, mask=None, rule=None,
                 capture_dt=False, step=False):
     """h + mamba2(rmsnorm(h + t)) (t: Zamba2's shared-block output, else None).
 
@@ -147,7 +156,8 @@ def mamba_layer(h, x: dict, *, mixer: Mamba2Mixer, eps: float, t=None, mask=None
     dt_filter = (x["glob"], x["thr"]) if "glob" in x else None
     out, aux = mixer.apply({"params": x["params"]["mixer"]}, norm(inp, x["params"]["norm"], eps),
                            conv_state=x["conv"], ssm_state=x["ssm"], mask=mask,
-                           dt_filter=dt_filter, capture_dt=capture_dt, step=step)
+                           dt_filter=dt_filter, dt_rule=rule, capture_dt=capture_dt,
+                           step=step)
     return h + out.astype(f32), (aux.conv_state, aux.ssm_state, aux.dt)
 
 

@@ -110,7 +110,7 @@ def _runs(cfg: Zamba2Config):
     return list(zip(starts, starts[1:] + [cfg.n_layer], strict=True))
 
 
-def zamba2_body(params, tokens, *, mask, filters, cache, fresh, backend, return_cache,
+def zamba2_body(params, tokens, *, mask, filters, rule, cache, fresh, backend, return_cache,
                 capture_dt, step):
     """(residual stream after the last layer, new `HybridCache` or None, Δ or None); `cache`
     holds the states to start from (`fresh`: zeros and no KV cache). See `apply_hybrid`."""
@@ -135,12 +135,12 @@ def zamba2_body(params, tokens, *, mask, filters, cache, fresh, backend, return_
             values.append(v)
 
         def body(h, x):
-            return mamba_layer(h, x, mixer=mixer, eps=cfg.norm_eps, mask=mask,
+            return mamba_layer(h, x, mixer=mixer, eps=cfg.norm_eps, mask=mask, rule=rule,
                                capture_dt=capture_dt, step=step)
 
         def body_t(carry, x):  # t enters the run's first layer only (h + 0 == h exactly)
             h, t = carry
-            h, ys = mamba_layer(h, x, mixer=mixer, eps=cfg.norm_eps, t=t, mask=mask,
+            h, ys = mamba_layer(h, x, mixer=mixer, eps=cfg.norm_eps, t=t, mask=mask, rule=rule,
                                 capture_dt=capture_dt, step=step)
             return (h, jnp.zeros_like(t)), ys
 

@@ -1,0 +1,1 @@
+"""The evaluations: passkey, RULER-style tasks, perplexity, LongBench and prefill latency."""

@@ -1,0 +1,285 @@
+"""Backward pass of the Mamba2 SSD scan as Pallas GPU kernels (Triton lowering).
+
+Forward (per head, Δ already filtered, a_t = Δ_t A, A⁺ its in-chunk cumsum):
+
+    S_t = exp(a_t) S_{t-1} + Δ_t x_t ⊗ B_t,    y_t = S_t C_t + D x_t
+
+Given dy and dS_final, with S_prev / dS the states at a chunk's start / the state gradients at its
+end, everything a chunk contributes is local to the chunk (M = (C Bᵀ) ⊙ exp(A⁺_i − A⁺_j)[j<=i],
+P = (dy (Δx)ᵀ) ⊙ exp(A⁺_i − A⁺_j)[j<=i]):
+
+    d(Δx) = Mᵀ dy + exp(A⁺_last − A⁺) ⊙ (B dSᵀ)          dx = Δ d(Δx) + D dy
+    dB    = Pᵀ C + (Δx ⊙ exp(A⁺_last − A⁺)) dS           dC = P B + (dy ⊙ exp(A⁺)) S_prevᵀ
+    da_t  = Σ_{i>=t, j<t} (P ⊙ C Bᵀ)_ij + Σ_{i>=t} dy_i·y_off_i + Σ_{j<t} v_j
+            + exp(A⁺_last) <dS, S_prev>                   dΔ = A da + x·d(Δx),  dA = Σ Δ da
+
+Three kernels: a states pass (one program per batch row × head × block of p walks the chunks
+forward writing S_prev, then backward writing dS: the only sequential part, one small matmul
+per chunk), then two chunk-parallel kernels: dx, dΔ and da per (chunk, head, block of p); dB and
+dC per (chunk, group, block of n), looping over the group's heads. Sums over p blocks are
+per-program partials summed in XLA. Design and costs: docs/kernels.md, "Backward passes".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from longmamba_kernels.common import LOG2E, pad_axis, pad_time
+
+
+@dataclasses.dataclass(frozen=True)
+class SSDBackwardConfig:
+    """Block sizes of the SSD backward kernels.
+
+    Attributes:
+      chunk: s, tokens per chunk (power of two >= 16). The states the backward keeps are
+        [b, l/s, h, p, n]: a larger s means fewer of them, larger [s, s] tiles.
+      block_p: head-dim rows per program of the dx / dΔ kernel (power of two >= 16).
+      states_block_p: head-dim rows per program of the states pass (power of two >= 16).
+      block_n: state columns per program of the dB / dC kernel (power of two >= 16).
+      num_warps: warps per program.
+      num_stages: Triton software-pipelining depth of the loops.
+      fp32_states: keep S_prev and dS in fp32 for bf16 inputs too (default: the matmul dtype,
+        as they only enter bf16 matmuls there).
+    """
+
+    chunk: int = 64
+    block_p: int = 32
+    states_block_p: int = 16
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+    fp32_states: bool = False
+
+    def __post_init__(self):
+        for name in ("chunk", "block_p", "states_block_p", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"SSDBackwardConfig.{name} must be a power of two >= 16, got {v}")
+        for name in ("num_warps", "num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"SSDBackwardConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _pow2_at_least_16(v: int) -> int:
+    return max(16, 1 << (v - 1).bit_length())
+
+
+def _dot(dot_dtype):
+    prec = jax.lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+    return functools.partial(jnp.dot, precision=prec, preferred_element_type=jnp.float32)
+
+
+def _decays(dt_ref, bi, t_sl, hi, a, thr):
+    """Filtered Δ [s], base-2 in-chunk cumsum A⁺ [s] of Δ a (a = A log2 e) and its last value."""
+    dt = dt_ref[bi, t_sl, hi].astype(jnp.float32)
+    dt = jnp.where(dt <= thr, 0.0, dt)  # LongMamba filter (thr = -inf: unfiltered)
+    da = dt * a
+    return dt, jnp.cumsum(da), jnp.sum(da)
+
+
+def _causal_decay(a_cum, chunk):
+    """exp2(A⁺_i − A⁺_j) for j <= i, else 0: [s, s]."""
+    idx = jnp.arange(chunk)
+    seg = jnp.where(idx[:, None] >= idx[None, :], a_cum[:, None] - a_cum[None, :], -jnp.inf)
+    return jnp.exp2(seg)
+
+
+def _states_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, s0_ref, dy_ref, dsf_ref,
+                   sp_ref, dsn_ref, ds0_ref, *, chunk, block_p, n_chunks, heads_per_group,
+                   has_init, dot_dtype):
+    """S_prev[c] (the state before chunk c) forward, then dS[c] (the gradient of the state after
+    chunk c) backward, for one batch row × head × block of p; and d initial_state."""
+    f32 = jnp.float32
+    bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = hi // heads_per_group
+    p_sl = pl.ds(pi * block_p, block_p)
+    n = b_ref.shape[-1]
+    dot = _dot(dot_dtype)
+    a, thr = a_ref[hi], thr_ref[hi]
+    s = s0_ref[bi, hi, p_sl, :].astype(f32) if has_init else jnp.zeros((block_p, n), f32)
+
+    def forward(ci, s):
+        t_sl = pl.ds(ci * chunk, chunk)
+        dt, a_cum, a_last = _decays(dt_ref, bi, t_sl, hi, a, thr)
+        sp_ref[bi, ci, hi, p_sl, :] = s.astype(sp_ref.dtype)
+        x = x_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
+        w = (x * (dt * jnp.exp2(a_last - a_cum))[:, None]).astype(dot_dtype)
+        return jnp.exp2(a_last) * s + dot(w.T, b_ref[bi, t_sl, gi, :].astype(dot_dtype))
+
+    jax.lax.fori_loop(0, n_chunks, forward, s)
+
+    def backward(i, ds):
+        ci = n_chunks - 1 - i
+        t_sl = pl.ds(ci * chunk, chunk)
+        _, a_cum, a_last = _decays(dt_ref, bi, t_sl, hi, a, thr)
+        dsn_ref[bi, ci, hi, p_sl, :] = ds.astype(dsn_ref.dtype)
+        dy = dy_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
+        w = (dy * jnp.exp2(a_cum)[:, None]).astype(dot_dtype)
+        return jnp.exp2(a_last) * ds + dot(w.T, c_ref[bi, t_sl, gi, :].astype(dot_dtype))
+
+    ds = jax.lax.fori_loop(0, n_chunks, backward, dsf_ref[bi, hi, p_sl, :].astype(f32))
+    ds0_ref[bi, hi, p_sl, :] = ds
+
+
+def _dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, dy_ref, sp_ref, dsn_ref,
+               dx_ref, da_ref, ddt_ref, *, chunk, block_p, n_chunks, heads_per_group, has_d,
+               dot_dtype):
+    """dx, and the p block's parts of da and x·d(Δx), for one (batch row, chunk) × head × block
+    of p."""
+    f32 = jnp.float32
+    pid0, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, ci = pid0 // n_chunks, pid0 % n_chunks
+    gi = hi // heads_per_group
+    p_sl, t_sl = pl.ds(pi * block_p, block_p), pl.ds(ci * chunk, chunk)
+    dot = _dot(dot_dtype)
+    dt, a_cum, a_last = _decays(dt_ref, bi, t_sl, hi, a_ref[hi], thr_ref[hi])
+    x = x_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
+    dy = dy_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
+    bm = b_ref[bi, t_sl, gi, :].astype(dot_dtype)  # [s, n]
+    cm = c_ref[bi, t_sl, gi, :].astype(dot_dtype)  # [s, n]
+    sp = sp_ref[bi, ci, hi, p_sl, :]  # [p_blk, n] state before the chunk
+    dsn = dsn_ref[bi, ci, hi, p_sl, :]  # [p_blk, n] gradient of the state after it
+    decay = _causal_decay(a_cum, chunk)  # [i, j]
+    cb = dot(cm, bm.T)  # [i, j]
+    to_end = jnp.exp2(a_last - a_cum)  # [s]
+    bds = dot(bm, dsn.astype(dot_dtype).T)  # [s, p_blk]
+    dxdt = dot((cb * decay).astype(dot_dtype).T, dy.astype(dot_dtype)) + to_end[:, None] * bds
+    dx = dt[:, None] * dxdt
+    if has_d:
+        dx = dx + d_ref[hi] * dy
+    dx_ref[bi, t_sl, hi, p_sl] = dx.astype(dx_ref.dtype)
+    xdt = x * dt[:, None]
+    # da_t, the gradient of the log-decay a_t = Δ_t A, summed without cancellation
+    w = dot(dy.astype(dot_dtype), xdt.astype(dot_dtype).T) * decay * cb  # [i, j]
+    idx = jnp.arange(chunk)
+    ge = idx[:, None] >= idx[None, :]  # [i, t]: i >= t
+    below = jnp.cumsum(w, axis=1) - w  # [i, t]: Σ_{j<t} w_ij
+    da = jnp.sum(jnp.where(ge, below, 0.0), axis=0)  # Σ_{i>=t, j<t} w_ij
+    y_off = jnp.exp2(a_cum)[:, None] * dot(cm, sp.astype(dot_dtype).T)  # [s, p_blk]
+    off = jnp.sum(dy * y_off, axis=1)  # [s]
+    da = da + jnp.sum(jnp.where(ge, off[:, None], 0.0), axis=0)  # Σ_{i>=t} off_i
+    v = jnp.sum(xdt * to_end[:, None] * bds, axis=1)  # [s]
+    da = da + jnp.sum(jnp.where(ge, 0.0, v[:, None]), axis=0)  # Σ_{j<t} v_j
+    da = da + jnp.exp2(a_last) * jnp.sum(dsn.astype(f32) * sp.astype(f32))
+    da_ref[pi, bi, hi, t_sl] = da
+    ddt_ref[pi, bi, hi, t_sl] = jnp.sum(x * dxdt, axis=1)
+
+
+def _dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, dy_ref, sp_ref, dsn_ref,
+                db_ref, dc_ref, *, chunk, block_n, n_chunks, heads_per_group, dot_dtype):
+    """dB and dC of one (batch row, chunk) × group × block of n, summed over the group's heads:
+    dB = dCBᵀ C + Σ_h (Δx ⊙ exp(A⁺_last − A⁺)) dS_h,  dC = dCB B + Σ_h (dy ⊙ exp(A⁺)) S_prev_h,
+    with dCB = Σ_h P_h."""
+    f32 = jnp.float32
+    pid0, gi, ni = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, ci = pid0 // n_chunks, pid0 % n_chunks
+    n_sl, t_sl = pl.ds(ni * block_n, block_n), pl.ds(ci * chunk, chunk)
+    dot = _dot(dot_dtype)
+
+    def head(r, carry):
+        dcb, db, dc = carry
+        hi = gi * heads_per_group + r
+        dt, a_cum, a_last = _decays(dt_ref, bi, t_sl, hi, a_ref[hi], thr_ref[hi])
+        xdt = x_ref[bi, t_sl, hi, :].astype(f32) * dt[:, None]  # [s, p]
+        dy = dy_ref[bi, t_sl, hi, :].astype(f32)  # [s, p]
+        dcb = dcb + dot(dy.astype(dot_dtype), xdt.astype(dot_dtype).T) * _causal_decay(
+            a_cum, chunk)
+        wb = (xdt * jnp.exp2(a_last - a_cum)[:, None]).astype(dot_dtype)
+        db = db + dot(wb, dsn_ref[bi, ci, hi, :, n_sl].astype(dot_dtype))
+        wc = (dy * jnp.exp2(a_cum)[:, None]).astype(dot_dtype)
+        dc = dc + dot(wc, sp_ref[bi, ci, hi, :, n_sl].astype(dot_dtype))
+        return dcb, db, dc
+
+    zeros = jnp.zeros((chunk, block_n), f32)
+    init = (jnp.zeros((chunk, chunk), f32), zeros, zeros)
+    dcb, db, dc = jax.lax.fori_loop(0, heads_per_group, head, init)
+    dcb = dcb.astype(dot_dtype)
+    db = db + dot(dcb.T, c_ref[bi, t_sl, gi, n_sl].astype(dot_dtype))
+    dc = dc + dot(dcb, b_ref[bi, t_sl, gi, n_sl].astype(dot_dtype))
+    db_ref[bi, t_sl, gi, n_sl] = db
+    dc_ref[bi, t_sl, gi, n_sl] = dc
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "config"))
+def ssd_backward(x, dt, A, B, C, D, initial_state, threshold, dy, d_final, *, interpret,
+                 config):
+    """Gradients of `ssd_pallas` (same argument contract) for the cotangents dy [b, l, h, p]
+    and d_final [b, h, p, n].
+
+    Returns (dx, dΔ, dA, dB, dC, dD, d initial_state), each in its input's dtype (dD and
+    d initial_state None when D / initial_state are None). A filtered Δ gets zero gradient.
+    """
+    f32 = jnp.float32
+    b, length, h, p = x.shape
+    g, n = B.shape[-2:]
+    dot_dtype = jnp.bfloat16 if x.dtype == jnp.bfloat16 else f32
+    state_dtype = f32 if config.fp32_states else dot_dtype
+    chunk = config.chunk
+    pp, np_ = _pow2_at_least_16(p), _pow2_at_least_16(n)
+    block_p, states_bp = min(config.block_p, pp), min(config.states_block_p, pp)
+    block_n = min(config.block_n, np_)
+    n_chunks = -(-length // chunk)
+    padded = n_chunks * chunk
+    pad_pn = lambda a, size: pad_axis(pad_time(a, chunk), a.ndim - 1, size)
+    xs, dys = pad_pn(x, pp), pad_pn(dy, pp)  # [b, l', h, p']
+    Bs = pad_pn(B, np_).astype(dot_dtype)  # [b, l', g, n']
+    Cs = pad_pn(C, np_).astype(dot_dtype)
+    dts = pad_time(dt.astype(f32), chunk)  # Δ = 0 on padding: the states stay exact
+    a2 = A.astype(f32) * np.float32(LOG2E)
+    thr = np.full((h,), -np.inf, np.float32) if threshold is None else threshold.astype(f32)
+    has_d, has_init = D is not None, initial_state is not None
+    d = D.astype(f32) if has_d else np.zeros((h,), np.float32)
+    pad_state = lambda s: pad_axis(pad_axis(s.astype(f32), 2, pp), 3, np_)
+    s0 = pad_state(initial_state) if has_init else np.zeros((1, 1, 1, 1), np.float32)
+    dsf = pad_state(d_final)
+    from jax.experimental.pallas import triton as plgpu
+
+    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
+    states = jax.ShapeDtypeStruct((b, n_chunks, h, pp, np_), state_dtype)
+    sp, dsn, ds0 = call(
+        functools.partial(_states_kernel, chunk=chunk, block_p=states_bp, n_chunks=n_chunks,
+                          heads_per_group=h // g, has_init=has_init, dot_dtype=dot_dtype),
+        grid=(b, h, pp // states_bp),
+        out_shape=[states, states, jax.ShapeDtypeStruct((b, h, pp, np_), f32)],
+        name="ssd_bwd_states",
+    )(xs, dts, a2, Bs, Cs, thr, s0, dys, dsf)
+    n_pb = pp // block_p
+    partial_shape = jax.ShapeDtypeStruct((n_pb, b, h, padded), f32)
+    dx, da, ddt = call(
+        functools.partial(_dx_kernel, chunk=chunk, block_p=block_p, n_chunks=n_chunks,
+                          heads_per_group=h // g, has_d=has_d, dot_dtype=dot_dtype),
+        grid=(b * n_chunks, h, n_pb),
+        out_shape=[jax.ShapeDtypeStruct((b, padded, h, pp), x.dtype), partial_shape,
+                   partial_shape],
+        name="ssd_bwd_dx",
+    )(xs, dts, a2, Bs, Cs, d, thr, dys, sp, dsn)
+    dB, dC = call(
+        functools.partial(_dbc_kernel, chunk=chunk, block_n=block_n, n_chunks=n_chunks,
+                          heads_per_group=h // g, dot_dtype=dot_dtype),
+        grid=(b * n_chunks, g, np_ // block_n),
+        out_shape=[jax.ShapeDtypeStruct((b, padded, g, np_), f32)] * 2,
+        name="ssd_bwd_dbc",
+    )(xs, dts, a2, Bs, Cs, thr, dys, sp, dsn)
+    # da_t: the gradient of a_t = Δ_t A; the filter's dropped tokens have Δ = 0 and get none
+    da = jnp.moveaxis(jnp.sum(da, axis=0), 1, 2)[:, :length]  # [b, l, h]
+    ddt = jnp.moveaxis(jnp.sum(ddt, axis=0), 1, 2)[:, :length]
+    dt32 = dt.astype(f32)
+    keep = dt32 > thr
+    d_dt = jnp.where(keep, A.astype(f32) * da + ddt, 0.0)
+    dA = jnp.sum(jnp.where(keep, dt32, 0.0) * da, axis=(0, 1))
+    dD = None
+    if has_d:
+        dD = jnp.einsum("blhp,blhp->h", dy.astype(f32), x.astype(f32),
+                        precision=jax.lax.Precision.HIGHEST).astype(D.dtype)
+    ds0 = ds0[:, :, :p, :n].astype(initial_state.dtype) if has_init else None
+    return (dx[:, :length, :, :p], d_dt.astype(dt.dtype), dA.astype(A.dtype),
+            dB[:, :length, :, :n].astype(B.dtype), dC[:, :length, :, :n].astype(C.dtype), dD, ds0)
