@@ -154,7 +154,8 @@ def test_zamba2_gqa_untied_bias_variant(tmp_path):
 
 
 def test_left_padding_equals_each_row_alone(ckpts):
-    """Padded keys are masked in every attention use, also in the decode steps after them."""
+    """Padded keys are masked in every attention use, also in the decode steps after them,
+    with the padding on the left or on the right."""
     params = lmj.load(ckpts["zamba2"][1])
     seq = _tokens(1, 13, seed=5)[0]
     batch = np.stack([np.concatenate([np.zeros(5, int), seq[:11]]), _tokens(1, 16, seed=6)[0]])
@@ -165,6 +166,12 @@ def test_left_padding_equals_each_row_alone(ckpts):
     for i in (11, 12):
         logits, cache = lmj.decode_step(params, cache, np.array([seq[i], 1]))
         errs.append(rel_err(logits[0], alone[i]))
+    # right padding: the row's real tokens come first, the pads take no rotary position
+    batch[0] = np.concatenate([seq[:11], np.zeros(5, int)])
+    logits, cache = lmj.prefill(params, batch, attention_mask=mask[:, ::-1].copy())
+    errs.append(rel_err(logits[0], alone[10]))
+    logits, cache = lmj.decode_step(params, cache, np.array([seq[11], 1]))
+    errs.append(rel_err(logits[0], alone[11]))
     assert max(errs) <= 1e-5
 
 
