@@ -64,9 +64,12 @@ def sha256(path: Path, chunk: int = 1 << 23, check=None) -> str:
 
 
 def _input_files(directory: Path) -> list[Path]:
-    from longmamba_jax.checkpoints.files import CONFIG_FILE, SAFETENSORS_INDEX, weight_files
+    from longmamba_jax.checkpoints.files import SAFETENSORS_INDEX, weight_files
+    from longmamba_jax.checkpoints.torch_format import MISTRAL_CONFIG, MISTRAL_WEIGHTS, config_file
 
-    files = [directory / CONFIG_FILE]
+    files = [config_file(directory)]
+    if files[0].name == MISTRAL_CONFIG:  # Codestral Mamba's own release
+        return files + [directory / MISTRAL_WEIGHTS]
     if (directory / SAFETENSORS_INDEX).exists():
         files.append(directory / SAFETENSORS_INDEX)
     return files + weight_files(directory)

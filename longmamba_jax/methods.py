@@ -3,7 +3,8 @@
 A method turns a prompt length into extra inputs of `apply_model` (`model_kwargs`), so every
 backend applies it inside the same compiled forward:
 
-- LongMamba: per-layer arrays (is_global [n_layer, C], threshold [n_layer, C]); in global
+- LongMamba: per-SSM-layer arrays (is_global [n_ssm_layer, C], threshold [n_ssm_layer, C];
+  a hybrid model's attention layers have none); in global
   channels Δ_eff = Δ if Δ > scale·θ_S else 0, everywhere Δ enters the scan. Off (no extra inputs,
   bit-identical to vanilla) when S <= min_len or when no channel is global.
 - DeciMamba: a static plan ((layer, keep, keep_last), ...); in each decimating layer only the
@@ -113,7 +114,8 @@ class LongMamba:
         is_global, and per channel the rule's parameter (θ_S, α or the decay, times `scale`;
         zeros for the top-k rules)."""
         cal = self.calibration
-        cal.check_compatible(config.fingerprint, config.n_layer, [config.channels] * config.n_layer)
+        n = config.n_ssm_layer  # hybrids: the Mamba2 layers only (docs/families.md)
+        cal.check_compatible(config.fingerprint, n, [config.channels] * n)
         if not self.active(seq_len):
             return None
         is_global = np.stack([np.asarray(g, bool)
@@ -146,9 +148,10 @@ class LongMamba:
             raise ValueError(f"the LongMamba rule {self.rule!r} is not defined per packed "
                              "document; use rule='threshold' with segment_ids")
         cal = self.calibration
-        cal.check_compatible(config.fingerprint, config.n_layer, [config.channels] * config.n_layer)
+        n = config.n_ssm_layer
+        cal.check_compatible(config.fingerprint, n, [config.channels] * n)
         longest = max(len(row) for row in lengths)
-        theta = np.full((config.n_layer, len(lengths), longest, config.channels), -np.inf)
+        theta = np.full((n, len(lengths), longest, config.channels), -np.inf)
         is_global = np.stack([np.asarray(g, bool)
                               for g in cal.global_channels(self.channel_threshold)])
         if not is_global.any():
@@ -216,6 +219,9 @@ class DeciMamba:
     def plan(self, config: Config, seq_len: int) -> tuple[tuple[int, int, int], ...]:
         """((layer, keep, keep_last), ...) for a prompt of seq_len tokens; layers where nothing
         would be dropped are left out."""
+        if config.family in ("zamba2", "bamba"):
+            raise ValueError(f"DeciMamba is not supported on {config.family}: decimation would "
+                             "drop tokens from its attention layers' context too")
         if self.layers[-1] >= config.n_layer:
             raise ValueError(f"DeciMamba layer {self.layers[-1]} does not exist (the model has "
                              f"{config.n_layer} layers)")

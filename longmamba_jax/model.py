@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longmamba_jax.backends import resolve_backend
-from longmamba_jax.config import Config, Mamba2Config
+from longmamba_jax.config import Config, Mamba2Config, MambaConfig
 from longmamba_jax.layers import rms_norm
 from longmamba_jax.mixers import Block, ScanBackend, row_ends
 from longmamba_jax.packing import document_lengths, resolve_segment_ids
@@ -77,6 +77,12 @@ class Cache:
 
 
 def empty_cache(config: Config, batch: int) -> Cache:
+    """Zero states for `batch` sequences (a hybrid model's `HybridCache` has an empty KV cache,
+    grown as tokens arrive)."""
+    if not isinstance(config, (MambaConfig, Mamba2Config)):
+        from longmamba_jax.hybrid import empty_hybrid_cache
+
+        return empty_hybrid_cache(config, batch)
     conv = jnp.zeros((config.n_layer, batch, config.d_conv - 1, config.conv_dim), f32)
     if isinstance(config, Mamba2Config):
         ssm_shape = (config.nheads, config.headdim, config.d_state)
@@ -98,11 +104,15 @@ class ModelOutput(NamedTuple):
     logits: jax.Array  # [b, l', V] fp32 (l' = l, or last_n, or the DeciMamba-kept length)
     cache: Cache | None  # the state after the last token
     positions: jax.Array | None  # [b, l'] original positions of the logits (DeciMamba)
-    dt: jax.Array | None  # [n_layer, b, l, C] Δ per layer (capture_dt)
+    dt: jax.Array | None  # [n_ssm_layer, b, l, C] Δ per SSM layer (capture_dt)
 
 
 def init_params(config: Config, seed: int = 0, dtype=f32) -> Params:
     """Random weights with the torch models' parameter shapes (for tests and training)."""
+    if not isinstance(config, (MambaConfig, Mamba2Config)):
+        from longmamba_jax.hybrid import init_hybrid
+
+        return init_hybrid(config, seed, dtype)
     key = jax.random.PRNGKey(seed)
     k_emb, k_layers, k_head = jax.random.split(key, 3)
     block = Block(config, ScanBackend("reference"), dtype)
@@ -195,6 +205,13 @@ def apply_model(
         parameter (static); None is the fixed-threshold rule, applied inside the scan.
     """
     cfg = params.config
+    if not isinstance(cfg, (MambaConfig, Mamba2Config)):  # Zamba2, Bamba: docs/families.md
+        from longmamba_jax.hybrid import apply_hybrid
+
+        return apply_hybrid(params, tokens, mask=mask, filters=filters, cache=cache,
+                            backend=backend, decimation=decimation, last_n=last_n,
+                            return_cache=return_cache, capture_dt=capture_dt, step=step,
+                            rule=rule, segment_ids=segment_ids)
     w = params.weights
     dtype = params.dtype
     batch, length = tokens.shape

@@ -1,6 +1,7 @@
 """`calibrate`: run the model on windows of `train_len` tokens taken evenly across a token
-stream, record Δ of every layer (after softplus), and stream them batch by batch into a
-`CalibrationBuilder`. `weights_digest` identifies the weights a calibration was measured on."""
+stream, record Δ of every SSM layer (after softplus; a hybrid model's Mamba2 layers, in
+order), and stream them batch by batch into a `CalibrationBuilder`. `weights_digest` identifies
+the weights a calibration was measured on."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from longmamba_jax.backends import resolve_backend
 from longmamba_jax.calibration.artifact import Calibration
 from longmamba_jax.calibration.builder import CalibrationBuilder
 from longmamba_jax.calibration.validate import check_int
-from longmamba_jax.config import Mamba2Config
+from longmamba_jax.config import MambaConfig
 from longmamba_jax.model import Params, apply_model
 
 
@@ -83,14 +84,14 @@ def check_stream(params: Params, tokens, train_len: int) -> np.ndarray:
 
 
 def layer_A(params: Params) -> list[np.ndarray]:
-    """A = −exp(A_log) per layer: [channels] (Mamba2) or [channels, d_state] (Mamba-1)."""
+    """A = −exp(A_log) per SSM layer: [channels] (Mamba2) or [channels, d_state] (Mamba-1)."""
     a_log = np.asarray(params.weights["layers"]["mixer"]["A_log"], np.float32)
     return [-np.exp(a) for a in a_log]
 
 
 def _delta_batches(params: Params, tokens, *, train_len: int, num_windows: int, backend: str,
                    batch_size: int, progress: bool):
-    """Yields Δ of every layer for successive batches of windows: [n_layer, w, l, channels]."""
+    """Yields Δ of every SSM layer for successive batches of windows: [n_ssm_layer, w, l, C]."""
     train_len = check_int("train_len", train_len, minimum=1)
     num_windows = check_int("num_windows", num_windows, minimum=1)
     stream = check_stream(params, tokens, train_len)
@@ -105,7 +106,7 @@ def _delta_batches(params: Params, tokens, *, train_len: int, num_windows: int, 
         for i in range(0, num_windows, batch_size):
             batch = np.stack([stream[s : s + train_len] for s in starts[i : i + batch_size]])
             dt = apply_model(params, jnp.asarray(batch, jnp.int32), backend=impl,
-                             capture_dt=True, last_n=1).dt  # [n_layer, w, l, C]
+                             capture_dt=True, last_n=1).dt  # [n_ssm_layer, w, l, C]
             yield np.asarray(jax.device_get(dt))
             bar.update(len(batch))
 
@@ -122,11 +123,11 @@ def record_deltas(params: Params, tokens, *, train_len: int, num_windows: int = 
     num_windows = check_int("num_windows", num_windows, minimum=1)
     check_stream(params, tokens, train_len)  # fail before allocating
     out = [np.empty((num_windows, train_len, cfg.channels), np.float32)
-           for _ in range(cfg.n_layer)]
+           for _ in range(cfg.n_ssm_layer)]
     i = 0
     for dt in _delta_batches(params, tokens, train_len=train_len, num_windows=num_windows,
                              backend=backend, batch_size=batch_size, progress=progress):
-        for layer in range(cfg.n_layer):
+        for layer in range(cfg.n_ssm_layer):
             out[layer][i : i + dt.shape[1]] = dt[layer]
         i += dt.shape[1]
     return out
@@ -174,6 +175,6 @@ def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
     return builder.finish(
         fingerprint=cfg.fingerprint,
         weights_digest=weights_digest(params),
-        model_info={"arch": cfg.arch, "n_layer": cfg.n_layer, "channels": cfg.channels,
-                    "kind": "heads" if isinstance(cfg, Mamba2Config) else "channels"},
+        model_info={"arch": cfg.arch, "n_layer": cfg.n_ssm_layer, "channels": cfg.channels,
+                    "kind": "channels" if isinstance(cfg, MambaConfig) else "heads"},
     )

@@ -223,8 +223,10 @@ def _check_field_types(config) -> None:
         elif kind.startswith("float"):
             good = isinstance(value, (int, float)) and not isinstance(value, bool) \
                 and math.isfinite(value) and value > 0
+        elif kind == "str":  # the hybrids' layer_pattern, hidden_act (checked by the config)
+            good = isinstance(value, str)
         else:  # dt_limit: already (float, float) with low <= high
-            good = all(not math.isnan(v) for v in value)
+            good = all(isinstance(v, (int, float)) and not math.isnan(v) for v in value)
         if not good:
             raise ConfigError(f"config field {field.name} must be {kind}, got {value!r}")
 

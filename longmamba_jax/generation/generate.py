@@ -50,6 +50,7 @@ from longmamba_jax.generation.loop import (
 from longmamba_jax.generation.loop import step_body as _step_body
 from longmamba_jax.generation.sampling import Greedy, make_sampler
 from longmamba_jax.generation.streaming import StopStrings, as_callback, host_loop
+from longmamba_jax.hybrid import is_hybrid, reserve
 from longmamba_jax.model import (
     Cache,
     LayerFilters,
@@ -158,6 +159,8 @@ def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None 
     mask = _mask(attention_mask, tokens)
     if mask is not None:
         _check_padding(attention_mask)
+    if cache is not None:  # a hybrid model's KV cache: room for this chunk (and the prompt)
+        cache = reserve(cache, length, total=int(total_len), dtype=params.dtype)
     out = apply_model(params, tokens, mask=mask, cache=cache, segment_ids=segment_ids,
                       backend=resolve_backend(backend), last_n=1, return_cache=True, **kwargs)
     return out.logits[:, -1], out.cache
@@ -196,6 +199,7 @@ def decode_step(params: Params, cache: Cache, token, *, method: Any = None,
         raise TypeError(f"params must be longmamba_jax.Params, got {type(params).__name__}")
     token = check_token_ids(token, params.config.padded_vocab_size, ndim=1, name="token")
     _check_cache(params, cache, token.shape[0])
+    cache = reserve(cache, 1, dtype=params.dtype, double=True)  # hybrid models: KV room
     filters = _decode_filters(method, params, seq_len)
     step = _step if donate else _step_keep
     return step(params, cache, token, filters, resolve_backend(backend))
@@ -328,6 +332,9 @@ def _setup(params: Params, prompts, *, max_new_tokens: int, temperature: float =
                         f"{type(params).__name__}")
     if decode_impl not in DECODE_IMPLS:
         raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
+    if decode_impl != "scan" and is_hybrid(params.config):
+        raise ValueError(f"decode_impl={decode_impl!r} serves the pure Mamba models; a "
+                         f"{params.config.family} model decodes with decode_impl='scan'")
     try:
         n_new = operator.index(max_new_tokens)
     except TypeError:
@@ -350,6 +357,7 @@ def _setup(params: Params, prompts, *, max_new_tokens: int, temperature: float =
     tokens = _check_tokens(params, batch.tokens)
     logits0, cache = prefill(params, tokens, attention_mask=batch.mask, method=method,
                              backend=backend)
+    cache = reserve(cache, n_new, dtype=params.dtype)  # hybrid models: KV room
     filters = _decode_filters(method, params, tokens.shape[1] + n_new)
     seen = None
     if penalty is not None:
