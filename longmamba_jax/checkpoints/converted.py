@@ -221,8 +221,8 @@ def _check_field_types(config) -> None:
             good = (isinstance(value, int) and not isinstance(value, bool)) or \
                 ("None" in kind and value is None)
         elif kind.startswith("float"):
-            good = isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and math.isfinite(value) and value > 0
+            good = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value) and value > 0) or ("None" in kind and value is None)
         elif kind == "str":  # the hybrids' layer_pattern, hidden_act (checked by the config)
             good = isinstance(value, str)
         else:  # dt_limit: already (float, float) with low <= high
