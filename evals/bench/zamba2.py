@@ -94,6 +94,20 @@ def jax_decode(params, *, batch: int, prompt_len: int, new_tokens: int, backend:
             "step_ms": 1e3 * t / steps, "compile_s": max(first - t, 0.0), "times_s": times}
 
 
+def _official_kernels() -> str:
+    """Puts the official mamba_ssm / causal_conv1d (evals/bench/official.py) where transformers
+    looks for them before it is imported, so its Zamba2 runs their fused kernels as their users
+    have it; says which path transformers will take."""
+    from longmamba_evals.bench.official import has_causal_conv1d, import_mamba_ssm
+
+    try:
+        mamba_ssm = import_mamba_ssm()
+    except ImportError as exc:
+        return f"transformers' torch path (no mamba_ssm: {exc})"
+    conv = "causal_conv1d" if has_causal_conv1d() else "torch conv1d"
+    return f"mamba_ssm {mamba_ssm.__version__} kernels + {conv}"
+
+
 def torch_model(config: Zamba2Config, torch):
     import transformers
 
@@ -229,8 +243,10 @@ def main(argv=None) -> dict:
         if torch is None or not torch.cuda.is_available():
             torch_note = "skipped: torch has no CUDA here"
         else:
+            kernels = _official_kernels()
             model = torch_model(config, torch)
-            torch_note = f"transformers Zamba2ForCausalLM, bf16, {torch.__version__}"
+            torch_note = (f"transformers Zamba2ForCausalLM, bf16, torch {torch.__version__}, "
+                          f"{kernels}")
             for length in lengths:
                 rows.append(torch_prefill(model, length, torch, args.repeats))
                 print(_table(rows[-1:]).splitlines()[-1], flush=True)
