@@ -2,4 +2,4 @@
 
 from longmamba_convert.cli import main
 
-raise SystemExit(main())
+raise SystemExit(main(prog="python -m convert"))

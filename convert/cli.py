@@ -29,9 +29,9 @@ from longmamba_convert.interrupts import Interrupted, SignalGuard
 DTYPES = ("auto", "float32", "bfloat16")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m convert",
+        prog=prog,
         description="Convert a PyTorch Mamba / Mamba2 checkpoint (mamba_ssm native or "
                     "transformers layout) into a longmamba-jax Orbax checkpoint.",
     )
@@ -204,11 +204,11 @@ def _read_manifest(directory: Path) -> dict:
     return json.loads((directory / MANIFEST).read_text())
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status."""
+def main(argv: list[str] | None = None, prog: str = "longmamba-convert") -> int:
+    """CLI entry point (`prog` names it in --help and usage errors); returns the exit status."""
     global _T0
     _T0 = time.monotonic()
-    args = _parser().parse_args(argv)
+    args = _parser(prog).parse_args(argv)
     if args.verify_layers is not None and args.verify_layers < 1:
         print("error: --verify-layers must be >= 1", file=sys.stderr)
         return 2

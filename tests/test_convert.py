@@ -529,3 +529,17 @@ def test_bad_arguments_exit_2(capsys):
         main(["--hf", "x", "--out", "y", "--dtype", "float64"])
     assert exc.value.code == 2
     capsys.readouterr()
+
+
+def test_help_names_the_command_that_was_run(capsys):
+    """`longmamba-convert --help` and `python -m convert --help` each show their own name."""
+    from longmamba_convert.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: longmamba-convert ")
+    proc = subprocess.run([sys.executable, "-m", "convert", "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m convert ")
