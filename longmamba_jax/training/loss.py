@@ -13,9 +13,39 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["causal_lm_loss", "next_token_ce", "prediction_weights"]
+__all__ = ["causal_lm_loss", "check_batch", "next_token_ce", "prediction_weights"]
 
 f32 = jnp.float32
+
+# the per-position entries a batch may hold next to "tokens", each [b, l] like it
+BATCH_KEYS = ("loss_mask", "attention_mask", "segment_ids")
+
+
+def check_batch(batch) -> tuple[int, int]:
+    """(b, l) of a training batch; raises ValueError naming the entry that is wrong.
+
+    A batch is a dict with "tokens": int [b, l], l >= 2, and optional "loss_mask",
+    "attention_mask", "segment_ids", each [b, l]. Works on arrays and on traced values (the
+    shapes are static), so a jitted step fails at trace time with this message."""
+    if not isinstance(batch, dict) or "tokens" not in batch:
+        raise ValueError(f"a batch must be a dict with 'tokens' (int [batch, length]), got "
+                         f"{type(batch).__name__}"
+                         + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""))
+    tokens = batch["tokens"]
+    shape = tuple(getattr(tokens, "shape", ()))
+    if len(shape) != 2:
+        raise ValueError(f"batch['tokens'] must be [batch, length], got shape {shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"batch['tokens'] must hold integer token ids, got {tokens.dtype}")
+    if shape[1] < 2:
+        raise ValueError(f"batch['tokens'] needs length >= 2 (a next token to predict), got "
+                         f"shape {shape}")
+    for key in BATCH_KEYS:
+        value = batch.get(key)
+        if value is not None and tuple(jnp.shape(value)) != shape:
+            raise ValueError(f"batch[{key!r}] has shape {tuple(jnp.shape(value))}, but "
+                             f"batch['tokens'] has shape {shape}")
+    return shape
 
 
 def next_token_ce(logits, tokens):
@@ -62,6 +92,10 @@ def causal_lm_loss(logits, batch, *, whole=None, rng=None):
       (loss fp32 scalar, {"loss", "tokens": number of predictions counted, "accuracy"}).
     """
     del rng
+    b, l = check_batch(batch)
+    if logits.ndim != 3 or logits.shape[:2] != (b, l):
+        raise ValueError(f"logits must be [batch, length, vocab] = [{b}, {l}, V], got shape "
+                         f"{logits.shape}")
     tokens = batch["tokens"]
     ce, hit = next_token_ce(logits, tokens)
     weights = prediction_weights(tokens, batch.get("loss_mask"), batch.get("segment_ids"))

@@ -19,7 +19,7 @@ import optax
 from longmamba_jax.backends import resolve_backend
 from longmamba_jax.config import Config
 from longmamba_jax.model import Params, apply_model
-from longmamba_jax.training.loss import causal_lm_loss
+from longmamba_jax.training.loss import causal_lm_loss, check_batch
 
 __all__ = ["TrainState", "init_train_state", "make_train_step", "model_logits"]
 
@@ -63,10 +63,13 @@ def model_logits(weights, config: Config, batch: dict, *, backend="auto", remat=
     "attention_mask" (left padding: padded positions never enter the state) and
     "segment_ids"), the weights cast to `compute_dtype` first; padded vocabulary entries are
     set to the lowest fp32 value, so a softmax gives them no mass."""
+    check_batch(batch)
     params = Params(weights, config)
     if compute_dtype is not None:
         params = params.astype(compute_dtype)
-    out = apply_model(params, batch["tokens"], mask=batch.get("attention_mask"),
+    mask = batch.get("attention_mask")
+    mask = None if mask is None else jnp.asarray(mask).astype(f32)
+    out = apply_model(params, batch["tokens"], mask=mask,
                       segment_ids=batch.get("segment_ids"), backend=resolve_backend(backend),
                       remat=remat)
     logits = out.logits
@@ -147,6 +150,7 @@ def make_train_step(config_or_params, optimizer: optax.GradientTransformation, *
             raise ValueError("the state's model config is not the one the step was made for")
         key = jax.random.fold_in(state.rng, state.step)
         weights = state.params.weights
+        check_batch(batch)
         metrics, g = grads(weights, batch, key)
         updates, opt_state = optimizer.update(g, state.opt_state, weights)
         weights = optax.apply_updates(weights, updates)
