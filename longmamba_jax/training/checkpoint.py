@@ -18,7 +18,7 @@ def _manager(directory, keep: int | None = 2):
     import orbax.checkpoint as ocp
 
     return ocp.CheckpointManager(
-        os.path.abspath(directory),
+        os.path.abspath(directory), item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=False))
 
@@ -68,11 +68,24 @@ def restore_checkpoint(directory, like: TrainState, *, step: int | None = None
         if step is None:
             return None
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(like))
-        try:
-            tree = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"checkpoint {step} in {directory} does not fit this state (another "
-                             f"model or optimizer?): {e}") from e
+        _check_fits(mgr.item_metadata(step), abstract, f"checkpoint {step} in {directory}")
+        tree = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
     opt_state = jax.tree.unflatten(jax.tree.structure(like.opt_state), tree["opt_state"])
     return TrainState(Params(tree["params"], like.params.config), opt_state, tree["step"],
                       tree["rng"])
+
+
+def _check_fits(metadata, abstract, what: str) -> None:
+    """Raises ValueError naming the first entry whose presence or shape differs."""
+    saved = dict(jax.tree_util.tree_flatten_with_path(getattr(metadata, "tree", metadata))[0])
+    wanted = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
+    for path in sorted(set(saved) | set(wanted), key=str):
+        name = jax.tree_util.keystr(path)
+        if path not in saved or path not in wanted:
+            where = "the state" if path not in wanted else "the checkpoint"
+            raise ValueError(f"{what} does not fit this state (another model or optimizer?): "
+                             f"{name} is missing from {where}")
+        have, want = tuple(saved[path].shape), tuple(wanted[path].shape)
+        if have != want:
+            raise ValueError(f"{what} does not fit this state (another model or optimizer?): "
+                             f"{name} has shape {have}, the state {want}")
