@@ -15,11 +15,16 @@ and a plain loop (docs/training.md).
 from longmamba_jax.training.checkpoint import latest_step, restore_checkpoint, save_checkpoint
 from longmamba_jax.training.data import TokenBatches
 from longmamba_jax.training.loop import fit
-from longmamba_jax.training.loss import causal_lm_loss, next_token_ce, prediction_weights
+from longmamba_jax.training.loss import (
+    causal_lm_loss,
+    check_batch,
+    next_token_ce,
+    prediction_weights,
+)
 from longmamba_jax.training.step import TrainState, init_train_state, make_train_step, model_logits
 
 __all__ = [
-    "causal_lm_loss", "fit", "init_train_state", "latest_step", "make_train_step",
+    "causal_lm_loss", "check_batch", "fit", "init_train_state", "latest_step", "make_train_step",
     "model_logits", "next_token_ce", "prediction_weights", "restore_checkpoint",
     "save_checkpoint", "TokenBatches", "TrainState",
 ]
