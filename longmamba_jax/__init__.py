@@ -7,10 +7,13 @@ context extension (LongMamba, DeciMamba).
 
     lm = lmj.LanguageModel.from_pretrained("state-spaces/mamba2-130m")   # text in, text out
     lm.generate("The capital of France is", max_new_tokens=20)
+
+    state = lmj.training.init_train_state(params, optax.adamw(3e-4))   # fine-tuning
 """
 
 from importlib import metadata as _metadata
 
+from longmamba_jax import training
 from longmamba_jax.backends import BACKENDS, resolve_backend
 from longmamba_jax.calibration import Calibration, calibrate
 from longmamba_jax.checkpoints import CheckpointError, export_torch, load
@@ -39,5 +42,5 @@ __all__ = [
     "CheckpointError", "ConfigError", "DeciMamba", "decode_step", "demo_model", "empty_cache",
     "export_torch", "forward", "generate", "GenerateOutput", "HybridCache", "init_params",
     "LanguageModel", "load", "LongMamba", "Mamba2Config", "MambaConfig", "Params", "prefill",
-    "prefill_chunked", "resolve_backend", "stream_generate", "Zamba2Config",
+    "prefill_chunked", "resolve_backend", "stream_generate", "training", "Zamba2Config",
 ]

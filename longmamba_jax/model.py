@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -161,6 +162,22 @@ def _segments(n_layer: int, decimating: tuple[int, ...]):
     return out
 
 
+REMAT_OPTIONS = (None, "layer")
+
+
+def _remat(fn, remat):
+    """fn (a layer: (h, x) -> (h, aux)) under `jax.checkpoint` as `remat` asks (see
+    `apply_model`)."""
+    if remat is None:
+        return fn
+    if remat == "layer":
+        return jax.checkpoint(fn, prevent_cse=False)
+    if callable(remat):
+        return jax.checkpoint(fn, policy=remat, prevent_cse=False)
+    raise ValueError(f"remat must be None, 'layer' or a jax.checkpoint_policies policy, got "
+                     f"{remat!r}")
+
+
 def _slice(tree, start, stop):
     return jax.tree.map(lambda a: a[start:stop], tree)
 
@@ -168,7 +185,7 @@ def _slice(tree, start, stop):
 @functools.partial(
     jax.jit,
     static_argnames=("backend", "decimation", "last_n", "return_cache", "capture_dt", "step",
-                     "rule"),
+                     "rule", "remat"),
 )
 def apply_model(
     params: Params,
@@ -185,6 +202,7 @@ def apply_model(
     step: bool = False,
     rule: SelectionRule | None = None,
     segment_ids=None,
+    remat: str | Callable | None = None,
 ) -> ModelOutput:
     """The whole model, every option explicit (the public `forward`, `prefill`, `decode_step`
     and `calibrate` are thin wrappers).
@@ -203,6 +221,10 @@ def apply_model(
       segment_ids: [b, l] int, packed documents (`longmamba_jax.packing`), or None.
       rule: the LongMamba token-selection rule that reads `filters.threshold` as its per-channel
         parameter (static); None is the fixed-threshold rule, applied inside the scan.
+      remat: rematerialisation of each layer under differentiation (static): None keeps what
+        XLA saves; "layer" saves only each layer's input and recomputes the layer in the
+        backward pass; a `jax.checkpoint_policies` policy saves what it allows
+        (docs/training.md, "Rematerialisation").
     """
     cfg = params.config
     if not isinstance(cfg, (MambaConfig, Mamba2Config)):  # Zamba2, Bamba: docs/families.md
@@ -243,12 +265,13 @@ def apply_model(
 
         if decimating:
             x0 = jax.tree.map(lambda a: a[0], xs)
-            h, (conv, ssm, dt, kept) = layer(h, x0, plan[start])
+            decimating_layer = functools.partial(layer, decimate=plan[start])
+            h, (conv, ssm, dt, kept) = _remat(decimating_layer, remat)(h, x0)
             positions = jnp.take_along_axis(positions, kept, axis=1)
             conv, ssm = conv[None], ssm[None]
             dt = None if dt is None else dt[None]
         else:
-            h, (conv, ssm, dt, _) = jax.lax.scan(lambda h, x: layer(h, x), h, xs)
+            h, (conv, ssm, dt, _) = jax.lax.scan(_remat(layer, remat), h, xs)
         new_conv.append(conv)
         new_ssm.append(ssm)
         if capture_dt:

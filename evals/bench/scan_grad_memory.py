@@ -42,19 +42,18 @@ def temp_gb(fn, b: int, l: int, e: int, n: int) -> float:
 def train_step_temp_gb(backend: str, seeds: int, micro_batches: int, bucket: int = 512) -> float:
     """Temporaries of the vmapped Mamba-1 training step (`short_train.train_model.make_steps`)."""
     from longmamba_evals.short_train.train_config import TrainConfig, build_model_config
-    from longmamba_evals.short_train.train_model import make_steps, mamba_init, stack_trees
+    from longmamba_evals.short_train.train_model import init_state, make_steps, stack_trees
 
     tc = TrainConfig(arch="mamba1", d_state=16, scan_backend=backend,
                      micro_batches=micro_batches)
     config = build_model_config(tc)
     step, _, optimizer = make_steps(tc, config)
-    weights = jax.eval_shape(
-        lambda: stack_trees([mamba_init(config, s).weights for s in range(seeds)]))
-    opt_state = jax.eval_shape(lambda w: jax.vmap(optimizer.init)(w), weights)
+    state = jax.eval_shape(
+        lambda: stack_trees([init_state(tc, config, s, optimizer) for s in range(seeds)]))
     shape = (seeds, tc.tokens_per_step // bucket, bucket)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32 if k == "tokens" else jnp.float32)
-             for k in ("tokens", "mask", "answer", "second", "lm")}
-    compiled = step.lower(weights, opt_state, batch, jnp.float32(0.0)).compile()
+             for k in ("tokens", "attention_mask", "answer", "second", "lm")}
+    compiled = step.lower(state, batch).compile()
     return compiled.memory_analysis().temp_size_in_bytes / 1e9
 
 

@@ -68,9 +68,9 @@ class TrainConfig:
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"compute_dtype must be bfloat16 or float32, got "
                              f"{self.compute_dtype!r}")
-        if self.scan_backend not in ("associative", "reference"):
-            raise ValueError(f"scan_backend must be 'associative' or 'reference' (the ones "
-                             f"with gradients), got {self.scan_backend!r}")
+        if self.scan_backend not in lmj.BACKENDS:
+            raise ValueError(f"scan_backend must be one of {lmj.BACKENDS}, got "
+                             f"{self.scan_backend!r}")
         rows = [self.tokens_per_step // b for b in range(self.bucket, self.train_len + 1,
                                                           self.bucket)]
         if self.micro_batches < 1 or any(r % self.micro_batches for r in rows):

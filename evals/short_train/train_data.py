@@ -46,7 +46,12 @@ class Batch:
     lm: np.ndarray
 
     def as_jax(self) -> dict:
-        return {k: jnp.asarray(v) for k, v in dataclasses.asdict(self).items()}
+        """The step's batch: the fields as jax arrays, `mask` under the model's name for it,
+        "attention_mask"."""
+        return {_KEYS.get(k, k): jnp.asarray(v) for k, v in dataclasses.asdict(self).items()}
+
+
+_KEYS = {"mask": "attention_mask"}  # Batch field -> key of the training batch
 
 
 @dataclasses.dataclass
@@ -250,7 +255,8 @@ class BatchSource:
             self.prefetch(step, total)
             batches = [f.result() for f in self.pending.pop(step)[1]]
         fields = [dataclasses.asdict(b) for b in batches]
-        return {k: jnp.asarray(np.stack([f[k] for f in fields])) for k in fields[0]}
+        return {_KEYS.get(k, k): jnp.asarray(np.stack([f[k] for f in fields]))
+                for k in fields[0]}
 
     def close(self) -> None:
         if self.pool is not None:

@@ -1,8 +1,9 @@
-"""Running a short training: several seeds trained together (parameters and optimizer states
-stacked, one `vmap`ped step), a step count fitted to a time budget, resumable Orbax checkpoints
-(OUT/ckpt), logs (OUT/train_log.jsonl), then the export (OUT/model: mamba_ssm native torch
-layout, bf16 safetensors, via `export_torch`) and the LongMamba calibration of the exported
-model (OUT/calibration.npz, on `calib_windows` training-format prompts of exactly `train_len`).
+"""Running a short training: several seeds trained together (their `TrainState`s stacked, one
+`vmap`ped step), a step count fitted to a time budget, resumable Orbax checkpoints
+(OUT/ckpt, `longmamba_jax.training.save_checkpoint`), logs (OUT/train_log.jsonl), then the
+export (OUT/model: mamba_ssm native torch layout, bf16 safetensors, via `export_torch`) and the
+LongMamba calibration of the exported model (OUT/calibration.npz, on `calib_windows`
+training-format prompts of exactly `train_len`).
 """
 
 from __future__ import annotations
@@ -22,46 +23,22 @@ import longmamba_jax as lmj
 from longmamba_evals.short_train.train_config import TrainConfig, build_model_config
 from longmamba_evals.short_train.train_data import BatchSource, TaskSampler, pad_rows, split_text
 from longmamba_evals.short_train.train_model import (
+    init_state,
     lr_at,
     make_steps,
-    mamba_init,
+    set_lr,
     stack_trees,
     unstack_tree,
 )
+from longmamba_jax import training
 from longmamba_jax.model import Params
 
 __all__ = ["export_and_calibrate", "train", "train_seeds"]
 
 
-def _manager(out: Path):
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(
-        (out / "ckpt").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
-                                             enable_async_checkpointing=False))
-
-
-def _save(mgr, step: int, weights, opt_state, meta: dict, out: Path):
-    import orbax.checkpoint as ocp
-
-    state = {"weights": weights, "opt": jax.tree.leaves(opt_state)}
-    mgr.save(step, args=ocp.args.StandardSave(state))
-    mgr.wait_until_finished()
+def _save(step: int, state, meta: dict, out: Path) -> None:
+    training.save_checkpoint(out / "ckpt", state)
     (out / "ckpt" / "meta.json").write_text(json.dumps(meta, indent=2))
-
-
-def _restore(mgr, weights, opt_state):
-    import orbax.checkpoint as ocp
-
-    step = mgr.latest_step()
-    if step is None:
-        return None
-    leaves, treedef = jax.tree.flatten(opt_state)
-    target = {"weights": weights, "opt": leaves}
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    state = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
-    return step, state["weights"], jax.tree.unflatten(treedef, state["opt"])
 
 
 def _log(out: Path | None, record: dict, quiet: bool = False) -> None:
@@ -87,8 +64,8 @@ def _check_or_write_config(tc: TrainConfig, out: Path) -> None:
     cfg_path.write_text(json.dumps(mine, indent=2))
 
 
-def _fit_budget(tc: TrainConfig, sampler: TaskSampler, train_step, eval_step, weights,
-                opt_state, val_batches, n_seeds: int, t0: float, log) -> int:
+def _fit_budget(tc: TrainConfig, sampler: TaskSampler, train_step, eval_step, state,
+                val_batches, n_seeds: int, t0: float, log) -> int:
     """The step count that fits `tc.time_budget_s` (counted from t0), at most `tc.steps`.
 
     Compiles the step of every bucket and the validation, times each (on throwaway copies of
@@ -104,15 +81,14 @@ def _fit_budget(tc: TrainConfig, sampler: TaskSampler, train_step, eval_step, we
         batch = {k: jnp.stack([v] * n_seeds) for k, v in one.items()}
         times = []
         for _ in range(4):  # the first one compiles
-            w, o = copy(weights), copy(opt_state)
-            jax.block_until_ready((w, o))
+            throwaway = jax.block_until_ready(set_lr(copy(state), 0.0))
             t = time.time()
-            jax.block_until_ready(train_step(w, o, batch, jnp.float32(0.0)))
+            jax.block_until_ready(train_step(throwaway, batch))
             times.append(time.time() - t)
         step_time[b] = float(np.median(times[1:]))
     for _ in range(2):  # compile, then time
         t = time.time()
-        jax.block_until_ready([eval_step(weights, v) for v in val_batches])
+        jax.block_until_ready([eval_step(state.params.weights, v) for v in val_batches])
         val_time = time.time() - t
     remaining = 0.97 * (tc.time_budget_s - (time.time() - t0))
 
@@ -181,22 +157,20 @@ def train_seeds(tc: TrainConfig, seeds, outs, *, stop_after: int | None = None,
                for i in range(32)]
     val_lm = pad_rows(lm_rows, tc.train_len).as_jax()
 
-    inits = [mamba_init(config, s).weights for s in seeds]
     train_step, eval_step, optimizer = make_steps(tc, config)
-    opt_inits = [optimizer.init(w) for w in inits]
-    n_params = sum(int(x.size) for x in jax.tree.leaves(inits[0]))
+    inits = [init_state(tc, config, s, optimizer) for s in seeds]
+    n_params = sum(int(x.size) for x in jax.tree.leaves(inits[0].params.weights))
 
-    mgrs = [_manager(o) for o in outs]
-    restored = [_restore(m, w, s) for m, w, s in zip(mgrs, inits, opt_inits, strict=True)]
+    restored = [training.restore_checkpoint(o / "ckpt", i) for o, i in zip(outs, inits,
+                                                                           strict=True)]
     total, start = tc.steps, 0
     if any(r is not None for r in restored):
-        steps_done = {None if r is None else r[0] for r in restored}
-        if len(steps_done) != 1:
+        steps_done = [None if r is None else int(r.step) for r in restored]
+        if len(set(steps_done)) != 1:
             raise ValueError(f"cannot resume seeds {seeds} together: their checkpoints are at "
-                             f"steps {[None if r is None else r[0] for r in restored]}")
-        start = steps_done.pop()
-        weights = stack_trees([r[1] for r in restored])
-        opt_state = stack_trees([r[2] for r in restored])
+                             f"steps {steps_done}")
+        start = steps_done[0]
+        state = stack_trees(restored)
         totals = {int(json.loads((o / "ckpt" / "meta.json").read_text())["total_steps"])
                   for o in outs}
         if len(totals) != 1:
@@ -205,12 +179,12 @@ def train_seeds(tc: TrainConfig, seeds, outs, *, stop_after: int | None = None,
         for o in outs:
             _log(o, {"event": "resume", "step": start, "total_steps": total}, quiet)
     else:
-        weights, opt_state = stack_trees(inits), stack_trees(opt_inits)
+        state = stack_trees(inits)
         for s, o in zip(seeds, outs, strict=True):
             _log(o, {"event": "start", "params": n_params, "arch": tc.arch, "seed": s,
                      "seeds_in_process": seeds, "device": str(jax.devices()[0]),
                      "config": config.to_dict()}, quiet)
-    del inits, opt_inits, restored
+    del inits, restored
     source = BatchSource(tcs, train_text, data_workers)
     source.prefetch(start, total)  # workers start while the steps compile
 
@@ -222,15 +196,14 @@ def train_seeds(tc: TrainConfig, seeds, outs, *, stop_after: int | None = None,
 
     t0 = time.time()
     if start == 0 and tc.time_budget_s is not None:
-        total = _fit_budget(tc, source.samplers[0], train_step, eval_step, weights, opt_state,
+        total = _fit_budget(tc, source.samplers[0], train_step, eval_step, state,
                             [val_batch, val_lm], len(seeds), t0, lambda r: log_all([r for _ in S]))
     step = start
     try:
         while step < total and (stop_after is None or step < stop_after):
             batch = source.get(step, total)
             lr = lr_at(tc, step, total)
-            weights, opt_state, metrics = train_step(weights, opt_state, batch,
-                                                     jnp.float32(lr))
+            state, metrics = train_step(set_lr(state, lr), batch)
             step += 1
             if step % tc.log_every == 0 or step == total:
                 m = {k: np.asarray(v) for k, v in metrics.items()}
@@ -238,6 +211,7 @@ def train_seeds(tc: TrainConfig, seeds, outs, *, stop_after: int | None = None,
                 log_all([{"step": step, "seed": seeds[i], "lr": round(lr, 6), "elapsed_s": el,
                           **{k: round(float(v[i]), 4) for k, v in m.items()}} for i in S])
             if step % tc.val_every == 0 or step == total:
+                weights = state.params.weights
                 v = {k: np.asarray(x) for k, x in eval_step(weights, val_batch).items()}
                 v_lm = {k: np.asarray(x) for k, x in eval_step(weights, val_lm).items()}
                 log_all([{"step": step, "seed": seeds[i],
@@ -246,20 +220,17 @@ def train_seeds(tc: TrainConfig, seeds, outs, *, stop_after: int | None = None,
                           "val_lm_bpb": round(float(v_lm["lm_loss"][i]) / math.log(2), 4)}
                          for i in S])
             if step % tc.ckpt_every == 0 or step == total or step == stop_after:
-                for i, (m, o) in enumerate(zip(mgrs, outs, strict=True)):
-                    _save(m, step, unstack_tree(weights, i), unstack_tree(opt_state, i),
-                          {"total_steps": total, "step": step}, o)
+                for i, o in enumerate(outs):
+                    _save(step, unstack_tree(state, i), {"total_steps": total, "step": step}, o)
     finally:
         source.close()
-        for m in mgrs:
-            m.close()
     el = round(time.time() - t0, 1)
     for o in outs:
         _log(o, {"event": "done", "step": step, "total_steps": total, "train_time_s": el},
              quiet=True)
     _log(None, {"event": "done", "seeds": seeds, "step": step, "total_steps": total,
                 "train_time_s": el}, quiet)
-    return [Params(unstack_tree(weights, i), config) for i in range(len(seeds))]
+    return [Params(unstack_tree(state.params.weights, i), config) for i in range(len(seeds))]
 
 
 def export_and_calibrate(params: Params, tc: TrainConfig, out: str | os.PathLike, *,

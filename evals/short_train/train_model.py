@@ -1,5 +1,6 @@
 """The model side of a short run: mamba_ssm's initialisation, the loss, the optimizer and
-learning-rate schedule, and the jitted train / eval steps vmapped over seeds.
+learning-rate schedule, and the train / eval steps vmapped over seeds (the train step is
+`longmamba_jax.training.make_train_step` with this loss).
 
 Initialisation follows mamba_ssm (Δ bias from log-uniform [1e-3, 0.1], A in [1, 16] for Mamba2,
 out_proj scaled by 1/√n_layer). Parameters fp32, compute in bf16 (the parameters cast), the scan
@@ -24,10 +25,11 @@ import optax
 
 import longmamba_jax as lmj
 from longmamba_evals.short_train.train_config import TrainConfig
-from longmamba_jax.model import Params, apply_model
+from longmamba_jax import training
+from longmamba_jax.model import Params
 
-__all__ = ["LOSS_TERMS", "decay_mask", "loss_terms", "lr_at", "make_optimizer", "make_steps",
-           "mamba_init", "stack_trees", "unstack_tree"]
+__all__ = ["LOSS_TERMS", "decay_mask", "init_state", "loss_terms", "lr_at", "make_optimizer",
+           "make_steps", "mamba_init", "set_lr", "stack_trees", "unstack_tree"]
 
 f32 = jnp.float32
 
@@ -88,45 +90,50 @@ def decay_mask(weights):
     return jax.tree_util.tree_map_with_path(leaf, weights)
 
 
-def _forward(weights, config, batch, tc: TrainConfig):
-    params = Params(jax.tree.map(lambda a: a.astype(tc.compute_dtype), weights), config)
-    logits = apply_model(params, batch["tokens"], mask=batch["mask"],
-                         backend=lmj.resolve_backend(tc.scan_backend)).logits
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # [B, L-1, V] fp32
-    labels = batch["tokens"][:, 1:]
-    ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]  # [B, L-1]
-    pred = jnp.argmax(logits[:, :-1], axis=-1)
-    return ce, pred == labels
+LOSS_TERMS = ("answer", "second", "lm")
+
+
+def _logits(weights, config, batch, tc: TrainConfig):
+    return training.model_logits(weights, config, batch, backend=tc.scan_backend,
+                                 compute_dtype=tc.compute_dtype)
 
 
 def _mean(x, m):
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-LOSS_TERMS = ("answer", "second", "lm")
-
-
-def loss_terms(weights, config, batch, tc: TrainConfig, counts: dict | None = None):
-    """(total loss, {term: value}); masks are per position t (predicting t + 1).
+def loss_terms(logits, batch, tc: TrainConfig, whole: dict | None = None):
+    """(total loss, {"loss", term: value}); the masks are per position t (predicting t + 1).
 
     Each term is Σ ce·mask / count, count = the term's positions in the whole step's batch
-    (`counts`, default: this batch's), so the losses of micro-batches add up to the step's."""
-    ce, _ = _forward(weights, config, batch, tc)
-    m = {k: batch[k][:, :-1] for k in LOSS_TERMS}
-    if counts is None:
-        counts = {k: jnp.maximum(jnp.sum(m[k]), 1.0) for k in m}
-    terms = {k: jnp.sum(ce * m[k]) / counts[k] for k in m}
+    (`whole`, default: this batch), so the losses of micro-batches add up to the step's."""
+    ce, _ = training.next_token_ce(logits, batch["tokens"])
+    whole = batch if whole is None else whole
+    counts = {k: jnp.maximum(jnp.sum(whole[k][:, :-1]), 1.0) for k in LOSS_TERMS}
+    terms = {k: jnp.sum(ce * batch[k][:, :-1]) / counts[k] for k in LOSS_TERMS}
     loss = tc.w_answer * terms["answer"] + tc.w_second * terms["second"] + tc.w_lm * terms["lm"]
-    return loss, terms
+    return loss, {"loss": loss, **terms}
 
 
 def make_optimizer(tc: TrainConfig):
-    """AdamW without its learning rate (applied per step, so the schedule can be fixed late)."""
-    return optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip),
-        optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8),
-        optax.add_decayed_weights(tc.weight_decay, mask=decay_mask),
-    )
+    """AdamW whose learning rate is a hyperparameter of its state (`set_lr` before each step),
+    so the schedule can be fixed late (after the time budget is measured)."""
+    def adamw(learning_rate):
+        return optax.chain(
+            optax.clip_by_global_norm(tc.grad_clip),
+            optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8),
+            optax.add_decayed_weights(tc.weight_decay, mask=decay_mask),
+            optax.scale(-learning_rate),
+        )
+    return optax.inject_hyperparams(adamw)(learning_rate=0.0)
+
+
+def set_lr(state: training.TrainState, lr: float) -> training.TrainState:
+    """`state` (one run or stacked runs) with the learning rate of its next step set to `lr`."""
+    hyper = state.opt_state.hyperparams
+    rate = jnp.full_like(hyper["learning_rate"], lr)
+    return state.replace(opt_state=state.opt_state._replace(
+        hyperparams={**hyper, "learning_rate": rate}))
 
 
 def lr_at(tc: TrainConfig, step: int, total: int) -> float:
@@ -137,53 +144,43 @@ def lr_at(tc: TrainConfig, step: int, total: int) -> float:
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def init_state(tc: TrainConfig, config, seed: int, optimizer) -> training.TrainState:
+    """The state of seed `seed` before its first step (`mamba_init`, fp32)."""
+    return training.init_train_state(mamba_init(config, seed), optimizer, seed=seed)
+
+
 def _step_key(tc: TrainConfig) -> TrainConfig:
     """tc without the fields the compiled steps do not depend on (one compile for all seeds)."""
     return dataclasses.replace(tc, seed=0, steps=0, time_budget_s=None)
 
 
 def make_steps(tc: TrainConfig, config):
-    """(train_step, eval_step, optimizer), jitted and vmapped over a leading seed axis S:
+    """(train_step, eval_step, optimizer), vmapped over a leading seed axis S:
 
-        train_step(weights [S, ...], opt_state [S, ...], batch {k: [S, B, L]}, lr)
-            -> (weights, opt_state, metrics {k: [S]})
+        train_step(state: TrainState [S, ...], batch {k: [S, B, L]}) -> (state, metrics {k: [S]})
         eval_step(weights [S, ...], batch {k: [B, L]}) -> metrics {k: [S]}
 
-    Cached, so runs with equal settings in one process (a resume, the tests) compile once."""
+    train_step is `longmamba_jax.training.make_train_step` with this run's loss, backend,
+    compute dtype and micro-batches (it consumes its input state; `set_lr` first). Cached, so
+    runs with equal settings in one process (a resume, the tests) compile once."""
     return _make_steps(_step_key(tc), config)
 
 
 @functools.lru_cache(maxsize=8)
 def _make_steps(tc: TrainConfig, config):
     optimizer = make_optimizer(tc)
-    k = tc.micro_batches
 
-    def grads(weights, batch):
-        vg = jax.value_and_grad(loss_terms, has_aux=True)
-        if k == 1:
-            (loss, terms), g = vg(weights, config, batch, tc)
-            return loss, terms, g
-        counts = {n: jnp.maximum(jnp.sum(batch[n][:, :-1]), 1.0) for n in LOSS_TERMS}
-        # [B, L] -> [k, B/k, L]: one micro-batch per scan step, gradients summed
-        micro = jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), batch)
+    def loss_fn(logits, batch, *, whole=None, rng=None):
+        del rng
+        return loss_terms(logits, batch, tc, whole)
 
-        def body(acc, mb):
-            (loss, terms), g = vg(weights, config, mb, tc, counts)
-            return jax.tree.map(jnp.add, acc, (loss, terms, g)), None
-
-        zero = (jnp.zeros((), f32), {n: jnp.zeros((), f32) for n in LOSS_TERMS},
-                jax.tree.map(jnp.zeros_like, weights))
-        (loss, terms, g), _ = jax.lax.scan(body, zero, micro)
-        return loss, terms, g
-
-    def train_step(weights, opt_state, batch, lr):
-        loss, terms, g = grads(weights, batch)
-        updates, opt_state = optimizer.update(g, opt_state, weights)
-        weights = jax.tree.map(lambda w, u: w - lr * u, weights, updates)
-        return weights, opt_state, {"loss": loss, **terms, "grad_norm": optax.global_norm(g)}
+    train_step = training.make_train_step(
+        config, optimizer, backend=tc.scan_backend, compute_dtype=tc.compute_dtype,
+        loss_fn=loss_fn, micro_batches=tc.micro_batches, vmap_seeds=True)
 
     def eval_step(weights, batch):
-        ce, hit = _forward(weights, config, batch, tc)
+        logits = _logits(weights, config, batch, tc)
+        ce, hit = training.next_token_ce(logits, batch["tokens"])
         # exact match = the " " and all 5 digits right (positions P-1 .. P+4)
         ans = batch["answer"][:, :-1]
         span = jnp.maximum(ans, jnp.pad(ans[:, 1:], ((0, 0), (0, 1))))
@@ -191,8 +188,7 @@ def _make_steps(tc: TrainConfig, config):
         return {"passkey_acc": jnp.mean(correct.astype(f32)),
                 "answer_loss": _mean(ce, ans), "lm_loss": _mean(ce, batch["lm"][:, :-1])}
 
-    return (jax.jit(jax.vmap(train_step, in_axes=(0, 0, 0, None)), donate_argnums=(0, 1)),
-            jax.jit(jax.vmap(eval_step, in_axes=(0, None))), optimizer)
+    return train_step, jax.jit(jax.vmap(eval_step, in_axes=(0, None))), optimizer
 
 
 def stack_trees(trees):
