@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -282,17 +283,23 @@ def official_steps(args, budget, rows):
         rows += [{"section": "step", "impl": "mamba_ssm", "arch": a, "skipped": reason}
                  for a in args.archs]
         return
-    # the forward-only causal_conv1d build has no backward: torch's conv1d instead
-    m2.causal_conv1d_fn = m1.causal_conv1d_fn = None
-    print(f"mamba_ssm {getattr(mamba_ssm, '__version__', '?')}, torch {torch.__version__}",
+    # build_official.sh with BACKWARD=1 builds the backward passes (it leaves a marker): then
+    # mamba_ssm runs its fused training paths as shipped. A forward-only build has no conv
+    # backward: torch's conv1d and Mamba2's unfused path instead (Mamba-1 then reports the
+    # scan's missing backward as its error).
+    fused = os.path.exists(os.path.join(args.official_src, "build", "backward"))
+    if not fused:
+        m2.causal_conv1d_fn = m1.causal_conv1d_fn = None
+    print(f"mamba_ssm {getattr(mamba_ssm, '__version__', '?')}, torch {torch.__version__}, "
+          f"{'fused training paths' if fused else 'forward-only build: unfused paths'}",
           flush=True)
     for arch in args.archs:
-        ssm_cfg = ({"layer": "Mamba2", "use_mem_eff_path": False} if arch == "mamba2"
-                   else {"layer": "Mamba1"})
+        ssm_cfg = ({"layer": "Mamba2", "use_mem_eff_path": fused} if arch == "mamba2"
+                   else {"layer": "Mamba1", "use_fast_path": fused})
         model = optimizer = None
         for length in args.step_lengths:
             row = {"section": "step", "impl": "mamba_ssm", "arch": arch, "length": length,
-                   "batch": 1, "autocast": "bfloat16", "weights": "float32"}
+                   "batch": 1, "autocast": "bfloat16", "weights": "float32", "fused": fused}
             if not budget.left():
                 rows.append({**row, "skipped": "time budget spent"})
                 continue
