@@ -88,8 +88,9 @@ def _our_layer_fn(op, interpret, quick, chunk):
         from longmamba_kernels.ssd.pallas_backward import SSDBackwardConfig
         from longmamba_kernels.ssd.pallas_triton import SSDPallasConfig, ssd_pallas
 
-        kw = dict(config=SSDPallasConfig(chunk=chunk), backward_config=SSDBackwardConfig(
-            chunk=chunk)) if not quick else dict(
+        # the model's own kernel blocks (the defaults; the Pallas chunk is not the model's
+        # chunk_size: a 256-token chunk needs more shared memory than an H100/H200 has)
+        kw = {} if not quick else dict(
             config=SSDPallasConfig(chunk=16, block_p=16),
             backward_config=SSDBackwardConfig(chunk=16, block_p=16, states_block_p=16,
                                               block_n=16))

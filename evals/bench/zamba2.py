@@ -226,8 +226,11 @@ def main(argv=None) -> dict:
             if "--out" in argv_torch:
                 i = argv_torch.index("--out")
                 del argv_torch[i:i + 2]
+            # the child imports jax too: it must not take the GPU memory torch needs
+            env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+                   "JAX_PLATFORMS": "cpu"}
             subprocess.run([sys.executable, __file__, *argv_torch, "--no-jax", "--out",
-                            f"{tmp}/torch.json"], check=False)
+                            f"{tmp}/torch.json"], check=False, env=env)
             if os.path.exists(f"{tmp}/torch.json"):
                 with open(f"{tmp}/torch.json") as f:
                     sub = json.load(f)

@@ -10,6 +10,9 @@ source evals/device/env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device.txt"
 $PY -c "import jax, torch, transformers; print('jax', jax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" \
   2>&1 | tee -a "$OUT/device.txt"
+# JAX takes under half the GPU, so transformers' model (a process of its own, run while this
+# one is alive) has the rest
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}"
 build_official_if_missing  # transformers' Zamba2 takes mamba_ssm's fused kernels when present
 $PY evals/bench/zamba2.py --out "$OUT/zamba2.json" 2>&1 | tee "$OUT/zamba2.log"
 exit "${PIPESTATUS[0]}"
