@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 # Per-dtype tolerances for ‖out − ref‖ / ‖ref‖ in kernel tests (inputs of that dtype; fp32 math).
 RTOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
@@ -68,6 +69,30 @@ def document_starts(segment_ids):
     """bool [b, l]: where a new document starts (its state starts from zero), position 0 never."""
     idx = document_index(segment_ids)
     return jnp.concatenate([jnp.zeros_like(idx[:, :1], bool), idx[:, 1:] != idx[:, :-1]], 1)
+
+
+def with_optional_ref(kernel, index: int, present: bool):
+    """A Pallas kernel body that takes a ref at position `index` which the call passes only
+    when `present`; without it, None stands in, so the call (and the compiled kernel) is the one
+    without that input."""
+    if present:
+        return kernel
+    return lambda *refs: kernel(*refs[:index], None, *refs[index:])
+
+
+def chunk_documents(doc_ref, bi, t0, chunk, valid=None):
+    """Documents of the chunk at t0 (`doc_ref` [b, l'] int32, nondecreasing along a row): d [s],
+    carried [s] (d_i is the document running before the chunk, whose state enters), tail [s]
+    (d_i is the chunk's last document, the one whose state leaves) and through (a scalar: no
+    document starts in the chunk, so the entering state passes it). Position 0 belongs to the
+    document of the initial state. A chunk that is not `valid` passes the state unchanged."""
+    d = doc_ref[bi, pl.ds(t0, chunk)]  # [s]
+    before = doc_ref[bi, jnp.maximum(t0 - 1, 0)]
+    last = doc_ref[bi, t0 + chunk - 1]
+    through = last == before
+    if valid is not None:
+        through = through | jnp.logical_not(valid)
+    return d, d == before, d == last, through
 
 
 def check_segment_ids(segment_ids, b: int, length: int):
