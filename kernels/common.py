@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 # Per-dtype tolerances for ‖out − ref‖ / ‖ref‖ in kernel tests (inputs of that dtype; fp32 math).
@@ -93,6 +94,25 @@ def chunk_documents(doc_ref, bi, t0, chunk, valid=None):
     if valid is not None:
         through = through | jnp.logical_not(valid)
     return d, d == before, d == last, through
+
+
+def reset_offsets(doc, length: int):
+    """The per-token log-offset of packed documents, fp32 [b, length]: −∞ at each document's
+    first token (position 0 excepted), 0 elsewhere and on padding past doc's length. A scan
+    computes its decay as exp2(Δ a + offset): 0 at a start, so the state restarts there."""
+    start = doc[:, 1:] != doc[:, :-1]  # [b, l − 1]
+    r = jnp.where(start, -jnp.inf, 0.0).astype(jnp.float32)
+    return pad_axis(jnp.concatenate([jnp.zeros_like(r[:, :1]), r], axis=1), 1, length)
+
+
+def span_offsets(doc, starts, ends):
+    """−∞ (fp32 [b, k]) where a document starts in positions [starts[k], ends[k]) of a row, else
+    0: the log-offset of the decay over that span (`doc` [b, l] the document index; ends may run
+    past l). Position 0 never counts as a start."""
+    before = jnp.concatenate([jnp.zeros_like(doc[:, :1]), doc], axis=1)  # before[t] = doc[t − 1]
+    last = before.shape[1] - 1
+    at = lambda pos: before[:, np.minimum(np.asarray(pos), last)]
+    return jnp.where(at(ends) != at(starts), -jnp.inf, 0.0).astype(jnp.float32)
 
 
 def check_segment_ids(segment_ids, b: int, length: int):

@@ -383,6 +383,25 @@ def test_selective_scan_grads_gpu(fwd, dtype):
               bwd=SelectiveScanBackwardConfig(), interpret=False)
 
 
+@pytest.mark.parametrize("fwd", [SS_FWD, pytest.param(SS_MOSAIC_FWD, marks=pytest.mark.slow)],
+                         ids=["triton", "mosaic"])
+def test_selective_scan_grads_packed_documents(fwd):
+    """69 tokens in 8 documents (`PACK_LENGTHS`) over backward segments of 8 tokens (several
+    with a document start, one without), the fused prologue and gate, filter and initial state
+    on: every gradient of a packed loss on y and the final state equals the sum over the
+    documents run alone."""
+    args = ss_args(SSCase(l=sum(PACK_LENGTHS), filt=True, init=True, fused=True), F32, seed=43)
+    ids = _pack_ids(PACK_LENGTHS, args[0].shape[0])
+    kernel = lambda *a: selective_scan_pallas(
+        *a[:6], initial_state=a[6], threshold=a[7], dt_bias=a[8], dt_softplus=True, z=a[9],
+        segment_ids=ids, interpret=True, config=fwd, backward_config=SS_BWD)
+    ref = functools.partial(_ss_ref, softplus=True)
+    alone = _documents_alone(ref, PACK_LENGTHS, (0, 1, 3, 4, 9),
+                             lambda a, first: (*a[:6], a[6] if first else None, *a[7:]))
+    ct = _random_like(jax.random.key(44), jax.eval_shape(alone, *args))
+    check_vjps(kernel, alone, args, {"dh present": ct}, F32, SS_NAMES, "selective_scan packed")
+
+
 # ------------------------------------------------------------------------------- causal conv
 CONV_NAMES = ["src", "weight", "bias", "initial_state"]
 

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from longmamba_kernels.causal_conv import causal_conv1d
-from longmamba_kernels.common import document_index
-from longmamba_kernels.selective_scan import selective_scan
+from longmamba_kernels.common import apply_gate, delta_from_projection, document_index
+from longmamba_kernels.selective_scan import selective_scan, selective_scan_pallas
+from longmamba_kernels.selective_scan.pallas_mosaic import SelectiveScanMosaicConfig
+from longmamba_kernels.selective_scan.pallas_triton import SelectiveScanPallasConfig
+from longmamba_kernels.selective_scan.reference import selective_scan_reference
 from longmamba_kernels.ssd import ssd
 from longmamba_kernels.ssd.pallas_triton import SSDPallasConfig, ssd_pallas
 from longmamba_kernels.ssd.reference import ssd_reference
@@ -215,6 +218,73 @@ def test_ssd_pallas_packed_gpu(dtype):
                       b=1, h=8, p=64, g=1, n=128)
 
 
+SS_PACK_CONFIGS = {
+    # 5 time segments of 14 tokens: the states pass, then the combine over segments with and
+    # without a document start
+    "lane": SelectiveScanPallasConfig(block_e=8, block_t=2, segments=5),
+    "tile": SelectiveScanPallasConfig(layout="tile", block_e=8, block_t=4),
+    # blocks of 16 tokens through the Mosaic GPU interpreter, two stages
+    "mosaic": SelectiveScanMosaicConfig(block_t=16, unroll=4, stages=2),
+}
+
+
+def _check_ss_pallas(config, with_h0, fused, lengths=PALLAS_LENGTHS, interpret=True,
+                     dtype=np.float32, tol=1e-6, seed=12, b=2, e=20, n=4):
+    """The packed kernel against each document alone through the reference; `fused`: Δ from the
+    raw projection (dt_bias, softplus) and the gate z, as the model calls it."""
+    x, dt, A, B, C, D, h0 = _ss_inputs(sum(lengths), seed=seed, b=b, e=e, n=n)
+    h0 = h0 if with_h0 else None
+    x, B, C = (a.astype(dtype) for a in (x, B, C))
+    r = np.random.default_rng(seed + 1)
+    kw, bias, z = {}, None, None
+    if fused:
+        dt = r.normal(size=dt.shape).astype(dtype) - 1.0  # the raw projection
+        bias = (0.5 * r.normal(size=(e,))).astype(np.float32)
+        z = r.normal(size=(b, sum(lengths), 2 * e + 3)).astype(dtype)
+        kw = dict(dt_bias=bias, dt_softplus=True, z=z)
+    y, state = selective_scan_pallas(x, dt, A, B, C, D, initial_state=h0,
+                                     segment_ids=_ids(lengths, b), interpret=interpret,
+                                     config=config, **kw)
+    up = lambda a: np.asarray(a, np.float32)
+    delta = delta_from_projection(up(dt), bias, fused)
+    run = lambda x, dt, B, C, initial_state=None: selective_scan_reference(
+        x, dt, A, B, C, D, initial_state=initial_state)
+    y_alone, state_alone = _alone(run, (up(x), delta, up(B), up(C)), h0, lengths)
+    if fused:
+        y_alone = np.asarray(apply_gate(y_alone, up(z)[..., -e:]))
+    assert rel(y, y_alone) < tol, rel(y, y_alone)
+    assert rel(state, state_alone) < tol, rel(state, state_alone)
+
+
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_selective_scan_pallas_packed_equals_documents_alone(with_h0):
+    """The "lane" layout (the Triton default): its states pass and the combine across time
+    segments with and without a document start."""
+    _check_ss_pallas(SS_PACK_CONFIGS["lane"], with_h0, fused=False)
+
+
+@pytest.mark.parametrize("layout", ["tile", "mosaic",
+                                    pytest.param("lane", marks=pytest.mark.slow)])
+def test_selective_scan_pallas_packed_fused(layout):
+    """Each kernel as the model calls it (Δ from the raw projection, the gate), with an
+    initial state."""
+    _check_ss_pallas(SS_PACK_CONFIGS[layout], True, fused=True)
+
+
+@pytest.mark.parametrize("layout", ["lane", "tile", "mosaic"])
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+@pytest.mark.gpu
+@gpu_only
+def test_selective_scan_pallas_packed_gpu(layout, dtype):
+    """Compiled, default blocks, mamba-1.4b's state size, the model's fused call."""
+    config = {"lane": SelectiveScanPallasConfig(), "tile": SelectiveScanPallasConfig(
+        layout="tile"), "mosaic": SelectiveScanMosaicConfig()}[layout]
+    dtype = jnp.dtype(dtype)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    _check_ss_pallas(config, True, True, (1, 63, 64, 1, 700, 3, 128, 2000, 5),
+                     interpret=False, dtype=dtype, tol=tol, b=1, e=256, n=16)
+
+
 def _cuda_text(fn, *args) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -242,6 +312,40 @@ def test_ssd_pallas_packed_lowers_for_cuda():
     assert "ssd_segment_states" in text and "ssd_chunk_scan" in text
     text = _cuda_text(grad, *args)
     for name in ("ssd_bwd_states", "ssd_bwd_dx", "ssd_bwd_dbc"):
+        assert name in text
+
+
+@pytest.mark.parametrize("config", [SelectiveScanPallasConfig(),
+                                    SelectiveScanPallasConfig(layout="tile"),
+                                    SelectiveScanMosaicConfig()], ids=["lane", "tile", "mosaic"])
+def test_selective_scan_pallas_packed_lowers_for_cuda(config):
+    """With segment_ids each forward kernel (the model's fused call, mamba-1.4b's n = 16, the
+    lane layout's two passes) and the three backward kernels lower for CUDA."""
+    b, length, e, n = 1, 1000, 256, 16
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    args = (S((b, length, e), bf16), S((b, length, e), bf16), S((e, n), f32),
+            S((b, length, n), bf16), S((b, length, n), bf16), S((e,), f32), S((b, e, n), f32),
+            S((e,), f32), S((b, length, 2 * e), bf16), S((b, length), jnp.int32))
+
+    def fwd(x, dt, A, B, C, D, h0, bias, z, seg):
+        return selective_scan_pallas(x, dt, A, B, C, D, initial_state=h0, dt_bias=bias,
+                                     dt_softplus=True, z=z, out_dtype=bf16, segment_ids=seg,
+                                     config=config)
+
+    def grad(*a):
+        loss = lambda *a: sum(jnp.sum(o.astype(f32)) for o in fwd(*a))
+        return jax.grad(loss, argnums=range(9))(*a)
+
+    text = _cuda_text(fwd, *args)
+    if isinstance(config, SelectiveScanMosaicConfig):
+        assert "mosaic_gpu" in text
+    else:
+        names = {"lane": {"selective_scan_states", "selective_scan"}, "tile": {"selective_scan"}}
+        for name in names[config.layout]:
+            assert f'name = "{name}"' in text
+        assert "ex2.approx.ftz.f32" in text and "fma.rn.f32" in text
+    text = _cuda_text(grad, *args)
+    for name in ("selective_scan_bwd_local", "selective_scan_bwd_fold", "selective_scan_bwd"):
         assert name in text
 
 
