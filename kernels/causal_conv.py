@@ -22,6 +22,9 @@ and causal_conv1d's CUDA kernel 0.118 (the floor is 0.097; docs/kernels.md, "Cau
 Each tap loads its shifted window on its own (L1 hits), which
 is where the rest to the floor goes. The final state (the last K−1 inputs, fp32) is a slice the
 wrapper takes in XLA.
+Packed documents (`segment_ids`): the kernels also read, per token, the position where its
+document starts (int32; −(K−1) for the first document, whose window may reach into
+initial_state), and each tap reads a token only from there on: one load and a compare per tap.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from longmamba_kernels.common import check_segment_ids, document_index
+from longmamba_kernels.common import check_segment_ids, document_index, with_optional_ref
 
 f32 = jnp.float32
 
@@ -121,8 +124,6 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
             f"causal_conv1d: unknown implementation {implementation!r} "
             "(expected 'reference' or 'pallas')"
         )
-    if segment_ids is not None:
-        raise NotImplementedError("causal_conv1d: segment_ids with implementation='pallas'")
     block_c = default_block_c(splits)
     if not block_c:
         raise ValueError(
@@ -135,7 +136,19 @@ def causal_conv1d(src, weight, bias=None, *, initial_state=None, offset: int = 0
                      interpret=bool(interpret),
                      block_t=min(block_t, max(16, 1 << (length - 1).bit_length())),
                      block_c=block_c, num_warps=num_warps)
-    return _differentiable(src, weight, bias, initial_state, static), state
+    first = None if segment_ids is None else document_firsts(segment_ids, k)
+    return _differentiable(src, weight, bias, initial_state, first, static), state
+
+
+def document_firsts(segment_ids, k):
+    """int32 [b, l]: the position where each token's document starts, −(K−1) for the first
+    document (its window reaches into the initial state): tap i of token t reads position
+    t − K + 1 + i only if that is >= first[t]."""
+    doc = document_index(segment_ids)
+    pos = jnp.arange(doc.shape[1], dtype=jnp.int32)
+    start = jnp.concatenate([jnp.zeros_like(doc[:, :1], bool), doc[:, 1:] != doc[:, :-1]], 1)
+    first = jax.lax.cummax(jnp.where(start, pos, 0), axis=1)
+    return jnp.where(doc == 0, -(k - 1), first).astype(jnp.int32)
 
 
 def _window_docs(segment_ids, k):
@@ -186,7 +199,14 @@ def _reference(x, weight, bias, initial_state, activation, segment_ids=None):
     return y
 
 
-def _kernel(src_ref, w_ref, b_ref, s_ref, *o_refs, k, length, offset, starts, block_t,
+def _firsts(f_ref, pb, tt, length):
+    """first[tt] (`document_firsts`) of this row at positions tt [T], clipped into range."""
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.load(f_ref.at[pb, jnp.clip(tt, 0, length - 1)])
+
+
+def _kernel(src_ref, w_ref, b_ref, s_ref, f_ref, *o_refs, k, length, offset, starts, block_t,
             block_c, has_bias, has_state, activation):
     from jax.experimental.pallas import triton as plgpu
 
@@ -194,17 +214,20 @@ def _kernel(src_ref, w_ref, b_ref, s_ref, *o_refs, k, length, offset, starts, bl
     t = pt * block_t + jnp.arange(block_t, dtype=jnp.int32)  # [T] this block's tokens
     ch = pc * block_c + jnp.arange(block_c, dtype=jnp.int32)  # [C'] channels of the conv
     col = ch + offset  # their columns in src
+    own = None if f_ref is None else _firsts(f_ref, pb, t, length)  # [T] documents' starts
     acc = jnp.zeros((block_t, block_c), f32)
     for i in range(k):
         src_t = t + (i - (k - 1))  # [T] the token tap i reads (negative: initial state)
         in_x = (src_t >= 0) & (src_t < length)
+        if own is not None:  # only inside the token's own document
+            in_x = in_x & (src_t >= own)
         # indices clamped in range, values masked: no load ever leaves the array
         xi = plgpu.load(
             src_ref.at[pb, jnp.clip(src_t, 0, length - 1)[:, None], col[None, :]],
             mask=in_x[:, None], other=0.0,
         ).astype(f32)
         if has_state and i < k - 1:
-            in_s = src_t < 0
+            in_s = src_t < 0 if own is None else (src_t < 0) & (src_t >= own)
             si = plgpu.load(
                 s_ref.at[pb, jnp.clip(src_t + (k - 1), 0, k - 2)[:, None], ch[None, :]],
                 mask=in_s[:, None], other=0.0,
@@ -231,7 +254,7 @@ def _kernel(src_ref, w_ref, b_ref, s_ref, *o_refs, k, length, offset, starts, bl
 @functools.partial(jax.jit, static_argnames=(
     "offset", "splits", "activation", "out_dtype", "interpret", "block_t", "block_c",
     "num_warps"))
-def _pallas(src, weight, bias, initial_state, *, offset, splits, activation, out_dtype,
+def _pallas(src, weight, bias, initial_state, first, *, offset, splits, activation, out_dtype,
             interpret, block_t, block_c, num_warps):
     from jax.experimental.pallas import triton as plgpu
 
@@ -240,17 +263,18 @@ def _pallas(src, weight, bias, initial_state, *, offset, splits, activation, out
     has_bias, has_state = bias is not None, initial_state is not None
     starts = tuple(sum(splits[:i]) for i in range(len(splits) + 1))
     return pl.pallas_call(
-        functools.partial(
+        with_optional_ref(functools.partial(
             _kernel, k=k, length=length, offset=offset, starts=starts, block_t=block_t,
             block_c=block_c, has_bias=has_bias, has_state=has_state, activation=activation,
-        ),
+        ), 4, first is not None),
         grid=(b, pl.cdiv(length, block_t), c // block_c),
         out_shape=[jax.ShapeDtypeStruct((b, length, w), out_dtype) for w in splits],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="causal_conv1d",
     )(src, weight, bias if has_bias else np.zeros((1,), np.float32),
-      initial_state if has_state else np.zeros((1, 1, 1), np.float32))  # unused placeholders
+      initial_state if has_state else np.zeros((1, 1, 1), np.float32),  # unused placeholders
+      *([] if first is None else [first]))
 
 
 # ------------------------------------------------------------------------------ gradients
@@ -266,8 +290,9 @@ class _Static:
     num_warps: int
 
 
-def _forward(src, weight, bias, initial_state, st):
-    return tuple(_pallas(src, weight, bias, initial_state, offset=st.offset, splits=st.splits,
+def _forward(src, weight, bias, initial_state, first, st):
+    return tuple(_pallas(src, weight, bias, initial_state, first, offset=st.offset,
+                         splits=st.splits,
                          activation=st.activation, out_dtype=st.out_dtype,
                          interpret=st.interpret, block_t=st.block_t, block_c=st.block_c,
                          num_warps=st.num_warps))
@@ -275,32 +300,36 @@ def _forward(src, weight, bias, initial_state, st):
 
 # The forward kernel runs unchanged; its inputs are the residuals and the backward kernel
 # recomputes the pre-activations (docs/kernels.md, "Backward passes"). The final state (a slice
-# of the inputs, taken in XLA) is differentiated by XLA.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _differentiable(src, weight, bias, initial_state, st):
-    return _forward(src, weight, bias, initial_state, st)
+# of the inputs, taken in XLA) is differentiated by XLA. `first` (packed documents) gets none.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _differentiable(src, weight, bias, initial_state, first, st):
+    return _forward(src, weight, bias, initial_state, first, st)
 
 
-def _differentiable_fwd(src, weight, bias, initial_state, st):
-    return _forward(src, weight, bias, initial_state, st), (src, weight, bias, initial_state)
+def _differentiable_fwd(src, weight, bias, initial_state, first, st):
+    out = _forward(src, weight, bias, initial_state, first, st)
+    return out, (src, weight, bias, initial_state, first)
 
 
 def _differentiable_bwd(st, residuals, cotangents):
-    src, weight, bias, initial_state = residuals
-    return _backward(src, weight, bias, initial_state, tuple(cotangents), offset=st.offset,
-                     splits=st.splits, activation=st.activation, interpret=st.interpret,
-                     block_t=st.block_t, block_c=st.block_c, num_warps=st.num_warps)
+    src, weight, bias, initial_state, first = residuals
+    grads = _backward(src, weight, bias, initial_state, first, tuple(cotangents),
+                      offset=st.offset, splits=st.splits, activation=st.activation,
+                      interpret=st.interpret, block_t=st.block_t, block_c=st.block_c,
+                      num_warps=st.num_warps)
+    return (*grads, None)
 
 
 _differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)
 
 
-def _backward_kernel(src_ref, w_ref, b_ref, s_ref, *refs, k, length, offset, starts,
+def _backward_kernel(src_ref, w_ref, b_ref, s_ref, f_ref, *refs, k, length, offset, starts,
                      block_t, block_c, has_bias, has_state, activation):
     """One block of rows × channels. Row r stands for input position t = r − (K−1) (negative:
     the initial state), whose gradient is Σ_m w[K−1−m] · dpre_{t+m}, with dpre_t = dy_t ·
     act'(pre_t) and pre_t recomputed; the rows' own dpre also give this block's parts of
-    dweight and dbias."""
+    dweight and dbias. With packed documents (`f_ref`, `document_firsts`) output t + m reads
+    input t only if t >= first[t + m]."""
     from jax.experimental.pallas import triton as plgpu
 
     n_out = len(starts) - 1
@@ -311,24 +340,33 @@ def _backward_kernel(src_ref, w_ref, b_ref, s_ref, *refs, k, length, offset, sta
     c_sl = pl.ds(pc * block_c, block_c)
     w = [w_ref[i, c_sl].astype(f32)[None, :] for i in range(k)]
 
-    def window(tt):
-        """x̃ at positions tt [T] (negative: the initial state; zeros outside): [T, C']."""
+    def firsts(tt):
+        return None if f_ref is None else _firsts(f_ref, pb, tt, length)
+
+    def window(tt, own=None):
+        """x̃ at positions tt [T] (negative: the initial state; zeros outside, and before
+        `own`, the start of the reading token's document): [T, C']."""
         in_x = (tt >= 0) & (tt < length)
+        if own is not None:
+            in_x = in_x & (tt >= own)
         v = plgpu.load(src_ref.at[pb, jnp.clip(tt, 0, length - 1)[:, None],
                                   (ch + offset)[None, :]],
                        mask=in_x[:, None], other=0.0).astype(f32)
         if has_state:
             in_s = (tt < 0) & (tt >= -(k - 1))
+            if own is not None:
+                in_s = in_s & (tt >= own)
             sv = plgpu.load(s_ref.at[pb, jnp.clip(tt + (k - 1), 0, k - 2)[:, None], ch[None, :]],
                             mask=in_s[:, None], other=0.0).astype(f32)
             v = jnp.where(in_s[:, None], sv, v)
         return v
 
-    def dpre(tt, dy_ref, lo):
-        """dL/dpre at outputs tt [T] (zero outside 0 … l−1); pre recomputed tap by tap."""
-        pre = window(tt - (k - 1)) * w[0]
+    def dpre(tt, dy_ref, lo, own=None):
+        """dL/dpre at outputs tt [T] (zero outside 0 … l−1); pre recomputed tap by tap (`own`:
+        firsts(tt), with packed documents)."""
+        pre = window(tt - (k - 1), own) * w[0]
         for i in range(1, k):
-            pre = pre + window(tt + (i - (k - 1))) * w[i]
+            pre = pre + window(tt + (i - (k - 1)), own) * w[i]
         if has_bias:
             pre = pre + b_ref[c_sl].astype(f32)[None, :]
         ok = (tt >= 0) & (tt < length)
@@ -344,15 +382,21 @@ def _backward_kernel(src_ref, w_ref, b_ref, s_ref, *refs, k, length, offset, sta
 
         @pl.when((pc * block_c >= lo) & (pc * block_c < hi))
         def _(dy_ref=dy_ref, lo=lo):
-            g0 = dpre(t, dy_ref, lo)  # the rows' own outputs (t >= 0 only)
+            own = firsts(t)
+            g0 = dpre(t, dy_ref, lo, own)  # the rows' own outputs (t >= 0 only)
             # dweight and dbias from the rows' own outputs; the windows are loaded again (L1
             # hits) rather than kept live across the K recomputations below
             for i in range(k):
-                dw_ref[pb, pt, i, c_sl] = jnp.sum(g0 * window(t + (i - (k - 1))), axis=0)
+                dw_ref[pb, pt, i, c_sl] = jnp.sum(g0 * window(t + (i - (k - 1)), own), axis=0)
             db_ref[pb, pt, c_sl] = jnp.sum(g0, axis=0)
             dx = g0 * w[k - 1]
             for m in range(1, k):
-                dx = dx + dpre(t + m, dy_ref, lo) * w[k - 1 - m]
+                if f_ref is None:
+                    dx = dx + dpre(t + m, dy_ref, lo) * w[k - 1 - m]
+                else:  # output t + m reads row t only inside its own document
+                    own_m = firsts(t + m)
+                    g = dpre(t + m, dy_ref, lo, own_m)
+                    dx = dx + jnp.where((t >= own_m)[:, None], g, 0.0) * w[k - 1 - m]
             # rows outside an output are masked (Triton) and sent past its end, where the
             # interpreter drops them (a clipped or negative index could land on a real row)
             rows = (t >= 0) & (t < length)
@@ -366,7 +410,7 @@ def _backward_kernel(src_ref, w_ref, b_ref, s_ref, *refs, k, length, offset, sta
 
 @functools.partial(jax.jit, static_argnames=(
     "offset", "splits", "activation", "interpret", "block_t", "block_c", "num_warps"))
-def _backward(src, weight, bias, initial_state, dys, *, offset, splits, activation,
+def _backward(src, weight, bias, initial_state, first, dys, *, offset, splits, activation,
               interpret, block_t, block_c, num_warps):
     """Gradients for (src, weight, bias, initial_state) from the outputs' cotangents `dys`;
     src's gradient is zero outside the columns read."""
@@ -379,12 +423,13 @@ def _backward(src, weight, bias, initial_state, dys, *, offset, splits, activati
     # half the forward's rows: the K recomputed pre-activations need more registers
     block_t = max(16, block_t // 2)
     n_rows = pl.cdiv(length + k - 1, block_t)
+    packed = first is not None
     dx, ds, dw, db = pl.pallas_call(
-        functools.partial(
+        with_optional_ref(functools.partial(
             _backward_kernel, k=k, length=length, offset=offset, starts=starts,
             block_t=block_t, block_c=block_c, has_bias=has_bias, has_state=has_state,
             activation=activation,
-        ),
+        ), 4, packed),
         grid=(b, n_rows, c // block_c),
         out_shape=[jax.ShapeDtypeStruct((b, length, c), src.dtype),
                    jax.ShapeDtypeStruct((b, k - 1, c) if has_state else (1, 1, 1), f32),
@@ -394,7 +439,8 @@ def _backward(src, weight, bias, initial_state, dys, *, offset, splits, activati
         interpret=interpret,
         name="causal_conv1d_bwd",
     )(src, weight, bias if has_bias else np.zeros((1,), np.float32),
-      initial_state if has_state else np.zeros((1, 1, 1), np.float32), *dys)
+      initial_state if has_state else np.zeros((1, 1, 1), np.float32),
+      *([first] if packed else []), *dys)
     dsrc = jnp.pad(dx, ((0, 0), (0, 0), (offset, width - offset - c)))
     return (dsrc, jnp.sum(dw, axis=(0, 1)).astype(weight.dtype),
             jnp.sum(db, axis=(0, 1)).astype(bias.dtype) if has_bias else None,

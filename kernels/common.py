@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
 
 # Per-dtype tolerances for ‖out − ref‖ / ‖ref‖ in kernel tests (inputs of that dtype; fp32 math).
 RTOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
@@ -68,6 +70,49 @@ def document_starts(segment_ids):
     """bool [b, l]: where a new document starts (its state starts from zero), position 0 never."""
     idx = document_index(segment_ids)
     return jnp.concatenate([jnp.zeros_like(idx[:, :1], bool), idx[:, 1:] != idx[:, :-1]], 1)
+
+
+def with_optional_ref(kernel, index: int, present: bool):
+    """A Pallas kernel body that takes a ref at position `index` which the call passes only
+    when `present`; without it, None stands in, so the call (and the compiled kernel) is the one
+    without that input."""
+    if present:
+        return kernel
+    return lambda *refs: kernel(*refs[:index], None, *refs[index:])
+
+
+def chunk_documents(doc_ref, bi, t0, chunk, valid=None):
+    """Documents of the chunk at t0 (`doc_ref` [b, l'] int32, nondecreasing along a row): d [s],
+    carried [s] (d_i is the document running before the chunk, whose state enters), tail [s]
+    (d_i is the chunk's last document, the one whose state leaves) and through (a scalar: no
+    document starts in the chunk, so the entering state passes it). Position 0 belongs to the
+    document of the initial state. A chunk that is not `valid` passes the state unchanged."""
+    d = doc_ref[bi, pl.ds(t0, chunk)]  # [s]
+    before = doc_ref[bi, jnp.maximum(t0 - 1, 0)]
+    last = doc_ref[bi, t0 + chunk - 1]
+    through = last == before
+    if valid is not None:
+        through = through | jnp.logical_not(valid)
+    return d, d == before, d == last, through
+
+
+def reset_offsets(doc, length: int):
+    """The per-token log-offset of packed documents, fp32 [b, length]: −∞ at each document's
+    first token (position 0 excepted), 0 elsewhere and on padding past doc's length. A scan
+    computes its decay as exp2(Δ a + offset): 0 at a start, so the state restarts there."""
+    start = doc[:, 1:] != doc[:, :-1]  # [b, l − 1]
+    r = jnp.where(start, -jnp.inf, 0.0).astype(jnp.float32)
+    return pad_axis(jnp.concatenate([jnp.zeros_like(r[:, :1]), r], axis=1), 1, length)
+
+
+def span_offsets(doc, starts, ends):
+    """−∞ (fp32 [b, k]) where a document starts in positions [starts[k], ends[k]) of a row, else
+    0: the log-offset of the decay over that span (`doc` [b, l] the document index; ends may run
+    past l). Position 0 never counts as a start."""
+    before = jnp.concatenate([jnp.zeros_like(doc[:, :1]), doc], axis=1)  # before[t] = doc[t − 1]
+    last = before.shape[1] - 1
+    at = lambda pos: before[:, np.minimum(np.asarray(pos), last)]
+    return jnp.where(at(ends) != at(starts), -jnp.inf, 0.0).astype(jnp.float32)
 
 
 def check_segment_ids(segment_ids, b: int, length: int):

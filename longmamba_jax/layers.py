@@ -111,8 +111,8 @@ class CausalConv1d(nn.Module):
             return y, new_state
         return causal_conv1d(
             x, kernel, bias, initial_state=state, offset=fused.offset, splits=fused.splits,
-            activation="silu", out_dtype=fused.out_dtype, implementation="pallas",
-            interpret=fused.interpret,
+            activation="silu", out_dtype=fused.out_dtype, segment_ids=segment_ids,
+            implementation="pallas", interpret=fused.interpret,
         )
 
 

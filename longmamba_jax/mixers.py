@@ -64,14 +64,12 @@ class ScanBackend:
     implementation: str = "associative"
     interpret: bool = False
 
-    def fused_conv(self, offset, splits, out_dtype, mask, step,
-                   segment_ids=None) -> FusedConv | None:
+    def fused_conv(self, offset, splits, out_dtype, mask, step) -> FusedConv | None:
         """How the mixer's conv runs as one Pallas kernel, or None for the jnp form: the
-        kernel serves the Pallas backend's prefill without a padding mask or packed documents
-        (those and single decode steps take the jnp form) when every output width is a
-        multiple of 16."""
-        if (self.implementation != "pallas" or mask is not None or step
-                or segment_ids is not None):
+        kernel serves the Pallas backend's prefill, packed documents included, without a
+        padding mask (that and single decode steps take the jnp form) when every output width
+        is a multiple of 16."""
+        if self.implementation != "pallas" or mask is not None or step:
             return None
         if not FusedConv.supported(splits):
             return None
@@ -176,9 +174,9 @@ class Mamba1Mixer(nn.Module):
         xz = Linear(2 * e, cfg.bias, pd, name="in_proj")(u)  # [b, l, 2e]
         x, z = jnp.split(xz, 2, axis=-1)
         conv = CausalConv1d(cfg.d_conv, cfg.conv_bias, pd, name="conv1d")
-        fused = self.backend.fused_conv(0, (e,), pd, mask, step, segment_ids)
+        fused = self.backend.fused_conv(0, (e,), pd, mask, step)
         if fused is not None:  # conv + silu in one kernel, x read in place from xz
-            (x,), conv_state = conv(xz, conv_state, fused=fused)
+            (x,), conv_state = conv(xz, conv_state, fused=fused, segment_ids=segment_ids)
         else:
             x, conv_state = conv(_apply_mask(x, mask), conv_state, segment_ids=segment_ids,
                                  lengths=row_ends(mask))
@@ -272,9 +270,10 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = Linear(cfg.in_proj_dim, cfg.bias, pd, name="in_proj")(u)
         z, xBC, dt = jnp.split(zxbcdt, [E, E + cfg.conv_dim], axis=-1)
         conv = CausalConv1d(cfg.d_conv, cfg.conv_bias, pd, name="conv1d")
-        fused = self.backend.fused_conv(E, (E, g * n, g * n), pd, mask, step, segment_ids)
+        fused = self.backend.fused_conv(E, (E, g * n, g * n), pd, mask, step)
         if fused is not None:  # conv + silu in one kernel: xBC read in place, x, B, C written
-            (x, B, C), conv_state = conv(zxbcdt, conv_state, fused=fused)
+            (x, B, C), conv_state = conv(zxbcdt, conv_state, fused=fused,
+                                         segment_ids=segment_ids)
         else:
             xBC, conv_state = conv(_apply_mask(xBC, mask), conv_state, segment_ids=segment_ids,
                                    lengths=row_ends(mask))

@@ -208,6 +208,51 @@ def test_ssd_grads_gpu(case, dtype):
                dtype, SSD_NAMES, "ssd gpu")
 
 
+# Packed documents: the gradient of a packed loss is the sum of the documents' gradients. The
+# reference runs each document alone (the first from the initial state) and concatenates.
+PACK_LENGTHS = (1, 3, 12, 1, 40, 2, 1, 9)  # boundaries at 1, inside chunks of 16, at 16, ...
+
+
+def _pack_ids(lengths, b):
+    ids = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+    return jnp.asarray(np.broadcast_to(ids, (b, ids.size)))
+
+
+def _documents_alone(ref, lengths, time_args, make_args):
+    """ref run on each document alone: `make_args(args, lo, hi, first)` slices the time axes
+    (the arguments at positions `time_args`) and drops the initial state after the first
+    document. Returns a function of the full arguments: (y concatenated, the last state)."""
+    ends = np.cumsum(lengths)
+
+    def fn(*args):
+        ys, state = [], None
+        for i, (lo, hi) in enumerate(zip(ends - np.asarray(lengths), ends, strict=True)):
+            part = [a[:, lo:hi] if k in time_args and a is not None else a
+                    for k, a in enumerate(args)]
+            y, state = ref(*make_args(part, i == 0))
+            ys.append(y)
+        return jnp.concatenate(ys, axis=1), state
+
+    return fn
+
+
+@pytest.mark.parametrize("init", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["init", "no_init"])
+def test_ssd_grads_packed_documents(init):
+    """69 tokens in 8 documents (`PACK_LENGTHS`), chunks of 16, filter on: every gradient
+    (x, Δ, A, B, C, D, the initial state) of a packed loss on y and the final state equals the
+    sum over the documents run alone."""
+    args = ssd_args(SSDCase(l=sum(PACK_LENGTHS), filt=True, init=init), F32, seed=41)
+    ids = _pack_ids(PACK_LENGTHS, args[0].shape[0])
+    kernel = lambda *a: ssd_pallas(*a[:6], initial_state=a[6], threshold=a[7],
+                                   segment_ids=ids, interpret=True, config=SSD_FWD,
+                                   backward_config=SSD_BWD)
+    alone = _documents_alone(_ssd_ref, PACK_LENGTHS, (0, 1, 3, 4),
+                             lambda a, first: (*a[:6], a[6] if first else None, a[7]))
+    ct = _random_like(jax.random.key(42), jax.eval_shape(alone, *args))
+    check_vjps(kernel, alone, args, {"dS present": ct}, F32, SSD_NAMES, "ssd packed")
+
+
 # ---------------------------------------------------------------------------- selective scan
 @dataclasses.dataclass(frozen=True)
 class SSCase:
@@ -336,6 +381,25 @@ def test_selective_scan_grads_gpu(fwd, dtype):
     length."""
     _check_ss(SSCase(l=999, filt=True, init=True, fused=True, b=2, e=256, n=16), dtype, fwd,
               bwd=SelectiveScanBackwardConfig(), interpret=False)
+
+
+@pytest.mark.parametrize("fwd", [SS_FWD, pytest.param(SS_MOSAIC_FWD, marks=pytest.mark.slow)],
+                         ids=["triton", "mosaic"])
+def test_selective_scan_grads_packed_documents(fwd):
+    """69 tokens in 8 documents (`PACK_LENGTHS`) over backward segments of 8 tokens (several
+    with a document start, one without), the fused prologue and gate, filter and initial state
+    on: every gradient of a packed loss on y and the final state equals the sum over the
+    documents run alone."""
+    args = ss_args(SSCase(l=sum(PACK_LENGTHS), filt=True, init=True, fused=True), F32, seed=43)
+    ids = _pack_ids(PACK_LENGTHS, args[0].shape[0])
+    kernel = lambda *a: selective_scan_pallas(
+        *a[:6], initial_state=a[6], threshold=a[7], dt_bias=a[8], dt_softplus=True, z=a[9],
+        segment_ids=ids, interpret=True, config=fwd, backward_config=SS_BWD)
+    ref = functools.partial(_ss_ref, softplus=True)
+    alone = _documents_alone(ref, PACK_LENGTHS, (0, 1, 3, 4, 9),
+                             lambda a, first: (*a[:6], a[6] if first else None, *a[7:]))
+    ct = _random_like(jax.random.key(44), jax.eval_shape(alone, *args))
+    check_vjps(kernel, alone, args, {"dh present": ct}, F32, SS_NAMES, "selective_scan packed")
 
 
 # ------------------------------------------------------------------------------- causal conv

@@ -25,6 +25,7 @@ from longmamba_kernels.common import (
     check_implementation,
     check_segment_ids,
     delta_from_projection,
+    document_index,
     filter_threshold,
     gate_input,
 )
@@ -85,12 +86,10 @@ def selective_scan(
         if z.shape[:2] != x.shape[:2]:
             raise ValueError(f"gate z {z.shape} and x {x.shape} disagree on [b, l]")
     if implementation == "pallas":
-        if segment_ids is not None:
-            raise NotImplementedError("selective_scan: segment_ids with implementation='pallas'")
         return selective_scan_pallas(
             x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
             dt_bias=dt_bias, dt_softplus=dt_softplus, z=z, out_dtype=out_dtype,
-            interpret=interpret,
+            segment_ids=segment_ids, interpret=interpret,
         )
     if dt_bias is not None or dt_softplus:
         dt = delta_from_projection(dt, dt_bias, dt_softplus)
@@ -128,8 +127,8 @@ def _is_hopper_or_newer() -> bool:
 
 def selective_scan_pallas(
     x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, dt_bias=None,
-    dt_softplus=False, z=None, out_dtype=jnp.float32, interpret=False, config=None,
-    backward_config=None,
+    dt_softplus=False, z=None, out_dtype=jnp.float32, segment_ids=None, interpret=False,
+    config=None, backward_config=None,
 ):
     """Mamba-1 selective scan, Pallas kernel. Same contract as `selective_scan_reference`, plus
     the fused Δ prologue and gate of `selective_scan`.
@@ -140,6 +139,8 @@ def selective_scan_pallas(
       initial_state: [b, e, n] or None. threshold: [e] fp32 folded filter or None.
       z: None or the gate, its last e columns read in place ([b, l, >= e]).
       out_dtype: dtype of y.
+      segment_ids: [b, l] int or None: packed documents (the state restarts from zero where
+        the id changes; the first document continues initial_state).
       interpret: run through the Pallas interpreter (any platform).
       config: `SelectiveScanPallasConfig` (Triton) or `SelectiveScanMosaicConfig` (Mosaic
         GPU); None: `default_config(interpret, n)`.
@@ -155,12 +156,14 @@ def selective_scan_pallas(
     config = default_config(interpret, A.shape[-1]) if config is None else config
     if backward_config is None:
         backward_config = SelectiveScanBackwardConfig()
-    return _differentiable(x, dt, A, B, C, D, initial_state, threshold, dt_bias, z,
+    segment_ids = check_segment_ids(segment_ids, x.shape[0], x.shape[1])
+    return _differentiable(x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, segment_ids,
                            bool(dt_softplus), jnp.dtype(out_dtype), bool(interpret), config,
                            backward_config)
 
 
-def _run_kernel(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret, config):
+def _run_kernel(x, dt, A, B, C, D, h0, thr, dt_bias, z, seg, softplus, out_dtype, interpret,
+                config):
     from longmamba_kernels.selective_scan.pallas_mosaic import (
         SelectiveScanMosaicConfig,
         selective_scan_mosaic,
@@ -170,38 +173,39 @@ def _run_kernel(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, int
     kernel = selective_scan_mosaic if isinstance(config, SelectiveScanMosaicConfig) else \
         selective_scan_triton
     return kernel(x, dt, A, B, C, D, initial_state=h0, threshold=thr, dt_bias=dt_bias,
-                  dt_softplus=softplus, z=z, out_dtype=out_dtype, interpret=interpret,
-                  config=config)
+                  dt_softplus=softplus, z=z, out_dtype=out_dtype, segment_ids=seg,
+                  interpret=interpret, config=config)
 
 
 # Gradients: the forward kernel runs unchanged and its inputs are the only residuals; one
 # backward (`pallas_backward.py`, Triton) serves both forward kernels (docs/kernels.md,
-# "Backward passes"). The threshold gets no gradient.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
-def _differentiable(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret,
+# "Backward passes"). The threshold and the segment ids get no gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14, 15))
+def _differentiable(x, dt, A, B, C, D, h0, thr, dt_bias, z, seg, softplus, out_dtype, interpret,
                     config, backward_config):
-    return _run_kernel(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret,
-                       config)
+    return _run_kernel(x, dt, A, B, C, D, h0, thr, dt_bias, z, seg, softplus, out_dtype,
+                       interpret, config)
 
 
-def _differentiable_fwd(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret,
-                        config, backward_config):
-    out = _run_kernel(x, dt, A, B, C, D, h0, thr, dt_bias, z, softplus, out_dtype, interpret,
-                      config)
-    return out, (x, dt, A, B, C, D, h0, thr, dt_bias, z)
+def _differentiable_fwd(x, dt, A, B, C, D, h0, thr, dt_bias, z, seg, softplus, out_dtype,
+                        interpret, config, backward_config):
+    out = _run_kernel(x, dt, A, B, C, D, h0, thr, dt_bias, z, seg, softplus, out_dtype,
+                      interpret, config)
+    return out, (x, dt, A, B, C, D, h0, thr, dt_bias, z, seg)
 
 
 def _differentiable_bwd(softplus, out_dtype, interpret, config, backward_config, residuals,
                         cotangents):
     from longmamba_kernels.selective_scan.pallas_backward import selective_scan_backward
 
-    x, dt, A, B, C, D, h0, thr, dt_bias, z = residuals
+    x, dt, A, B, C, D, h0, thr, dt_bias, z, seg = residuals
     dy, d_final = cotangents
+    doc = None if seg is None else document_index(seg)
     dx, ddt, dA, dB, dC, dD, dh0, dbias, dz = selective_scan_backward(
-        x, dt, A, B, C, D, h0, thr, dt_bias, z, dy, d_final, softplus=softplus,
+        x, dt, A, B, C, D, h0, thr, dt_bias, z, dy, d_final, doc, softplus=softplus,
         interpret=interpret, config=backward_config)
     dthr = None if thr is None else jnp.zeros_like(thr)
-    return dx, ddt, dA, dB, dC, dD, dh0, dthr, dbias, dz
+    return dx, ddt, dA, dB, dC, dD, dh0, dthr, dbias, dz, None
 
 
 _differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)

@@ -23,6 +23,11 @@ Time is cut into segments of `segment` tokens, walked by separate programs (the 
    in registers, and walks the block backwards with G.
 Sums over channels (dB, dC) are per-program partials, sums over time (dA, dD, d dt_bias)
 per-segment partials, added in XLA. Design and costs: docs/kernels.md, "Backward passes".
+
+Packed documents: a_t = exp(Δ_t A + r_t) with r_t = −∞ at a document's first token
+(`common.reset_offsets`), so a_t = 0 there and everything above holds as written; the products
+over a segment (the fold) and from a segment's start to a checkpoint (the main pass's rebuild)
+get the offset −∞ where a document starts inside them (`common.span_offsets`).
 """
 
 from __future__ import annotations
@@ -32,9 +37,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
-from longmamba_kernels.common import LOG2E, gate_input, pad_axis, pad_time
+from longmamba_kernels.common import (
+    LOG2E,
+    gate_input,
+    pad_axis,
+    pad_time,
+    reset_offsets,
+    span_offsets,
+    with_optional_ref,
+)
 from longmamba_kernels.selective_scan.pallas_triton import _math
 
 
@@ -96,8 +110,8 @@ def _gate(dout, z, exp2):
 
 
 def _local_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, bias_ref, z_ref, dout_ref,
-                  ck_ref, cks_ref, hend_ref, gloc_ref, sdt_ref, *, block_e, block_t, seg_steps,
-                  length, fast, has_bias, softplus, has_z, z_off):
+                  r_ref, ck_ref, cks_ref, hend_ref, gloc_ref, sdt_ref, *, block_e, block_t,
+                  seg_steps, length, fast, has_bias, softplus, has_z, z_off):
     """Pass 1: one segment from a zero state. Writes the local state and Σ Δ before each block
     of block_t tokens, the final local state, the adjoint sent out of the segment's start
     (Σ_t (Π_{k<=t} a_k) dy_t C_t) and Σ Δ."""
@@ -123,7 +137,7 @@ def _local_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, bias_ref, z_ref, 
             delta, _ = _delta(dt_ref[bi, t, e_sl], bias, softplus, thr, t < length, exp2)
             dy, _ = _gate(dout_ref[bi, t, e_sl], z_ref[bi, t, z_sl] if has_z else None, exp2)
             ux = delta * x_ref[bi, t, e_sl].astype(f32)
-            decay = [exp2(delta * a[j]) for j in range(n)]
+            decay = _decays(delta, a, r_ref, bi, t, exp2, fma)
             h = [fma(decay[j], h[j], ux * b_ref[bi, t, j]) for j in range(n)]
             prod = [prod[j] * decay[j] for j in range(n)]
             g = [fma(prod[j], dy * c_ref[bi, t, j], g[j]) for j in range(n)]
@@ -138,8 +152,23 @@ def _local_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, bias_ref, z_ref, 
     sdt_ref[bi, si, e_sl] = sdt
 
 
-def _fold_kernel(a_ref, h0_ref, hend_ref, gloc_ref, sdt_ref, dhf_ref, hs_ref, re_ref, dh0_ref,
-                 *, block_e, n_seg, has_init, fast):
+def _decays(delta, a, r_ref, bi, t, exp2, fma):
+    """A token's decays exp2(Δ a_j) [e_blk] per state j; with packed documents exp2(Δ a_j + r_t)
+    (`r_ref` [b, l]: 0 at a document's first token)."""
+    if r_ref is None:
+        return [exp2(delta * aj) for aj in a]
+    r = r_ref[bi, t]
+    return [exp2(fma(delta, aj, r)) for aj in a]
+
+
+def _span_decay(aj, sdt, r, exp2, fma):
+    """exp2(a_j Σ Δ), the decay over a span of tokens; with packed documents exp2(a_j Σ Δ + r)
+    (r = −∞ when a document starts in the span, a scalar)."""
+    return exp2(aj * sdt) if r is None else exp2(fma(aj, sdt, r))
+
+
+def _fold_kernel(a_ref, h0_ref, hend_ref, gloc_ref, sdt_ref, dhf_ref, rs_ref, hs_ref, re_ref,
+                 dh0_ref, *, block_e, n_seg, has_init, fast):
     """Pass 2: each segment's initial state (forward) and the adjoint entering its end
     (backward), elementwise over [n, e_blk]; the adjoint leaving segment 0 is d initial_state."""
     f32 = jnp.float32
@@ -149,11 +178,14 @@ def _fold_kernel(a_ref, h0_ref, hend_ref, gloc_ref, sdt_ref, dhf_ref, hs_ref, re
     exp2, fma = _math(fast)
     a = [a_ref[j, e_sl] for j in range(n)]
 
+    rs = (lambda s: None) if rs_ref is None else (lambda s: rs_ref[bi, s])
+
     def forward(s, h):
-        sd = sdt_ref[bi, s, e_sl]
+        sd, r_s = sdt_ref[bi, s, e_sl], rs(s)
         for j in range(n):
             hs_ref[bi, s, j, e_sl] = h[j]
-        return [fma(exp2(a[j] * sd), h[j], hend_ref[bi, s, j, e_sl]) for j in range(n)]
+        return [fma(_span_decay(a[j], sd, r_s, exp2, fma), h[j], hend_ref[bi, s, j, e_sl])
+                for j in range(n)]
 
     h0 = ([h0_ref[bi, j, e_sl] for j in range(n)] if has_init
           else [jnp.zeros((block_e,), f32)] * n)
@@ -161,10 +193,11 @@ def _fold_kernel(a_ref, h0_ref, hend_ref, gloc_ref, sdt_ref, dhf_ref, hs_ref, re
 
     def backward(i, r):
         s = n_seg - 1 - i
-        sd = sdt_ref[bi, s, e_sl]
+        sd, r_s = sdt_ref[bi, s, e_sl], rs(s)
         for j in range(n):
             re_ref[bi, s, j, e_sl] = r[j]
-        return [fma(exp2(a[j] * sd), r[j], gloc_ref[bi, s, j, e_sl]) for j in range(n)]
+        return [fma(_span_decay(a[j], sd, r_s, exp2, fma), r[j], gloc_ref[bi, s, j, e_sl])
+                for j in range(n)]
 
     r = jax.lax.fori_loop(0, n_seg, backward, [dhf_ref[bi, j, e_sl] for j in range(n)])
     for j in range(n):
@@ -172,7 +205,7 @@ def _fold_kernel(a_ref, h0_ref, hend_ref, gloc_ref, sdt_ref, dhf_ref, hs_ref, re
 
 
 def _main_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_ref, z_ref, dout_ref,
-                 ck_ref, cks_ref, hs_ref, re_ref,  # inputs
+                 ck_ref, cks_ref, hs_ref, re_ref, r_ref, rck_ref,  # inputs
                  dx_ref, ddt_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref,  # outputs
                  *, block_e, block_t, seg_steps, length, has_d, fast, has_bias, softplus, has_z,
                  z_off):
@@ -194,16 +227,17 @@ def _main_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_ref, z
         r, acc_a, acc_d, acc_bias = carry
         blk = si * seg_steps + seg_steps - 1 - i
         into = cks_ref[bi, blk, e_sl]  # Σ Δ from the segment start to this block
+        r_ck = None if rck_ref is None else rck_ref[bi, blk]
         # the segment's initial state is reloaded (L1) rather than held in registers
-        h = [fma(exp2(a[j] * into), hs_ref[bi, si, j, e_sl], ck_ref[bi, blk, j, e_sl])
-             for j in range(n)]
+        h = [fma(_span_decay(a[j], into, r_ck, exp2, fma), hs_ref[bi, si, j, e_sl],
+                 ck_ref[bi, blk, j, e_sl]) for j in range(n)]
         toks = []
         for u in range(block_t):  # the block forward: decays and a_t h_{t-1} kept
             t = blk * block_t + u
             x = x_ref[bi, t, e_sl].astype(f32)
             delta, ddt_scale = _delta(dt_ref[bi, t, e_sl], bias, softplus, thr, t < length,
                                       exp2)
-            decay = [exp2(delta * a[j]) for j in range(n)]
+            decay = _decays(delta, a, r_ref, bi, t, exp2, fma)
             q = [decay[j] * h[j] for j in range(n)]  # a_t h_{t-1}
             ux = delta * x
             h = [fma(ux, b_ref[bi, t, j], q[j]) for j in range(n)]
@@ -261,9 +295,10 @@ def _next_pow2(v: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("softplus", "interpret", "config"))
 def selective_scan_backward(x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, dy,
-                            d_final, *, softplus, interpret, config):
+                            d_final, doc=None, *, softplus, interpret, config):
     """Gradients of `selective_scan_pallas` (same argument contract) for the cotangents dy
-    [b, l, e] (of the gated output when z is given) and d_final [b, e, n].
+    [b, l, e] (of the gated output when z is given) and d_final [b, e, n]; `doc` the document
+    index [b, l] int32 of packed documents, or None.
 
     Returns (dx, d dt, dA, dB, dC, dD, d initial_state, d dt_bias, dz), each in its input's
     dtype and shape (None where the input is None); dz is z's full shape, zero outside the gate's
@@ -309,23 +344,33 @@ def selective_scan_backward(x, dt, A, B, C, D, initial_state, threshold, dt_bias
     walk = dict(block_t=block_t, seg_steps=seg_steps, length=length, has_bias=has_bias,
                 softplus=softplus, has_z=has_z, z_off=z_off, **flags)
     n_ck = padded // block_t
+    packed = doc is not None
+    r, rs, rck = [], [], []
+    if packed:  # log-offsets: per token, per segment, from each segment's start to each block
+        r = [reset_offsets(doc, padded)]  # [b, l']
+        seg_starts = np.arange(n_seg) * seg
+        rs = [span_offsets(doc, seg_starts, seg_starts + seg)]  # [b, k]
+        blk_starts = np.arange(n_ck) * block_t
+        rck = [span_offsets(doc, blk_starts // seg * seg, blk_starts)]  # [b, l' / block_t]
     sds = lambda *shape: jax.ShapeDtypeStruct(shape, f32)
     ck, cks, hend, gloc, sdt = call(
-        functools.partial(_local_kernel, **walk),
+        with_optional_ref(functools.partial(_local_kernel, **walk), 9, packed),
         grid=(b, n_blk_e, n_seg),
         out_shape=[sds(b, n_ck, n, ep), sds(b, n_ck, ep), sds(b, n_seg, n, ep),
                    sds(b, n_seg, n, ep), sds(b, n_seg, ep)],
         name="selective_scan_bwd_local",
-    )(xs, dts, At, Bs, Cs, thr, bias, zs, douts)
+    )(xs, dts, At, Bs, Cs, thr, bias, zs, douts, *r)
     hs, re, dh0 = call(
-        functools.partial(_fold_kernel, n_seg=n_seg, has_init=has_init, **flags),
+        with_optional_ref(functools.partial(_fold_kernel, n_seg=n_seg, has_init=has_init,
+                                            **flags), 6, packed),
         grid=(b, n_blk_e),
         out_shape=[sds(b, n_seg, n, ep), sds(b, n_seg, n, ep), sds(b, n, ep)],
         name="selective_scan_bwd_fold",
-    )(At, h0, hend, gloc, sdt, dhf)
+    )(At, h0, hend, gloc, sdt, dhf, *rs)
     dz_shape = (b, padded, ep) if has_z else (1, 1, 1)
     dx, ddt, dz, dB, dC, dA, dD, dbias = call(
-        functools.partial(_main_kernel, has_d=has_d, **walk),
+        with_optional_ref(with_optional_ref(functools.partial(_main_kernel, has_d=has_d, **walk),
+                                            15, packed), 14, packed),
         grid=(b, n_blk_e, n_seg),
         out_shape=[jax.ShapeDtypeStruct((b, padded, ep), x.dtype),
                    jax.ShapeDtypeStruct((b, padded, ep), dts.dtype),
@@ -333,7 +378,7 @@ def selective_scan_backward(x, dt, A, B, C, D, initial_state, threshold, dt_bias
                    sds(b, n_blk_e, padded, n), sds(b, n_blk_e, padded, n),
                    sds(b, n_seg, n, ep), sds(b, n_seg, ep), sds(b, n_seg, ep)],
         name="selective_scan_bwd",
-    )(xs, dts, At, Bs, Cs, d, thr, bias, zs, douts, ck, cks, hs, re)
+    )(xs, dts, At, Bs, Cs, d, thr, bias, zs, douts, ck, cks, hs, re, *r, *rck)
     cut = lambda a: a[:, :length, :e]
     dz_full = None
     if has_z:  # the gate is z's last e columns; the others get no gradient

@@ -22,6 +22,10 @@ issued before its first token is computed, so their latency is paid once per gro
 Fused options (mamba_ssm's `delta_bias`, `delta_softplus`, `z`): Δ from the raw projection and
 the gate are computed once per block over the [block_t, block_e] tile, spread over all threads
 (not once per state lane), through fp32 shared-memory buffers.
+
+Packed documents (`segment_ids`): one more TMA input, the per-token log-offset r_t (−∞ at a
+document's first token, else 0; `common.reset_offsets`) repeated over the n states ([b, l, n],
+as small as B), and each decay is exp2(Δ a + r_t). Without segment_ids it is not compiled in.
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from longmamba_kernels.common import (
     LOG2E,
     check_selective_scan_shapes,
+    document_index,
     gate_input,
     pad_axis,
     pad_time,
+    reset_offsets,
 )
 
 _WARPS = 4  # per warpgroup
@@ -110,7 +116,8 @@ def mosaic_blocks(n: int, per_thread: int) -> tuple[int, int, int]:
 
 def selective_scan_mosaic(
     x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, dt_bias=None,
-    dt_softplus=False, z=None, out_dtype=jnp.float32, interpret=False, config=None
+    dt_softplus=False, z=None, out_dtype=jnp.float32, segment_ids=None, interpret=False,
+    config=None
 ):
     """Mamba-1 selective scan, Mosaic GPU kernel. Same contract as `selective_scan_pallas`.
 
@@ -118,14 +125,15 @@ def selective_scan_mosaic(
     layouts, which only steer the compiled code, are left out there).
     """
     config = SelectiveScanMosaicConfig() if config is None else config
+    doc = None if segment_ids is None else document_index(segment_ids)
     return _selective_scan_mosaic(
-        x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, softplus=bool(dt_softplus),
+        x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, doc, softplus=bool(dt_softplus),
         out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret), config=config)
 
 
 @functools.partial(jax.jit, static_argnames=("softplus", "out_dtype", "interpret", "config"))
-def _selective_scan_mosaic(x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, *, softplus,
-                           out_dtype, interpret, config):
+def _selective_scan_mosaic(x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, doc, *,
+                           softplus, out_dtype, interpret, config):
     f32 = jnp.float32
     b, length, e = x.shape
     n = A.shape[-1]
@@ -164,7 +172,10 @@ def _selective_scan_mosaic(x, dt, A, B, C, D, initial_state, threshold, dt_bias,
         z_off = z.shape[-1] - ep
     else:
         z, z_off = jnp.zeros((1, 8, 8), x.dtype), 0
-    y, h = _call(xs, dts, A2, Bs, Cs, chan, h0, z, block_e=block_e, n=n_pad,
+    r = None
+    if doc is not None:  # [b, l', n']: the offset of each token, once per state
+        r = jnp.broadcast_to(reset_offsets(doc, xs.shape[1])[..., None], Bs.shape)
+    y, h = _call(xs, dts, A2, Bs, Cs, chan, h0, z, r, block_e=block_e, n=n_pad,
                  per_thread=per_thread, block_t=block_t, unroll=config.unroll,
                  stages=config.stages, has_init=has_init, has_d=D is not None,
                  has_z=has_z, z_off=z_off, softplus=softplus, has_bias=dt_bias is not None,
@@ -172,7 +183,7 @@ def _selective_scan_mosaic(x, dt, A, B, C, D, initial_state, threshold, dt_bias,
     return y[:, :length, :e], h[:, :e, :n]
 
 
-def _call(x, dt, A2, B, C, chan, h0, z, *, block_e, n, per_thread, block_t, unroll, stages,
+def _call(x, dt, A2, B, C, chan, h0, z, r, *, block_e, n, per_thread, block_t, unroll, stages,
           has_init, has_d, has_z, z_off, softplus, has_bias, out_dtype, interpret):
     f32 = jnp.float32
     b, length, e = x.shape
@@ -187,10 +198,11 @@ def _call(x, dt, A2, B, C, chan, h0, z, *, block_e, n, per_thread, block_t, unro
     # layout_cast and computes the same values without them.
     cast = (lambda v, _: v) if interpret else plgpu.layout_cast
     groups = block_t // unroll
+    packed = r is not None
 
-    def body(x_ref, dt_ref, a_ref, b_ref, c_ref, chan_ref, h0_ref, z_ref, y_ref, hT_ref,
+    def body(x_ref, dt_ref, a_ref, b_ref, c_ref, chan_ref, h0_ref, z_ref, r_ref, y_ref, hT_ref,
              bufs, in_bars, misc_bar):
-        xs, dts, bs, cs, zs, ys, delta_s, ypre_s, a_s, chan_s, h_s, bias_s = bufs
+        xs, dts, bs, cs, zs, rs, ys, delta_s, ypre_s, a_s, chan_s, h_s, bias_s = bufs
         ib = lax.axis_index("b")
         e0 = lax.axis_index("e") * block_e
         e_sl = pl.ds(e0, block_e)
@@ -201,11 +213,13 @@ def _call(x, dt, A2, B, C, chan, h0, z, *, block_e, n, per_thread, block_t, unro
                     b_ref.at[ib, t_sl], c_ref.at[ib, t_sl]]
             if has_z:
                 srcs.append(z_ref.at[ib, t_sl, pl.ds(z_off + e0, block_e)])
+            if packed:
+                srcs.append(r_ref.at[ib, t_sl])
             return srcs
 
         def fetch(i, slot):
-            for src, buf, bar in zip(sources(i), (xs, dts, bs, cs, zs)[:len(in_bars)], in_bars,
-                                     strict=True):
+            bufs_in = (xs, dts, bs, cs) + ((zs,) if has_z else ()) + ((rs,) if packed else ())
+            for src, buf, bar in zip(sources(i), bufs_in, in_bars, strict=True):
                 plgpu.copy_gmem_to_smem(src, buf.at[slot], bar.at[slot])
 
         for i in range(stages):
@@ -246,17 +260,22 @@ def _call(x, dt, A2, B, C, chan, h0, z, *, block_e, n, per_thread, block_t, unro
             delta_src = delta_s if prologue else dts.at[slot]
             y_dst = ypre_s if has_z else ys.at[slot]
             x_blk, b_blk, c_blk = xs.at[slot], bs.at[slot], cs.at[slot]
+            r_blk = rs.at[slot] if packed else None
 
             def load(t):
-                return (cast(x_blk[t], chan_layout), cast(delta_src[t], chan_layout),
+                vals = (cast(x_blk[t], chan_layout), cast(delta_src[t], chan_layout),
                         cast(b_blk[t], state_layout), cast(c_blk[t], state_layout))
+                return vals + ((cast(r_blk[t], state_layout),) if packed else ())
 
             def token(vals, h):
-                xt, dtt, bt, ct = (v.astype(f32) for v in vals)
+                xt, dtt, bt, ct = (v.astype(f32) for v in vals[:4])
                 dtt = jnp.where(dtt <= thr_e, 0.0, dtt)  # LongMamba filter
                 bcast = lambda v, dim: cast(lax.broadcast_in_dim(v, (block_e, n), (dim,)),
                                             layout)
-                h = jnp.exp2(a_blk * bcast(dtt, 0)) * h + bcast(dtt * xt, 0) * bcast(bt, 1)
+                log_decay = a_blk * bcast(dtt, 0)
+                if packed:  # −∞ at a document's first token: the state restarts
+                    log_decay = log_decay + bcast(vals[4], 1)
+                h = jnp.exp2(log_decay) * h + bcast(dtt * xt, 0) * bcast(bt, 1)
                 yt = jnp.sum(h * bcast(ct, 1), axis=1)
                 if has_d:
                     yt = yt + d_e * xt
@@ -295,14 +314,21 @@ def _call(x, dt, A2, B, C, chan, h0, z, *, block_e, n, per_thread, block_t, unro
         plgpu.wait_smem_to_gmem(0)
 
     def scoped(*refs):
-        ins, outs = refs[:8], refs[8:]
+        # without packed documents neither the offsets' input nor their buffers exist
+        n_in = 8 + packed
+        ins, outs = refs[:n_in], refs[n_in:]
+        if not packed:
+            ins = (*ins, None)
         zdt = z.dtype
 
         def inner(*scratch):
             *bufs, in_bars, misc_bar = scratch
+            if not packed:
+                bufs.insert(5, None)
             body(*ins, *outs, bufs, in_bars, misc_bar)
 
         smem = plgpu.SMEM
+        r_buf = [smem((stages, block_t, n), f32)] if packed else []
         pl.run_scoped(
             inner,
             smem((stages, block_t, block_e), x.dtype),
@@ -310,6 +336,7 @@ def _call(x, dt, A2, B, C, chan, h0, z, *, block_e, n, per_thread, block_t, unro
             smem((stages, block_t, n), f32),
             smem((stages, block_t, n), f32),
             smem((stages, block_t, block_e) if has_z else (1, 8, 8), zdt),
+            *r_buf,
             smem((stages, block_t, block_e), out_dtype),
             smem((block_t, block_e) if prologue else (8, 8), f32),
             smem((block_t, block_e) if has_z else (8, 8), f32),
@@ -318,7 +345,7 @@ def _call(x, dt, A2, B, C, chan, h0, z, *, block_e, n, per_thread, block_t, unro
             smem((block_e, n), f32),
             smem((block_t, block_e) if has_bias else (8, 8), f32),
             tuple(plgpu.Barrier(num_arrivals=1, num_barriers=stages)
-                  for _ in range(4 + has_z)),
+                  for _ in range(4 + has_z + packed)),
             plgpu.Barrier(num_arrivals=1, num_barriers=3),
         )
 
@@ -331,7 +358,7 @@ def _call(x, dt, A2, B, C, chan, h0, z, *, block_e, n, per_thread, block_t, unro
         compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True),
         interpret=_interpret_params() if interpret else False,
     )
-    return kernel(x, dt, A2, B, C, chan, h0, z)
+    return kernel(x, dt, A2, B, C, chan, h0, z, *([] if r is None else [r]))
 
 
 def _interpret_params():

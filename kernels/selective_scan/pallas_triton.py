@@ -40,6 +40,12 @@ y written once.
 Any length is accepted: time is zero-padded to a multiple of `block_t` (times the segments;
 Δ = 0 keeps the state), e to a multiple of the channel block and ("tile" only) n to a power of
 two, only when needed.
+
+Packed documents (`segment_ids`; docs/kernels.md, "Packed documents"): the kernels read a
+per-token log-offset r_t (−∞ at a document's first token, else 0; `common.reset_offsets`), one
+warp-uniform scalar a token, and take each decay as exp2(fma(Δ, a, r_t)), the same instruction
+count as exp2(Δ a); the "lane" combine takes exp2(fma(A, Σ Δ, r_segment)) with r_segment −∞
+for a time segment in which a document starts. Without segment_ids nothing of this is compiled.
 """
 
 from __future__ import annotations
@@ -49,15 +55,20 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from longmamba_kernels.common import (
     LOG2E,
     check_selective_scan_shapes,
     delta_from_projection,
+    document_index,
     gate_input,
     pad_axis,
     pad_time,
+    reset_offsets,
+    span_offsets,
+    with_optional_ref,
 )
 
 
@@ -209,7 +220,7 @@ def _time_loop(n_steps, load, compute, carry, prefetch):
 
 
 def _selective_scan_kernel(
-    x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_ref, h0_ref, z_ref,  # inputs
+    x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_ref, h0_ref, z_ref, r_ref,  # inputs
     y_ref, h_ref,  # outputs
     *, block_e, block_t, n_steps, has_d, has_init, prefetch, fast, has_bias, softplus, has_z,
     z_off,
@@ -233,15 +244,17 @@ def _selective_scan_kernel(
         for k in range(block_t):  # unrolled
             t = step * block_t + k
             toks.append((x_ref[bi, t, e_sl], dt_ref[bi, t, e_sl], b_ref[bi, t, :],
-                         c_ref[bi, t, :], z_ref[bi, t, z_sl] if has_z else None))
-            # [e_blk], [e_blk], [n], [n], [e_blk]; cast at use
+                         c_ref[bi, t, :], z_ref[bi, t, z_sl] if has_z else None,
+                         r_ref[bi, t] if r_ref is not None else None))
+            # [e_blk], [e_blk], [n], [n], [e_blk], scalar; cast at use
         return toks
 
     def compute(step, toks, h):
-        for k, (x, dt, bt, ct, z) in enumerate(toks):
+        for k, (x, dt, bt, ct, z, r) in enumerate(toks):
             x, bt, ct = (v.astype(f32) for v in (x, bt, ct))
             dt = _delta(dt, bias, softplus, thr, exp2)
-            h = fma(exp2(dt[:, None] * a), h, (dt * x)[:, None] * bt[None, :])  # [e_blk, n]
+            log_decay = dt[:, None] * a if r is None else fma(dt[:, None], a, r)  # [e_blk, n]
+            h = fma(exp2(log_decay), h, (dt * x)[:, None] * bt[None, :])  # [e_blk, n]
             y = jnp.sum(h * ct[None, :], axis=1)  # [e_blk]
             if has_d:
                 y = fma(d, x, y)
@@ -253,7 +266,8 @@ def _selective_scan_kernel(
 
 # ------------------------------------------------ the "lane" layout: a thread owns whole channels
 def _lane_walk(x_ref, dt_ref, b_ref, c_ref, y_ref, *, bi, e_sl, t0, n_steps, block_t, a, thr, d,
-               h, sdt, prefetch, fast, bias=None, softplus=False, z_ref=None, z_sl=None):
+               h, sdt, prefetch, fast, bias=None, softplus=False, z_ref=None, z_sl=None,
+               r_ref=None):
     """Walks `n_steps * block_t` tokens from `t0` for the channels `e_sl`.
 
     The state is n separate [e_blk] vectors, so every state element of a channel lives in the
@@ -261,7 +275,8 @@ def _lane_walk(x_ref, dt_ref, b_ref, c_ref, y_ref, *, bi, e_sl, t0, n_steps, blo
     the y sum needs no cross-thread reduction. B_t and C_t are loaded as scalars (uniform across
     the warp) and broadcast for free. With `c_ref` None only the state (and `sdt`, the running
     sum of Δ) is computed. `bias` / `softplus`: Δ from the raw projection (`_delta`); `z_ref`
-    (columns `z_sl`): the gate, y := y · silu(z). Returns (h, sdt).
+    (columns `z_sl`): the gate, y := y · silu(z); `r_ref` [b, l]: the per-token log-offsets of
+    packed documents (decays exp2(Δ a + r_t)). Returns (h, sdt).
     """
     f32 = jnp.float32
     n = len(h)
@@ -275,18 +290,21 @@ def _lane_walk(x_ref, dt_ref, b_ref, c_ref, y_ref, *, bi, e_sl, t0, n_steps, blo
             toks.append((x_ref[bi, t, e_sl], dt_ref[bi, t, e_sl],
                          [b_ref[bi, t, j] for j in range(n)],
                          [c_ref[bi, t, j] for j in range(n)] if with_y else [],
-                         z_ref[bi, t, z_sl] if with_y and z_ref is not None else None))
+                         z_ref[bi, t, z_sl] if with_y and z_ref is not None else None,
+                         r_ref[bi, t] if r_ref is not None else None))
         return toks
 
     def compute(step, toks, carry):
         h, sdt = carry
-        for k, (x, dt, bt, ct, z) in enumerate(toks):
+        for k, (x, dt, bt, ct, z, r) in enumerate(toks):
             x = x.astype(f32)
             dt = _delta(dt, bias, softplus, thr, exp2)
             u = dt * x
             if sdt is not None:
                 sdt = sdt + dt
-            h = [fma(exp2(dt * a[j]), h[j], u * bt[j].astype(f32)) for j in range(n)]
+            # the log-decay Δ a, or Δ a + r_t with packed documents (one fma either way)
+            h = [fma(exp2(dt * a[j] if r is None else fma(dt, a[j], r)), h[j],
+                     u * bt[j].astype(f32)) for j in range(n)]
             if with_y:
                 y = h[0] * ct[0].astype(f32)
                 for j in range(1, n):
@@ -299,8 +317,8 @@ def _lane_walk(x_ref, dt_ref, b_ref, c_ref, y_ref, *, bi, e_sl, t0, n_steps, blo
     return _time_loop(n_steps, load, compute, (h, sdt), prefetch)
 
 
-def _lane_states_kernel(x_ref, dt_ref, a_ref, b_ref, thr_ref, bias_ref, hs_ref, sdt_ref, *,
-                        block_e, block_t, seg_steps, prefetch, fast, has_bias, softplus):
+def _lane_states_kernel(x_ref, dt_ref, a_ref, b_ref, thr_ref, bias_ref, r_ref, hs_ref, sdt_ref,
+                        *, block_e, block_t, seg_steps, prefetch, fast, has_bias, softplus):
     """Pass 1 of the time-split scan: segment s's state from zero, and its sum of Δ."""
     bi, ei, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e_sl = pl.ds(ei * block_e, block_e)
@@ -311,17 +329,19 @@ def _lane_states_kernel(x_ref, dt_ref, a_ref, b_ref, thr_ref, bias_ref, hs_ref, 
         x_ref, dt_ref, b_ref, None, None, bi=bi, e_sl=e_sl, t0=si * seg_steps * block_t,
         n_steps=seg_steps, block_t=block_t, a=a, thr=thr_ref[e_sl], d=None, h=[zero] * n,
         sdt=zero, prefetch=prefetch, fast=fast, bias=bias_ref[e_sl] if has_bias else None,
-        softplus=softplus)
+        softplus=softplus, r_ref=r_ref)
     for j in range(n):
         hs_ref[bi, si, j, e_sl] = h[j]
     sdt_ref[bi, si, e_sl] = sdt
 
 
 def _lane_scan_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_ref, h0_ref,
-                      hs_ref, sdt_ref, z_ref, y_ref, h_ref, *, block_e, block_t, seg_steps, n_seg,
-                      has_d, has_init, prefetch, fast, has_bias, softplus, has_z, z_off):
+                      hs_ref, sdt_ref, z_ref, r_ref, rs_ref, y_ref, h_ref, *, block_e, block_t,
+                      seg_steps, n_seg, has_d, has_init, prefetch, fast, has_bias, softplus,
+                      has_z, z_off):
     """Pass 2: segment s's outputs, from the state the earlier segments leave (combined here
-    from pass 1's per-segment states: h <- exp2(A Σ Δ) h + h_s)."""
+    from pass 1's per-segment states: h <- exp2(A Σ Δ) h + h_s; with packed documents
+    exp2(A Σ Δ + r_s), r_s = −∞ (`rs_ref` [b, k]) for a segment where a document starts)."""
     f32 = jnp.float32
     bi, ei, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e_sl = pl.ds(ei * block_e, block_e)
@@ -333,7 +353,9 @@ def _lane_scan_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_r
     if n_seg > 1:
         def combine(s, h):
             sd = sdt_ref[bi, s, e_sl]
-            return [fma(exp2(a[j] * sd), h[j], hs_ref[bi, s, j, e_sl]) for j in range(n)]
+            rs = None if rs_ref is None else rs_ref[bi, s]
+            return [fma(exp2(a[j] * sd if rs is None else fma(a[j], sd, rs)), h[j],
+                        hs_ref[bi, s, j, e_sl]) for j in range(n)]
 
         h = jax.lax.fori_loop(0, si, combine, h)
     h, _ = _lane_walk(
@@ -341,7 +363,7 @@ def _lane_scan_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_r
         n_steps=seg_steps, block_t=block_t, a=a, thr=thr_ref[e_sl],
         d=d_ref[e_sl] if has_d else None, h=h, sdt=None, prefetch=prefetch, fast=fast,
         bias=bias_ref[e_sl] if has_bias else None, softplus=softplus,
-        z_ref=z_ref if has_z else None, z_sl=pl.ds(z_off + ei * block_e, block_e))
+        z_ref=z_ref if has_z else None, z_sl=pl.ds(z_off + ei * block_e, block_e), r_ref=r_ref)
 
     @pl.when(si == n_seg - 1)
     def _():
@@ -351,22 +373,23 @@ def _lane_scan_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_r
 
 def selective_scan_triton(
     x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, dt_bias=None,
-    dt_softplus=False, z=None, out_dtype=jnp.float32, interpret=False,
+    dt_softplus=False, z=None, out_dtype=jnp.float32, segment_ids=None, interpret=False,
     config: SelectiveScanPallasConfig | None = None,
 ):
     """Mamba-1 selective scan, Pallas Triton kernel. Same contract as
     `longmamba_kernels.selective_scan.selective_scan_pallas`, which chooses between this kernel
     and the Mosaic GPU one; `config` None is the "lane" layout's defaults."""
     config = SelectiveScanPallasConfig() if config is None else config
+    doc = None if segment_ids is None else document_index(segment_ids)
     return _selective_scan_pallas(
-        x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, softplus=bool(dt_softplus),
+        x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, doc, softplus=bool(dt_softplus),
         out_dtype=jnp.dtype(out_dtype), interpret=interpret, config=config
     )
 
 
 @functools.partial(jax.jit, static_argnames=("softplus", "out_dtype", "interpret", "config"))
-def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, *, softplus,
-                           out_dtype, interpret, config):
+def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, dt_bias, z, doc, *,
+                           softplus, out_dtype, interpret, config):
     f32 = jnp.float32
     b, length, e = x.shape
     n = A.shape[-1]
@@ -401,7 +424,8 @@ def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, dt_bias,
         z = jnp.zeros((1, 1, 1), x.dtype)
     common = dict(block_e=block_e, block_t=config.block_t, prefetch=config.prefetch,
                   fast=config.fast_math and not interpret, has_bias=has_bias, softplus=softplus)
-    fused = dict(bias=bias, z=z, has_z=has_z, z_off=z_off, dt_pad=dt_pad, out_dtype=out_dtype)
+    fused = dict(bias=bias, z=z, has_z=has_z, z_off=z_off, dt_pad=dt_pad, out_dtype=out_dtype,
+                 doc=doc)
     from jax.experimental.pallas import triton as plgpu
 
     params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
@@ -417,7 +441,7 @@ def _selective_scan_pallas(x, dt, A, B, C, D, initial_state, threshold, dt_bias,
 
 def _lane_call(x, dt, A, B, C, d, thr, initial_state, *, has_d, ep, pad_e, n_seg, call,
                block_e, block_t, prefetch, fast, has_bias, softplus, bias, z, has_z, z_off,
-               dt_pad, out_dtype):
+               dt_pad, out_dtype, doc):
     f32 = jnp.float32
     b, length, e = x.shape
     n = A.shape[-1]
@@ -434,30 +458,39 @@ def _lane_call(x, dt, A, B, C, d, thr, initial_state, *, has_d, ep, pad_e, n_seg
     seg_steps = padded_len // (block_t * n_seg)
     kw = dict(block_e=block_e, block_t=block_t, seg_steps=seg_steps, prefetch=prefetch,
               fast=fast, has_bias=has_bias, softplus=softplus)
+    packed = doc is not None
+    r, rs = [], []
+    if packed:  # the per-token log-offsets, and each time segment's (−∞ where one starts)
+        r = [reset_offsets(doc, padded_len)]  # [b, l']
+        seg_len = seg_steps * block_t
+        starts = np.arange(n_seg) * seg_len
+        rs = [span_offsets(doc, starts, starts + seg_len)] if n_seg > 1 else [
+            jnp.zeros((1, 1), f32)]  # [b, k]
     if n_seg > 1:
         hs, sdt = call(
-            functools.partial(_lane_states_kernel, **kw),
+            with_optional_ref(functools.partial(_lane_states_kernel, **kw), 6, packed),
             grid=(b, ep // block_e, n_seg - 1),
             out_shape=[jax.ShapeDtypeStruct((b, n_seg - 1, n, ep), f32),
                        jax.ShapeDtypeStruct((b, n_seg - 1, ep), f32)],
             name="selective_scan_states",
-        )(xs, dts, At, Bs, thr, bias)
+        )(xs, dts, At, Bs, thr, bias, *r)
     else:
         hs, sdt = jnp.zeros((1, 1, 1, 1), f32), jnp.zeros((1, 1, 1), f32)
+    kernel = functools.partial(_lane_scan_kernel, n_seg=n_seg, has_d=has_d, has_init=has_init,
+                               has_z=has_z, z_off=z_off, **kw)
     y, h = call(
-        functools.partial(_lane_scan_kernel, n_seg=n_seg, has_d=has_d, has_init=has_init,
-                          has_z=has_z, z_off=z_off, **kw),
+        with_optional_ref(with_optional_ref(kernel, 13, packed), 12, packed),
         grid=(b, ep // block_e, n_seg),
         out_shape=[jax.ShapeDtypeStruct((b, padded_len, ep), out_dtype),
                    jax.ShapeDtypeStruct((b, n, ep), f32)],
         name="selective_scan",
-    )(xs, dts, At, Bs, Cs, d, thr, bias, h0, hs, sdt, z)
+    )(xs, dts, At, Bs, Cs, d, thr, bias, h0, hs, sdt, z, *r, *rs)
     return y, h.transpose(0, 2, 1)
 
 
 def _tile_call(x, dt, A, B, C, d, thr, initial_state, *, has_d, ep, pad_e, call, block_e,
                block_t, prefetch, fast, has_bias, softplus, bias, z, has_z, z_off, dt_pad,
-               out_dtype):
+               out_dtype, doc):
     f32 = jnp.float32
     b, length, e = x.shape
     n = A.shape[-1]
@@ -477,12 +510,14 @@ def _tile_call(x, dt, A, B, C, d, thr, initial_state, *, has_d, ep, pad_e, call,
         n_steps=padded_len // block_t, has_d=has_d, has_init=has_init, prefetch=prefetch,
         fast=fast, has_bias=has_bias, softplus=softplus, has_z=has_z, z_off=z_off,
     )
+    packed = doc is not None
+    r = [reset_offsets(doc, padded_len)] if packed else []  # [b, l']
     return call(
-        kernel,
+        with_optional_ref(kernel, 10, packed),
         grid=(b, ep // block_e),
         out_shape=[
             jax.ShapeDtypeStruct((b, padded_len, ep), out_dtype),
             jax.ShapeDtypeStruct((b, ep, np_), f32),
         ],
         name="selective_scan",
-    )(xs, dts, As, Bs, Cs, d, thr, bias, h0, z)
+    )(xs, dts, As, Bs, Cs, d, thr, bias, h0, z, *r)

@@ -57,10 +57,7 @@ def ssd(
             x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
             chunk_size=chunk_size, segment_ids=segment_ids,
         )
-    if segment_ids is not None:
-        raise NotImplementedError("ssd: segment_ids with implementation='pallas'")
     from longmamba_kernels.ssd.pallas_triton import ssd_pallas
 
-    return ssd_pallas(
-        x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold, interpret=interpret
-    )
+    return ssd_pallas(x, dt, A, B, C, D, initial_state=initial_state, threshold=threshold,
+                      segment_ids=segment_ids, interpret=interpret)

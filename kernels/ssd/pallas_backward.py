@@ -18,6 +18,11 @@ forward writing S_prev, then backward writing dS: the only sequential part, one 
 per chunk), then two chunk-parallel kernels: dx, dΔ and da per (chunk, head, block of p); dB and
 dC per (chunk, group, block of n), looping over the group's heads. Sums over p blocks are
 per-program partials summed in XLA. Design and costs: docs/kernels.md, "Backward passes".
+
+Packed documents: with the document index (int32 [b, l]) every kernel masks the chunk's terms as
+the forward does (`common.chunk_documents`): M and P to same-document pairs, exp(A⁺) to the
+document running before the chunk, exp(A⁺_last − A⁺) to the chunk's last document, and
+exp(A⁺_last) to chunks without a document start; the formulas above then hold unchanged.
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from longmamba_kernels.common import LOG2E, pad_axis, pad_time
+from longmamba_kernels.common import (
+    LOG2E,
+    chunk_documents,
+    pad_axis,
+    pad_time,
+    with_optional_ref,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,16 +96,36 @@ def _decays(dt_ref, bi, t_sl, hi, a, thr):
     return dt, jnp.cumsum(da), jnp.sum(da)
 
 
-def _causal_decay(a_cum, chunk):
-    """exp2(A⁺_i − A⁺_j) for j <= i, else 0: [s, s]."""
+def _causal_decay(a_cum, chunk, docs=None):
+    """exp2(A⁺_i − A⁺_j) for j <= i (and d_i = d_j with `docs`), else 0: [s, s]."""
     idx = jnp.arange(chunk)
-    seg = jnp.where(idx[:, None] >= idx[None, :], a_cum[:, None] - a_cum[None, :], -jnp.inf)
+    link = idx[:, None] >= idx[None, :]
+    if docs is not None:
+        link = link & (docs[0][:, None] == docs[0][None, :])
+    seg = jnp.where(link, a_cum[:, None] - a_cum[None, :], -jnp.inf)
     return jnp.exp2(seg)
 
 
+def _carried(a_cum, docs):
+    """2^A⁺ [s], the decay of the state entering the chunk (0 outside its document)."""
+    v = jnp.exp2(a_cum)
+    return v if docs is None else jnp.where(docs[1], v, 0.0)
+
+
+def _to_end(a_cum, a_last, docs):
+    """2^(A⁺_last − A⁺) [s], the decay to the chunk's end (0 outside its last document)."""
+    v = jnp.exp2(a_last - a_cum)
+    return v if docs is None else jnp.where(docs[2], v, 0.0)
+
+
+def _through(a_last, docs):
+    """A⁺_last, the log-decay of the state passing the chunk (−∞ if a document starts)."""
+    return a_last if docs is None else jnp.where(docs[3], a_last, -jnp.inf)
+
+
 def _states_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, s0_ref, dy_ref, dsf_ref,
-                   sp_ref, dsn_ref, ds0_ref, *, chunk, block_p, n_chunks, heads_per_group,
-                   has_init, dot_dtype):
+                   doc_ref, sp_ref, dsn_ref, ds0_ref, *, chunk, block_p, n_chunks,
+                   heads_per_group, has_init, dot_dtype):
     """S_prev[c] (the state before chunk c) forward, then dS[c] (the gradient of the state after
     chunk c) backward, for one batch row × head × block of p; and d initial_state."""
     f32 = jnp.float32
@@ -106,13 +137,18 @@ def _states_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, s0_ref, dy_ref, 
     a, thr = a_ref[hi], thr_ref[hi]
     s = s0_ref[bi, hi, p_sl, :].astype(f32) if has_init else jnp.zeros((block_p, n), f32)
 
+    def docs(ci):
+        return None if doc_ref is None else chunk_documents(doc_ref, bi, ci * chunk, chunk)
+
     def forward(ci, s):
         t_sl = pl.ds(ci * chunk, chunk)
         dt, a_cum, a_last = _decays(dt_ref, bi, t_sl, hi, a, thr)
+        dc = docs(ci)
         sp_ref[bi, ci, hi, p_sl, :] = s.astype(sp_ref.dtype)
         x = x_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
-        w = (x * (dt * jnp.exp2(a_last - a_cum))[:, None]).astype(dot_dtype)
-        return jnp.exp2(a_last) * s + dot(w.T, b_ref[bi, t_sl, gi, :].astype(dot_dtype))
+        w = (x * (dt * _to_end(a_cum, a_last, dc))[:, None]).astype(dot_dtype)
+        return (jnp.exp2(_through(a_last, dc)) * s
+                + dot(w.T, b_ref[bi, t_sl, gi, :].astype(dot_dtype)))
 
     jax.lax.fori_loop(0, n_chunks, forward, s)
 
@@ -120,18 +156,20 @@ def _states_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, s0_ref, dy_ref, 
         ci = n_chunks - 1 - i
         t_sl = pl.ds(ci * chunk, chunk)
         _, a_cum, a_last = _decays(dt_ref, bi, t_sl, hi, a, thr)
+        dc = docs(ci)
         dsn_ref[bi, ci, hi, p_sl, :] = ds.astype(dsn_ref.dtype)
         dy = dy_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
-        w = (dy * jnp.exp2(a_cum)[:, None]).astype(dot_dtype)
-        return jnp.exp2(a_last) * ds + dot(w.T, c_ref[bi, t_sl, gi, :].astype(dot_dtype))
+        w = (dy * _carried(a_cum, dc)[:, None]).astype(dot_dtype)
+        return (jnp.exp2(_through(a_last, dc)) * ds
+                + dot(w.T, c_ref[bi, t_sl, gi, :].astype(dot_dtype)))
 
     ds = jax.lax.fori_loop(0, n_chunks, backward, dsf_ref[bi, hi, p_sl, :].astype(f32))
     ds0_ref[bi, hi, p_sl, :] = ds
 
 
 def _dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, dy_ref, sp_ref, dsn_ref,
-               dx_ref, da_ref, ddt_ref, *, chunk, block_p, n_chunks, heads_per_group, has_d,
-               dot_dtype):
+               doc_ref, dx_ref, da_ref, ddt_ref, *, chunk, block_p, n_chunks, heads_per_group,
+               has_d, dot_dtype):
     """dx, and the p block's parts of da and x·d(Δx), for one (batch row, chunk) × head × block
     of p."""
     f32 = jnp.float32
@@ -147,9 +185,10 @@ def _dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, dy_ref, sp_re
     cm = c_ref[bi, t_sl, gi, :].astype(dot_dtype)  # [s, n]
     sp = sp_ref[bi, ci, hi, p_sl, :]  # [p_blk, n] state before the chunk
     dsn = dsn_ref[bi, ci, hi, p_sl, :]  # [p_blk, n] gradient of the state after it
-    decay = _causal_decay(a_cum, chunk)  # [i, j]
+    docs = None if doc_ref is None else chunk_documents(doc_ref, bi, ci * chunk, chunk)
+    decay = _causal_decay(a_cum, chunk, docs)  # [i, j]
     cb = dot(cm, bm.T)  # [i, j]
-    to_end = jnp.exp2(a_last - a_cum)  # [s]
+    to_end = _to_end(a_cum, a_last, docs)  # [s]
     bds = dot(bm, dsn.astype(dot_dtype).T)  # [s, p_blk]
     dxdt = dot((cb * decay).astype(dot_dtype).T, dy.astype(dot_dtype)) + to_end[:, None] * bds
     dx = dt[:, None] * dxdt
@@ -163,18 +202,18 @@ def _dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, dy_ref, sp_re
     ge = idx[:, None] >= idx[None, :]  # [i, t]: i >= t
     below = jnp.cumsum(w, axis=1) - w  # [i, t]: Σ_{j<t} w_ij
     da = jnp.sum(jnp.where(ge, below, 0.0), axis=0)  # Σ_{i>=t, j<t} w_ij
-    y_off = jnp.exp2(a_cum)[:, None] * dot(cm, sp.astype(dot_dtype).T)  # [s, p_blk]
+    y_off = _carried(a_cum, docs)[:, None] * dot(cm, sp.astype(dot_dtype).T)  # [s, p_blk]
     off = jnp.sum(dy * y_off, axis=1)  # [s]
     da = da + jnp.sum(jnp.where(ge, off[:, None], 0.0), axis=0)  # Σ_{i>=t} off_i
     v = jnp.sum(xdt * to_end[:, None] * bds, axis=1)  # [s]
     da = da + jnp.sum(jnp.where(ge, 0.0, v[:, None]), axis=0)  # Σ_{j<t} v_j
-    da = da + jnp.exp2(a_last) * jnp.sum(dsn.astype(f32) * sp.astype(f32))
+    da = da + jnp.exp2(_through(a_last, docs)) * jnp.sum(dsn.astype(f32) * sp.astype(f32))
     da_ref[pi, bi, hi, t_sl] = da
     ddt_ref[pi, bi, hi, t_sl] = jnp.sum(x * dxdt, axis=1)
 
 
 def _dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, dy_ref, sp_ref, dsn_ref,
-                db_ref, dc_ref, *, chunk, block_n, n_chunks, heads_per_group, dot_dtype):
+                doc_ref, db_ref, dc_ref, *, chunk, block_n, n_chunks, heads_per_group, dot_dtype):
     """dB and dC of one (batch row, chunk) × group × block of n, summed over the group's heads:
     dB = dCBᵀ C + Σ_h (Δx ⊙ exp(A⁺_last − A⁺)) dS_h,  dC = dCB B + Σ_h (dy ⊙ exp(A⁺)) S_prev_h,
     with dCB = Σ_h P_h."""
@@ -183,6 +222,7 @@ def _dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, dy_ref, sp_ref, dsn
     bi, ci = pid0 // n_chunks, pid0 % n_chunks
     n_sl, t_sl = pl.ds(ni * block_n, block_n), pl.ds(ci * chunk, chunk)
     dot = _dot(dot_dtype)
+    docs = None if doc_ref is None else chunk_documents(doc_ref, bi, ci * chunk, chunk)
 
     def head(r, carry):
         dcb, db, dc = carry
@@ -191,10 +231,10 @@ def _dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, dy_ref, sp_ref, dsn
         xdt = x_ref[bi, t_sl, hi, :].astype(f32) * dt[:, None]  # [s, p]
         dy = dy_ref[bi, t_sl, hi, :].astype(f32)  # [s, p]
         dcb = dcb + dot(dy.astype(dot_dtype), xdt.astype(dot_dtype).T) * _causal_decay(
-            a_cum, chunk)
-        wb = (xdt * jnp.exp2(a_last - a_cum)[:, None]).astype(dot_dtype)
+            a_cum, chunk, docs)
+        wb = (xdt * _to_end(a_cum, a_last, docs)[:, None]).astype(dot_dtype)
         db = db + dot(wb, dsn_ref[bi, ci, hi, :, n_sl].astype(dot_dtype))
-        wc = (dy * jnp.exp2(a_cum)[:, None]).astype(dot_dtype)
+        wc = (dy * _carried(a_cum, docs)[:, None]).astype(dot_dtype)
         dc = dc + dot(wc, sp_ref[bi, ci, hi, :, n_sl].astype(dot_dtype))
         return dcb, db, dc
 
@@ -209,10 +249,11 @@ def _dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, dy_ref, sp_ref, dsn
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "config"))
-def ssd_backward(x, dt, A, B, C, D, initial_state, threshold, dy, d_final, *, interpret,
-                 config):
+def ssd_backward(x, dt, A, B, C, D, initial_state, threshold, dy, d_final, doc=None, *,
+                 interpret, config):
     """Gradients of `ssd_pallas` (same argument contract) for the cotangents dy [b, l, h, p]
-    and d_final [b, h, p, n].
+    and d_final [b, h, p, n]; `doc` the document index [b, l] int32 of packed documents, or
+    None.
 
     Returns (dx, dΔ, dA, dB, dC, dD, d initial_state), each in its input's dtype (dD and
     d initial_state None when D / initial_state are None). A filtered Δ gets zero gradient.
@@ -240,35 +281,40 @@ def ssd_backward(x, dt, A, B, C, D, initial_state, threshold, dy, d_final, *, in
     pad_state = lambda s: pad_axis(pad_axis(s.astype(f32), 2, pp), 3, np_)
     s0 = pad_state(initial_state) if has_init else np.zeros((1, 1, 1, 1), np.float32)
     dsf = pad_state(d_final)
+    packed = doc is not None
+    docs = [jnp.pad(doc, ((0, 0), (0, padded - length)), mode="edge")] if packed else []
     from jax.experimental.pallas import triton as plgpu
 
     params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
     call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
     states = jax.ShapeDtypeStruct((b, n_chunks, h, pp, np_), state_dtype)
     sp, dsn, ds0 = call(
-        functools.partial(_states_kernel, chunk=chunk, block_p=states_bp, n_chunks=n_chunks,
-                          heads_per_group=h // g, has_init=has_init, dot_dtype=dot_dtype),
+        with_optional_ref(functools.partial(
+            _states_kernel, chunk=chunk, block_p=states_bp, n_chunks=n_chunks,
+            heads_per_group=h // g, has_init=has_init, dot_dtype=dot_dtype), 9, packed),
         grid=(b, h, pp // states_bp),
         out_shape=[states, states, jax.ShapeDtypeStruct((b, h, pp, np_), f32)],
         name="ssd_bwd_states",
-    )(xs, dts, a2, Bs, Cs, thr, s0, dys, dsf)
+    )(xs, dts, a2, Bs, Cs, thr, s0, dys, dsf, *docs)
     n_pb = pp // block_p
     partial_shape = jax.ShapeDtypeStruct((n_pb, b, h, padded), f32)
     dx, da, ddt = call(
-        functools.partial(_dx_kernel, chunk=chunk, block_p=block_p, n_chunks=n_chunks,
-                          heads_per_group=h // g, has_d=has_d, dot_dtype=dot_dtype),
+        with_optional_ref(functools.partial(
+            _dx_kernel, chunk=chunk, block_p=block_p, n_chunks=n_chunks,
+            heads_per_group=h // g, has_d=has_d, dot_dtype=dot_dtype), 10, packed),
         grid=(b * n_chunks, h, n_pb),
         out_shape=[jax.ShapeDtypeStruct((b, padded, h, pp), x.dtype), partial_shape,
                    partial_shape],
         name="ssd_bwd_dx",
-    )(xs, dts, a2, Bs, Cs, d, thr, dys, sp, dsn)
+    )(xs, dts, a2, Bs, Cs, d, thr, dys, sp, dsn, *docs)
     dB, dC = call(
-        functools.partial(_dbc_kernel, chunk=chunk, block_n=block_n, n_chunks=n_chunks,
-                          heads_per_group=h // g, dot_dtype=dot_dtype),
+        with_optional_ref(functools.partial(
+            _dbc_kernel, chunk=chunk, block_n=block_n, n_chunks=n_chunks,
+            heads_per_group=h // g, dot_dtype=dot_dtype), 9, packed),
         grid=(b * n_chunks, g, np_ // block_n),
         out_shape=[jax.ShapeDtypeStruct((b, padded, g, np_), f32)] * 2,
         name="ssd_bwd_dbc",
-    )(xs, dts, a2, Bs, Cs, thr, dys, sp, dsn)
+    )(xs, dts, a2, Bs, Cs, thr, dys, sp, dsn, *docs)
     # da_t: the gradient of a_t = Δ_t A; the filter's dropped tokens have Δ = 0 and get none
     da = jnp.moveaxis(jnp.sum(da, axis=0), 1, 2)[:, :length]  # [b, l, h]
     ddt = jnp.moveaxis(jnp.sum(ddt, axis=0), 1, 2)[:, :length]

@@ -31,6 +31,13 @@ are exp2 of base-2 log-decays (A is pre-scaled by log2 e): Pallas lowers exp2 to
 libdevice call than exp (`common.LOG2E`).
 Any length is accepted: time is zero-padded to a multiple of s (s·segments with segments; Δ = 0
 leaves the state exact), p and n to powers of two >= 16 (Triton tile shapes), only when needed.
+
+Packed documents (`segment_ids`, docs/kernels.md, "Packed documents"): the kernels read each
+position's document index d (int32, `common.document_index`) per chunk and keep the in-chunk
+matrix only where d_i = d_j, the carried state only where d_i is the document running before the
+chunk, the chunk's contribution only from its last document, and 2^A⁺_last S only if the chunk
+has no document start (else the log-decay is −∞, also in the states pass's Σ Δ a, so the fold
+restarts there). Without segment_ids the kernels are compiled as before (no document input).
 """
 
 from __future__ import annotations
@@ -43,7 +50,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from longmamba_kernels.common import LOG2E
+from longmamba_kernels.common import (
+    LOG2E,
+    chunk_documents,
+    document_index,
+    with_optional_ref,
+)
 from longmamba_kernels.ssd.pallas_backward import SSDBackwardConfig, ssd_backward
 
 
@@ -117,10 +129,18 @@ def _chunk_inputs(x_ref, dt_ref, b_ref, bi, hi, gi, p_sl, t_sl, a, thr, valid=No
     return x, dt, a_cum, a_last, bm
 
 
-def _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype):
-    """S_next = 2^A⁺_last S + ((Δ x) ⊙ 2^(A⁺_last − A⁺))ᵀ B  ([p_blk, n], fp32)."""
-    w = (xdt * jnp.exp2(a_last - a_cum)[:, None]).astype(dot_dtype)  # [s, p_blk]
-    return jnp.exp2(a_last) * s + dot(w.T, bm.astype(dot_dtype))
+def _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype, docs=None):
+    """S_next = 2^A⁺_last S + ((Δ x) ⊙ 2^(A⁺_last − A⁺))ᵀ B  ([p_blk, n], fp32); with `docs`
+    (`common.chunk_documents`) only the last document's tokens enter and S passes only
+    through a chunk without a document start."""
+    to_end = jnp.exp2(a_last - a_cum)  # [s]
+    a_thru = a_last
+    if docs is not None:
+        _, _, tail, through = docs
+        to_end = jnp.where(tail, to_end, 0.0)
+        a_thru = jnp.where(through, a_last, -jnp.inf)
+    w = (xdt * to_end[:, None]).astype(dot_dtype)  # [s, p_blk]
+    return jnp.exp2(a_thru) * s + dot(w.T, bm.astype(dot_dtype))
 
 
 def _dot(dot_dtype):
@@ -130,14 +150,14 @@ def _dot(dot_dtype):
 
 
 def _ssd_states_kernel(
-    x_ref, dt_ref, a_ref, b_ref, thr_ref, sl_ref, la_ref,
+    x_ref, dt_ref, a_ref, b_ref, thr_ref, doc_ref, sl_ref, la_ref,
     *, chunk, block_p, seg_chunks, sub_chunks, splits, n_prev, heads_per_group, dot_dtype,
     transposed,
 ):
     """Pass 1 of a segmented scan: one program per (batch row, segment q < k-1, split j) ×
     head × block of p. It walks chunks [q·seg + j·sub, min(q·seg + (j+1)·sub, (q+1)·seg)) from
     a zero state and writes that local state and its base-2 log-decay Σ Δ a (broadcast over
-    p)."""
+    p; −∞ when a document starts in the piece)."""
     f32 = jnp.float32
     pid0, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, rest = pid0 // (n_prev * splits), pid0 % (n_prev * splits)
@@ -156,12 +176,21 @@ def _ssd_states_kernel(
         valid = local < seg_chunks if ragged else None
         x, dt, a_cum, a_last, bm = _chunk_inputs(
             x_ref, dt_ref, b_ref, bi, hi, gi, p_sl, t_sl, a, thr, valid)
+        docs = None
+        if doc_ref is not None:
+            docs = chunk_documents(doc_ref, bi, (qi * seg_chunks + local) * chunk, chunk, valid)
         if transposed:  # Sᵀ [n, p_blk] = 2^A⁺_last Sᵀ + Bᵀ w: w needs no transpose
-            w = (x * (dt * jnp.exp2(a_last - a_cum))[:, None]).astype(dot_dtype)  # [s, p_blk]
-            s = jnp.exp2(a_last) * s + dot(bm.astype(dot_dtype).T, w)
+            to_end = jnp.exp2(a_last - a_cum)  # [s]
+            a_thru = a_last
+            if docs is not None:
+                to_end = jnp.where(docs[2], to_end, 0.0)
+                a_thru = jnp.where(docs[3], a_last, -jnp.inf)
+            w = (x * (dt * to_end)[:, None]).astype(dot_dtype)  # [s, p_blk]
+            s = jnp.exp2(a_thru) * s + dot(bm.astype(dot_dtype).T, w)
         else:
-            s = _state_update(s, x * dt[:, None], a_cum, a_last, bm, dot, dot_dtype)
-        return s, a_tot + a_last
+            s = _state_update(s, x * dt[:, None], a_cum, a_last, bm, dot, dot_dtype, docs)
+            a_thru = a_last if docs is None else jnp.where(docs[3], a_last, -jnp.inf)
+        return s, a_tot + a_thru
 
     shape = (n, block_p) if transposed else (block_p, n)
     init = (jnp.zeros(shape, f32), jnp.zeros((), f32))
@@ -171,12 +200,13 @@ def _ssd_states_kernel(
 
 
 def _ssd_kernel(
-    x_ref, dt_ref, a_ref, b_ref, c_ref, cb_ref, d_ref, thr_ref, s0_ref, y_ref, s_ref,
+    x_ref, dt_ref, a_ref, b_ref, c_ref, cb_ref, d_ref, thr_ref, s0_ref, doc_ref, y_ref, s_ref,
     *, chunk, block_p, seg_chunks, n_seg, heads_per_group, has_d, has_init, dot_dtype,
     precompute_cb,
 ):
     """The scan: one program per (batch row, segment) × head × block of p, over `seg_chunks`
-    chunks, from its initial state s0[row, segment] (segment > 0: the folded states pass)."""
+    chunks, from its initial state s0[row, segment] (segment > 0: the folded states pass);
+    with `doc_ref`, packed documents (`common.chunk_documents`)."""
     f32 = jnp.float32
     pid0, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, ki = pid0 // n_seg, pid0 % n_seg
@@ -197,7 +227,11 @@ def _ssd_kernel(
         x, dt, a_cum, a_last, bm = _chunk_inputs(
             x_ref, dt_ref, b_ref, bi, hi, gi, p_sl, t_sl, a, thr)
         cm = c_ref[bi, t_sl, gi, :]  # [s, n]
-        seg = jnp.where(causal, a_cum[:, None] - a_cum[None, :], -jnp.inf)  # [i, j]
+        link, docs = causal, None
+        if doc_ref is not None:  # j feeds i only inside one document
+            docs = chunk_documents(doc_ref, bi, (ki * seg_chunks + ci) * chunk, chunk)
+            link = causal & (docs[0][:, None] == docs[0][None, :])
+        seg = jnp.where(link, a_cum[:, None] - a_cum[None, :], -jnp.inf)  # [i, j]
         if precompute_cb:
             cb = cb_ref[bi, ki * seg_chunks + ci, gi].astype(f32)  # [s, s]
         else:
@@ -206,11 +240,14 @@ def _ssd_kernel(
         xdt = x * dt[:, None]  # [s, p_blk]
         y = dot(m, xdt.astype(dot_dtype))  # [s, p_blk] intra-chunk
         y_off = dot(cm.astype(dot_dtype), s.T.astype(dot_dtype))  # [s, p_blk] carried state
-        y = y + jnp.exp2(a_cum)[:, None] * y_off
+        carried = jnp.exp2(a_cum)  # [s]: decay of the entering state
+        if docs is not None:
+            carried = jnp.where(docs[1], carried, 0.0)
+        y = y + carried[:, None] * y_off
         if has_d:
             y = y + d_ref[hi] * x
         y_ref[bi, t_sl, hi, p_sl] = y.astype(y_ref.dtype)
-        return _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype)
+        return _state_update(s, xdt, a_cum, a_last, bm, dot, dot_dtype, docs)
 
     s = jax.lax.fori_loop(0, seg_chunks, body, s)
     s_ref[pid0, hi, p_sl, :] = s
@@ -220,8 +257,9 @@ def _fold_segment_states(s0, s_sub, la, n_seg, splits):
     """Every segment's initial state from the states pass's pieces (fp32).
 
     s0: [b, h, p, n] or None. s_sub: [b, J, h, p, n], la: [b, J, h]: the pieces' local final
-    states and base-2 log-decays Σ Δ a, J = (k-1)·splits in sequence order. S ← 2^la_j S +
-    S_sub[j] piece by piece; segment k starts from S after piece k·splits (segment 0: s0).
+    states and base-2 log-decays Σ Δ a (−∞ for a piece where a document starts: its S_sub is
+    that document's state), J = (k-1)·splits in sequence order. S ← 2^la_j S + S_sub[j] piece
+    by piece; segment k starts from S after piece k·splits (segment 0: s0).
     A Python loop over the J pieces (a few), so XLA fuses it into one elementwise pass.
     Returns [b, k, h, p, n]."""
     s = jnp.zeros_like(s_sub[:, 0]) if s0 is None else s0
@@ -234,8 +272,8 @@ def _fold_segment_states(s0, s_sub, la, n_seg, splits):
 
 
 def ssd_pallas(
-    x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, interpret=False, config=None,
-    y_dtype=None, backward_config=None,
+    x, dt, A, B, C, D=None, *, initial_state=None, threshold=None, segment_ids=None,
+    interpret=False, config=None, y_dtype=None, backward_config=None,
 ):
     """Mamba2 SSD scan, Pallas kernel. Same contract as `ssd_reference`.
 
@@ -243,6 +281,8 @@ def ssd_pallas(
       x: [b, l, h, p] fp32 or bf16. dt: [b, l, h] Δ after softplus (fp32). A: [h] fp32.
       B, C: [b, l, g, n] (head i reads group i // (h/g)). D: [h] or None.
       initial_state: [b, h, p, n] or None. threshold: [h] fp32 folded filter or None.
+      segment_ids: [b, l] int or None: packed documents (the state restarts from zero where
+        the id changes; the first document continues initial_state).
       interpret: run through the Pallas interpreter (any platform).
       config: `SSDPallasConfig` (block sizes); None for the defaults.
       y_dtype: dtype y is written in (None: fp32). The accumulation is fp32 either way; bf16
@@ -259,31 +299,34 @@ def ssd_pallas(
     y_dtype = jnp.dtype(jnp.float32 if y_dtype is None else y_dtype)
     if not jnp.issubdtype(y_dtype, jnp.floating):
         raise ValueError(f"ssd_pallas y_dtype must be a floating dtype, got {y_dtype}")
-    return _ssd_differentiable(x, dt, A, B, C, D, initial_state, threshold, bool(interpret),
-                               config, y_dtype, backward_config)
+    doc = None if segment_ids is None else document_index(segment_ids)  # [b, l] int32
+    return _ssd_differentiable(x, dt, A, B, C, D, initial_state, threshold, doc,
+                               bool(interpret), config, y_dtype, backward_config)
 
 
 # Gradients: the forward above runs unchanged (no extra outputs) and its inputs are the only
 # residuals; the backward kernels recompute the chunk states (`pallas_backward.py`,
-# docs/kernels.md, "Backward passes"). The threshold gets no gradient.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
-def _ssd_differentiable(x, dt, A, B, C, D, s0, thr, interpret, config, y_dtype, bwd_config):
-    return _ssd_pallas(x, dt, A, B, C, D, s0, thr, interpret=interpret, config=config,
+# docs/kernels.md, "Backward passes"). The threshold and the document index get no gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
+def _ssd_differentiable(x, dt, A, B, C, D, s0, thr, doc, interpret, config, y_dtype,
+                        bwd_config):
+    return _ssd_pallas(x, dt, A, B, C, D, s0, thr, doc, interpret=interpret, config=config,
                        y_dtype=y_dtype)
 
 
-def _ssd_differentiable_fwd(x, dt, A, B, C, D, s0, thr, interpret, config, y_dtype, bwd_config):
-    out = _ssd_pallas(x, dt, A, B, C, D, s0, thr, interpret=interpret, config=config,
+def _ssd_differentiable_fwd(x, dt, A, B, C, D, s0, thr, doc, interpret, config, y_dtype,
+                            bwd_config):
+    out = _ssd_pallas(x, dt, A, B, C, D, s0, thr, doc, interpret=interpret, config=config,
                       y_dtype=y_dtype)
-    return out, (x, dt, A, B, C, D, s0, thr)
+    return out, (x, dt, A, B, C, D, s0, thr, doc)
 
 
 def _ssd_differentiable_bwd(interpret, config, y_dtype, bwd_config, residuals, cotangents):
-    x, dt, A, B, C, D, s0, thr = residuals
+    x, dt, A, B, C, D, s0, thr, doc = residuals
     dy, d_final = cotangents
-    grads = ssd_backward(x, dt, A, B, C, D, s0, thr, dy, d_final, interpret=interpret,
+    grads = ssd_backward(x, dt, A, B, C, D, s0, thr, dy, d_final, doc, interpret=interpret,
                          config=bwd_config)
-    return (*grads, None if thr is None else jnp.zeros_like(thr))
+    return (*grads, None if thr is None else jnp.zeros_like(thr), None)
 
 
 _ssd_differentiable.defvjp(_ssd_differentiable_fwd, _ssd_differentiable_bwd)
@@ -297,7 +340,8 @@ def ssd_segments(batch: int, length: int, config: SSDPallasConfig) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "config", "y_dtype"))
-def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, config, y_dtype):
+def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, doc, *, interpret, config,
+                y_dtype):
     f32 = jnp.float32
     b, length, h, p = x.shape
     g, n = B.shape[-2:]
@@ -329,6 +373,9 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         pad_n = ((0, 0), (0, 0), (0, 0), (0, np_ - n))
         Bs, Cs = jnp.pad(Bs, pad_n), jnp.pad(Cs, pad_n)  # [b, l', g, n']
     has_d, has_init = D is not None, initial_state is not None
+    packed = doc is not None
+    if packed:  # padding joins the last document (Δ = 0 there: the state is exact)
+        doc = jnp.pad(doc, ((0, 0), (0, padded_len - length)), mode="edge")  # [b, l']
     # Constants and placeholders as numpy arrays: XLA literals, not broadcast kernels.
     d = D.astype(f32) if has_d else np.zeros((h,), np.float32)
     # The compare always runs (no filter: -inf, never true): one code path for both, and on
@@ -353,16 +400,17 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
     a2 = A.astype(f32) * np.float32(LOG2E)  # base-2 decays in the kernels
     if n_seg > 1:
         s0 = _segment_initial_states(
-            xs, dts, a2, Bs, thr, s0 if has_init else None, n_seg=n_seg, seg_chunks=seg_chunks,
-            block_p=block_p, dot_dtype=dot_dtype, config=config, interpret=interpret,
+            xs, dts, a2, Bs, thr, s0 if has_init else None, doc, n_seg=n_seg,
+            seg_chunks=seg_chunks, block_p=block_p, dot_dtype=dot_dtype, config=config,
+            interpret=interpret,
         )  # [b·k, h, p', n']
         has_init = True
     y, s = pl.pallas_call(
-        functools.partial(
+        with_optional_ref(functools.partial(
             _ssd_kernel, chunk=chunk, block_p=block_p, seg_chunks=seg_chunks, n_seg=n_seg,
             heads_per_group=h // g, has_d=has_d, has_init=has_init, dot_dtype=dot_dtype,
             precompute_cb=config.precompute_cb,
-        ),
+        ), 9, packed),
         grid=(b * n_seg, h, pp // block_p),
         out_shape=[
             jax.ShapeDtypeStruct((b, padded_len, h, pp), y_dtype),
@@ -371,20 +419,21 @@ def _ssd_pallas(x, dt, A, B, C, D, initial_state, threshold, *, interpret, confi
         compiler_params=_compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="ssd_chunk_scan",
-    )(xs, dts, a2, Bs, Cs, cb, d, thr, s0)
+    )(xs, dts, a2, Bs, Cs, cb, d, thr, s0, *([doc] if packed else []))
     s = s.reshape(b, n_seg, h, pp, np_)[:, -1]  # the last segment's final state
     return y[:, :length, :, :p], s[:, :, :p, :n]
 
 
 def _segment_initial_states(
-    xs, dts, a2, Bs, thr, s0, *, n_seg, seg_chunks, block_p, dot_dtype, config, interpret,
+    xs, dts, a2, Bs, thr, s0, doc, *, n_seg, seg_chunks, block_p, dot_dtype, config,
+    interpret,
 ):
     """The states pass and its fold: every segment's initial state, [b·k, h, p, n] fp32.
 
     Inputs are the kernel's (padded to k·seg_chunks chunks, p and n to tile sizes); s0 is
-    [b, h, p, n] or None. Segments 0..k-2 are each split in `state_splits` programs that
-    walk their piece from a zero state; XLA folds the pieces' states into each segment's
-    initial state (`_fold_segment_states`)."""
+    [b, h, p, n] or None; doc the padded document index [b, l'] or None. Segments 0..k-2
+    are each split in `state_splits` programs that walk their piece from a zero state; XLA
+    folds the pieces' states into each segment's initial state (`_fold_segment_states`)."""
     f32 = jnp.float32
     b, _, h, pp = xs.shape
     g, np_ = Bs.shape[-2:]
@@ -392,12 +441,13 @@ def _segment_initial_states(
     splits = min(config.state_splits, seg_chunks)
     sub_chunks = -(-seg_chunks // splits)
     rows = b * (n_seg - 1) * splits
+    packed = doc is not None
     s_sub, la = pl.pallas_call(
-        functools.partial(
+        with_optional_ref(functools.partial(
             _ssd_states_kernel, chunk=config.chunk, block_p=block_p, seg_chunks=seg_chunks,
             sub_chunks=sub_chunks, splits=splits, n_prev=n_seg - 1, heads_per_group=h // g,
             dot_dtype=dot_dtype, transposed=config.states_t,
-        ),
+        ), 5, packed),
         grid=(rows, h, pp // block_p),
         out_shape=[
             jax.ShapeDtypeStruct((rows, h, pp, np_), f32),
@@ -406,7 +456,7 @@ def _segment_initial_states(
         compiler_params=_compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="ssd_segment_states",
-    )(xs, dts, a2, Bs, thr)
+    )(xs, dts, a2, Bs, thr, *([doc] if packed else []))
     s_sub = s_sub.reshape(b, rows // b, h, pp, np_)
     la = la[..., 0].reshape(b, rows // b, h)
     s_in = _fold_segment_states(s0, s_sub, la, n_seg, splits)  # [b, k, h, p, n]
