@@ -27,6 +27,11 @@ from longmamba_jax.generation import (
 from longmamba_jax.lm import LanguageModel
 from longmamba_jax.methods import DeciMamba, LongMamba
 from longmamba_jax.model import Cache, Params, apply_model, empty_cache, forward, init_params
+from longmamba_jax.sharding import make_mesh, shard, shard_cache, shard_train_state
+from longmamba_jax.sharding.context_parallel import (
+    forward_context_parallel,
+    prefill_context_parallel,
+)
 
 try:
     __version__ = _metadata.version("longmamba-jax")
@@ -36,7 +41,8 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 __all__ = [
     "apply_model", "BACKENDS", "Cache", "calibrate", "Calibration", "CheckpointError",
     "ConfigError", "DeciMamba", "decode_step", "demo_model", "empty_cache", "export_torch",
-    "forward", "generate", "GenerateOutput", "init_params", "LanguageModel", "load", "LongMamba",
-    "Mamba2Config", "MambaConfig", "Params", "prefill", "prefill_chunked", "resolve_backend",
-    "stream_generate",
+    "forward", "forward_context_parallel", "generate", "GenerateOutput", "init_params",
+    "LanguageModel", "load", "LongMamba", "Mamba2Config", "MambaConfig", "make_mesh", "Params",
+    "prefill", "prefill_chunked", "prefill_context_parallel", "resolve_backend", "shard",
+    "shard_cache", "shard_train_state", "stream_generate",
 ]
