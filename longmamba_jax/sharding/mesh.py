@@ -12,7 +12,7 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA, FSDP, TENSOR, SEQ = "data", "fsdp", "tensor", "seq"
@@ -65,8 +65,9 @@ def batch_spec(mesh, batch: int, what: str = "batch"):
 
 
 def check_mesh(mesh) -> Mesh:
-    """The mesh itself, after checking it is a `jax.sharding.Mesh` with Auto axes."""
-    if not isinstance(mesh, Mesh):
+    """The mesh itself, after checking it is a `jax.sharding.Mesh` (or an `AbstractMesh`, for
+    specs only) with Auto axes."""
+    if not isinstance(mesh, (Mesh, AbstractMesh)):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. longmamba_jax.make_mesh), got "
                         f"{type(mesh).__name__}")
     explicit = [n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)

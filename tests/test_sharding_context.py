@@ -1,0 +1,131 @@
+"""Context-parallel prefill on 8 host devices: one prompt split along the sequence gives the
+one-device logits and final cache (fp32, relative error <= 1e-5 against the sequential
+reference scan), for both architectures, the Pallas kernels (interpreted) and the jnp
+scans, with data parallelism beside it, in rounds with a carried cache, with LongMamba's
+filter (θ of the whole length); and the errors for what it cannot do.
+
+Like test_sharding.py, the main run re-runs this module in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (`test_on_8_host_devices`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = os.environ.get("LMJ_SHARDING_CHILD") == "1"
+REPO = Path(__file__).resolve().parents[1]
+
+if not CHILD:
+
+    def test_on_8_host_devices():
+        env = {**os.environ, "LMJ_SHARDING_CHILD": "1", "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "-x", __file__], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=1800)
+        assert proc.returncode == 0, f"{proc.stdout[-8000:]}\n{proc.stderr[-3000:]}"
+
+else:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import pytest
+
+    import longmamba_jax as lmj
+    from longmamba_jax.calibration import calibrate
+    from longmamba_jax.sharding import make_mesh
+
+    CONFIGS = {
+        "mamba2": lambda: lmj.Mamba2Config.tiny(d_model=64, headdim=16, ngroups=2),
+        "mamba1": lambda: lmj.MambaConfig.tiny(d_model=32),
+    }
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    def _tokens(config, batch, length, seed=0):
+        return np.random.default_rng(seed).integers(0, config.vocab_size, (batch, length))
+
+    @pytest.fixture(scope="module", params=list(CONFIGS))
+    def model(request):
+        return lmj.init_params(CONFIGS[request.param](), seed=1)
+
+    def test_eight_devices():
+        assert jax.device_count() == 8
+
+    @pytest.mark.parametrize("backend", ["associative", "pallas-interpret"])
+    @pytest.mark.parametrize("shape", [dict(seq=8), dict(seq=4, data=2)], ids=str)
+    def test_forward_equals_one_device(model, shape, backend):
+        tokens = _tokens(model.config, shape.get("data", 1) * 2, 64)
+        ref = lmj.forward(model, tokens, backend="reference")
+        out = lmj.forward_context_parallel(model, tokens, make_mesh(**shape), backend=backend)
+        assert out.shape == ref.shape
+        assert out.sharding.spec[1] == "seq"
+        assert rel(out, ref) < 1e-5
+
+    @pytest.mark.parametrize("backend", ["associative", "pallas-interpret"])
+    def test_prefill_in_rounds_equals_one_device(model, backend):
+        """Rounds of 8 devices × 5 tokens, a smaller round for the rest and the last 3 tokens on
+        one program; then a continuation from that cache, and a decode step from it."""
+        tokens = _tokens(model.config, 2, 107, seed=4)
+        ref_logits, ref_cache = lmj.prefill(model, tokens, backend="reference")
+        mesh = make_mesh(seq=8)
+        logits, cache = lmj.prefill_context_parallel(model, tokens, mesh, backend=backend,
+                                                     chunk_size=5)
+        assert rel(logits, ref_logits) < 1e-5
+        assert rel(cache.ssm, ref_cache.ssm) < 1e-5 and rel(cache.conv, ref_cache.conv) < 1e-5
+        more = _tokens(model.config, 2, 32, seed=5)
+        ref_logits, ref_cache = lmj.prefill(model, more, cache=ref_cache, backend="reference")
+        logits, cache = lmj.prefill_context_parallel(model, more, mesh, cache=cache,
+                                                     backend=backend)
+        assert rel(logits, ref_logits) < 1e-5 and rel(cache.ssm, ref_cache.ssm) < 1e-5
+        tok = np.asarray(jnp.argmax(ref_logits, -1))
+        ref_step, _ = lmj.decode_step(model, ref_cache, tok, donate=False)
+        step, _ = lmj.decode_step(model, cache, tok, donate=False)
+        assert rel(step, ref_step) < 1e-5
+
+    def test_longmamba_uses_the_whole_length(model):
+        """The filter's θ is the one of the whole prompt (also when it goes in rounds), so the
+        result is the one-device filtered prefill (which θ of another length changes)."""
+        stream = np.random.default_rng(0).integers(0, model.config.vocab_size, 400)
+        cal = calibrate(model, stream, train_len=16, num_windows=6, backend="associative",
+                        progress=False)
+        method = lmj.LongMamba(cal, channel_threshold=0.0)
+        tokens = _tokens(model.config, 1, 128, seed=6)
+        ref_logits, ref_cache = lmj.prefill(model, tokens, method=method, backend="reference")
+        vanilla, _ = lmj.prefill(model, tokens, backend="reference")
+        assert rel(vanilla, ref_logits) > 1e-3  # the filter is on
+        other, _ = lmj.prefill(model, tokens, method=method, backend="reference", total_len=512)
+        assert rel(other, ref_logits) > 1e-4  # and θ's length matters
+        for chunk in (None, 4):
+            logits, cache = lmj.prefill_context_parallel(
+                model, tokens, make_mesh(seq=8), method=method, backend="associative",
+                chunk_size=chunk)
+            assert rel(logits, ref_logits) < 1e-5 and rel(cache.ssm, ref_cache.ssm) < 1e-5
+
+    def test_what_context_parallelism_refuses(model):
+        tokens = _tokens(model.config, 1, 64)
+        with pytest.raises(ValueError, match="does not combine with tensor parallelism"):
+            lmj.forward_context_parallel(model, tokens, make_mesh(seq=4, tensor=2))
+        with pytest.raises(ValueError, match="no context axis 'ctx'"):
+            lmj.forward_context_parallel(model, tokens, make_mesh(seq=8), context_axis="ctx")
+        with pytest.raises(ValueError, match="cannot be split in 8 context-parallel pieces"):
+            lmj.forward_context_parallel(model, tokens[:, :60], make_mesh(seq=8))
+        with pytest.raises(ValueError, match="cannot be split in 8 context-parallel pieces"):
+            lmj.forward_context_parallel(model, tokens[:, :16], make_mesh(seq=8))  # d_conv − 1
+        with pytest.raises(ValueError, match="batch 1 is not a multiple"):
+            lmj.forward_context_parallel(model, tokens, make_mesh(seq=4, data=2))
+        with pytest.raises(ValueError, match="DeciMamba"):
+            lmj.prefill_context_parallel(model, tokens, make_mesh(seq=8),
+                                         method=lmj.DeciMamba(layers=(1,), L_base=10))
+        stream = np.random.default_rng(0).integers(0, model.config.vocab_size, 400)
+        cal = calibrate(model, stream, train_len=16, num_windows=6, backend="associative",
+                        progress=False)
+        with pytest.raises(ValueError, match="rule 'channelwise_topk'"):
+            lmj.prefill_context_parallel(
+                model, tokens, make_mesh(seq=8),
+                method=lmj.LongMamba(cal, channel_threshold=0.0, rule="channelwise_topk"))
