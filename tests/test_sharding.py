@@ -5,46 +5,32 @@ and optimizer updates; the eval CLI's --data-parallel gives the same results.
 The rule tests run in this process (any device count, abstract meshes). The multi-device
 tests need 8 CPU devices, which XLA creates only when the flag is set before jax starts: in
 the main run this module re-runs itself in a subprocess with
-XLA_FLAGS=--xla_force_host_platform_device_count=8 (one test, `test_on_8_host_devices`, which
-reports the child's failures), so the rest of the suite keeps one device.
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (`test_on_8_host_devices`, and its slow
+twin for the tests marked slow; tests/host_devices.py), so the rest of the suite keeps one
+device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
-import os
-import subprocess
-import sys
-from pathlib import Path
+import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from host_devices import CHILD, run_child, slow_decay
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-CHILD = os.environ.get("LMJ_SHARDING_CHILD") == "1"
-REPO = Path(__file__).resolve().parents[1]
+import longmamba_jax as lmj
+from longmamba_jax import config as config_module
+from longmamba_jax.sharding import AXES, default_rules, param_specs
+from longmamba_jax.sharding.rules import match_rules
 
-
-def run_child(path: str, timeout: int = 1800) -> None:
-    """Runs the test module `path` in a subprocess with 8 host CPU devices; fails with the
-    child's report unless all its tests pass."""
-    env = {**os.environ, "LMJ_SHARDING_CHILD": "1", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-x", path], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"{proc.stdout[-8000:]}\n{proc.stderr[-3000:]}"
-
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import AbstractMesh, AxisType, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import longmamba_jax as lmj  # noqa: E402
-from longmamba_jax import config as config_module  # noqa: E402
-from longmamba_jax.sharding import AXES, default_rules, param_specs  # noqa: E402
-from longmamba_jax.sharding.rules import match_rules  # noqa: E402
+slow = pytest.mark.slow
 
 CONFIGS = {
     # heads 8, ngroups 2, in_proj 296 columns, padded vocab 64: every split below divides
@@ -73,7 +59,11 @@ def _every_config():
 if not CHILD:
 
     def test_on_8_host_devices():
-        run_child(__file__)
+        run_child(__file__, slow=False)
+
+    @slow
+    def test_on_8_host_devices_slow():
+        run_child(__file__, slow=True)
 
     def test_every_config_class_is_covered():
         assert {type(c).__name__ for c in _every_config()} >= {"MambaConfig", "Mamba2Config"}
@@ -111,10 +101,11 @@ if not CHILD:
             param_specs(params, _abstract(tensor=2), [(r".*", P("model"))])
 
     def test_indivisible_dimension_is_an_error():
-        config = lmj.Mamba2Config.tiny()  # 4 heads: in_proj has 148 columns
+        config = lmj.Mamba2Config.tiny()  # 4 heads
         params = jax.eval_shape(lambda: lmj.init_params(config))
-        with pytest.raises(ValueError, match=r"layers/mixer/in_proj/kernel: dimension 148 of "
-                                             r"shape \(2, 32, 148\) is not divisible"):
+        with pytest.raises(ValueError, match=r"layers/mixer/A_log: dimension 4 of shape "
+                                             r"\(2, 4\) is not divisible by mesh axes "
+                                             r"\('tensor',\) \(size 8\)"):
             param_specs(params, _abstract(tensor=8))
 
     def test_cache_specs():
@@ -135,6 +126,7 @@ if CHILD:
         "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
         "data2_tensor4": dict(data=2, tensor=4),
     }
+    ARCHS = list(CONFIGS)
 
     def rel(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -143,36 +135,50 @@ if CHILD:
     def _tokens(config, batch=8, length=40, seed=0):
         return np.random.default_rng(seed).integers(0, config.vocab_size, (batch, length))
 
-    @pytest.fixture(scope="module", params=list(CONFIGS))
-    def model(request):
-        config = CONFIGS[request.param]()
-        return lmj.init_params(config, seed=1)
+    @functools.cache
+    def _model(arch):
+        return slow_decay(jax.jit(lambda: lmj.init_params(CONFIGS[arch](), seed=1))())
+
+    def _cases(fast, *axes):
+        """Every combination of the value lists `axes`, those not in `fast` marked slow."""
+        import itertools
+
+        return [c if c in fast else pytest.param(*c, marks=slow)
+                for c in itertools.product(*axes)]
 
     def test_eight_devices():
         assert jax.device_count() == 8
 
-    @pytest.mark.parametrize("backend", ["associative", "pallas-interpret"])
-    @pytest.mark.parametrize("mesh_name", list(MESHES))
-    def test_forward(model, mesh_name, backend):
+    @pytest.mark.parametrize("arch,mesh_name,backend", _cases(
+        {("mamba2", "data2_fsdp2_tensor2", "associative")},
+        ARCHS, list(MESHES), ["associative", "pallas-interpret"]))
+    def test_forward(arch, mesh_name, backend):
+        model = _model(arch)
         tokens = _tokens(model.config)
         ref = lmj.forward(model, tokens, backend=backend)
-        mesh = make_mesh(**MESHES[mesh_name])
-        params = shard(model, mesh)
-        out = lmj.forward(params, tokens, backend=backend)
+        out = lmj.forward(shard(model, make_mesh(**MESHES[mesh_name])), tokens, backend=backend)
         assert rel(out, ref) < 1e-5
         assert out.sharding.spec[0] in (("data",), ("data", "fsdp"), "data")
-        # a padded batch (attention mask) and the last position only
+
+    @slow
+    @pytest.mark.parametrize("arch", ARCHS)
+    def test_forward_padded_last_n(arch):
+        """A padded batch (attention mask), the last position only."""
+        model = _model(arch)
+        tokens = _tokens(model.config)
         mask = np.ones(tokens.shape, np.int32)
         mask[::2, :7] = 0
-        ref = lmj.forward(model, tokens, backend=backend, attention_mask=mask, last_n=1)
-        out = lmj.forward(params, tokens, backend=backend, attention_mask=mask, last_n=1)
+        params = shard(model, make_mesh(**MESHES["data2_fsdp2_tensor2"]))
+        ref = lmj.forward(model, tokens, backend="associative", attention_mask=mask, last_n=1)
+        out = lmj.forward(params, tokens, backend="associative", attention_mask=mask, last_n=1)
         assert rel(out, ref) < 1e-5
 
+    @slow
     def test_gated_norm_kernel_per_device():
         """Mamba2 with one group: the Pallas gated norm runs per device (data) and in jnp form
         under tensor parallelism (its norm spans all heads)."""
         config = lmj.Mamba2Config.tiny(d_model=64, headdim=16, ngroups=1)
-        model = lmj.init_params(config, seed=2)
+        model = jax.jit(lambda: lmj.init_params(config, seed=2))()
         tokens = _tokens(config)
         ref = lmj.forward(model, tokens, backend="pallas-interpret")
         for shape in (dict(data=8), dict(data=4, tensor=2)):
@@ -180,9 +186,11 @@ if CHILD:
                               backend="pallas-interpret")
             assert rel(out, ref) < 1e-5, shape
 
-    def test_kernels_run_under_shard_map(model):
+    @pytest.mark.parametrize("arch", ARCHS)
+    def test_kernels_run_under_shard_map(arch):
         """With a mesh in context the scan and conv calls are shard_maps (each device runs the
         kernel on its own batch rows and heads); without one, none."""
+        model = _model(arch)
         mesh = make_mesh(data=2, tensor=4)
         params = shard(model, mesh)
         tokens = jnp.asarray(_tokens(model.config))
@@ -199,13 +207,16 @@ if CHILD:
         assert count(jax.make_jaxpr(run)(model, tokens)) == 0
         assert count(sharded) >= 1
 
-    def test_batch_not_divisible(model):
+    def test_batch_not_divisible():
+        model = _model("mamba2")
         params = shard(model, make_mesh(data=8))
         with pytest.raises(ValueError, match="batch 3 is not a multiple of the mesh's "
                                              "data-parallel size 8"):
             lmj.forward(params, _tokens(model.config, batch=3))
 
-    def test_prefill_and_decode(model):
+    @pytest.mark.parametrize("arch", ARCHS)
+    def test_prefill_and_decode(arch):
+        model = _model(arch)
         tokens = _tokens(model.config, length=24)
         ref_logits, ref_cache = lmj.prefill(model, tokens, backend="associative")
         mesh = make_mesh(**MESHES["data2_fsdp2_tensor2"])
@@ -222,18 +233,21 @@ if CHILD:
             assert rel(cache.ssm, ref_cache.ssm) < 1e-5 and rel(cache.conv, ref_cache.conv) < 1e-5
             tok = np.asarray(jnp.argmax(ref_logits, -1))
 
-    @pytest.mark.parametrize("decode_impl", ["scan", "unrolled"])
-    def test_generate(model, decode_impl):
+    @pytest.mark.parametrize("arch,decode_impl,mesh_name", _cases(
+        {("mamba2", "scan", "data8")},
+        ARCHS, ["scan", "unrolled"], ["data8", "data2_fsdp2_tensor2"]))
+    def test_generate(arch, decode_impl, mesh_name):
+        model = _model(arch)
         tokens = _tokens(model.config, length=20, seed=3)
         kw = dict(max_new_tokens=6, backend="associative", return_logits=True,
                   decode_impl=decode_impl)
         ref = lmj.generate(model, tokens, **kw)
-        for shape in (MESHES["data8"], MESHES["data2_fsdp2_tensor2"]):
-            out = lmj.generate(shard(model, make_mesh(**shape)), tokens, **kw)
-            np.testing.assert_array_equal(out.tokens, ref.tokens)
-            assert rel(out.logits, ref.logits) < 1e-5
+        out = lmj.generate(shard(model, make_mesh(**MESHES[mesh_name])), tokens, **kw)
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        assert rel(out.logits, ref.logits) < 1e-5
 
-    def test_fused_decode_refused_on_a_mesh(model):
+    def test_fused_decode_refused_on_a_mesh():
+        model = _model("mamba2")
         params = shard(model, make_mesh(data=8))
         with pytest.raises(ValueError, match="decode_impl='fused'"):
             lmj.generate(params, _tokens(model.config), max_new_tokens=2, decode_impl="fused")
@@ -243,12 +257,15 @@ if CHILD:
         logp = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
+    @slow
     @pytest.mark.parametrize("backend", ["associative", "pallas-interpret"])
-    def test_grad_and_optimizer_step(model, backend):
+    @pytest.mark.parametrize("arch", ARCHS)
+    def test_grad_and_optimizer_step(arch, backend):
         """A jitted grad step and an Adam update on sharded params and a sharded optimizer
         state (FSDP: the moments sharded like their weights) equal the unsharded ones."""
         import optax
 
+        model = _model(arch)
         backend = lmj.resolve_backend(backend)
         tokens = jnp.asarray(_tokens(model.config, length=17))
         # Adam's first step is g / (|g| + eps): with the default eps, the sign of gradients at
@@ -267,6 +284,7 @@ if CHILD:
         state = lmj.shard_train_state(opt.init(params), params, mesh)
         mu = state[0].mu.weights["layers"]["mixer"]["in_proj"]["kernel"]
         assert mu.sharding == params.weights["layers"]["mixer"]["in_proj"]["kernel"].sharding
+        assert mu.sharding.spec == P(None, "fsdp", "tensor")
         assert state[0].count.sharding.spec == P()
         with jax.set_mesh(mesh):
             loss, grads, new_params, state = step(params, state, tokens)
@@ -276,8 +294,14 @@ if CHILD:
             assert rel(g, r) < 1e-5, jax.tree_util.keystr(path)
         for p, r in zip(jax.tree.leaves(new_params), jax.tree.leaves(ref_params), strict=True):
             assert rel(p, r) < 1e-5
+        # the step kept the FSDP placement of the weights and the moments
+        new_mu = state[0].mu.weights["layers"]["mixer"]["in_proj"]["kernel"]
+        assert new_mu.sharding.spec == mu.sharding.spec
+        kernel = new_params.weights["layers"]["mixer"]["in_proj"]["kernel"]
+        assert kernel.sharding.spec == P(None, "fsdp", "tensor")
 
-    def test_state_shardings_follow_weight_paths(model):
+    def test_state_shardings_follow_weight_paths():
+        model = _model("mamba1")
         mesh = make_mesh(data=2, fsdp=2, tensor=2)
         shardings = lmj.sharding.param_shardings(model, mesh)
         state = {"step": jnp.zeros((), jnp.int32), "params": model.weights,
@@ -298,8 +322,6 @@ if CHILD:
                   "--lengths", "96", "--windows", "3", "--eval-tokens", "8", "--batch-size", "3",
                   "--backend", "associative", "--no-progress", "--no-plot", "--out", str(out),
                   "--data-parallel", str(n)])
-            import json
-
             results[n] = json.loads((out / "perplexity_vanilla.json").read_text())
         a, b = (results[n]["curves"]["perplexity"]["y"] for n in (1, 4))
         np.testing.assert_allclose(a, b, rtol=1e-5)
