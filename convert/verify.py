@@ -16,7 +16,7 @@ import warnings
 import jax
 import numpy as np
 
-from longmamba_jax.config import Mamba2Config
+from longmamba_jax.config import Mamba2Config, MambaConfig
 
 # Relative-norm tolerance per parameter dtype. The torch model runs in fp32 on the same values,
 # so bf16 parameters (bf16 activations in our forward) are held to a bf16-sized tolerance.
@@ -43,6 +43,9 @@ def truncate(params, n_layer: int):
 
     if n_layer >= params.config.n_layer:
         return params
+    if not isinstance(params.config, (MambaConfig, Mamba2Config)):
+        raise ValueError(f"--verify-layers: a {params.config.family} model is verified whole "
+                         "(its layers are not one stack)")
     weights = dict(params.weights)
     weights["layers"] = jax.tree.map(lambda a: a[:n_layer], params.weights["layers"])
     return Params(weights, dataclasses.replace(params.config, n_layer=n_layer))
@@ -59,37 +62,79 @@ def _as_torch(array):
         return torch.from_numpy(array)
 
 
+# model_type -> (model class, config class) in transformers
+TORCH_CLASSES = {
+    "mamba": ("MambaForCausalLM", "MambaConfig"),
+    "mamba2": ("Mamba2ForCausalLM", "Mamba2Config"),
+    "falcon_mamba": ("FalconMambaForCausalLM", "FalconMambaConfig"),
+    "zamba2": ("Zamba2ForCausalLM", "Zamba2Config"),
+    "bamba": ("BambaForCausalLM", "BambaConfig"),
+}
+
+
 def torch_model(params):
-    """transformers' `MambaForCausalLM` / `Mamba2ForCausalLM` (fp32, eval) holding `params`."""
+    """transformers' model of `params`' family (`TORCH_CLASSES`: fp32, eval) holding them."""
     import torch
     import transformers
 
     from longmamba_jax.checkpoints.export import iter_torch_tensors, to_hf_config
 
-    config = params.config
-    hf = to_hf_config(config)
+    hf = to_hf_config(params.config)
     hf.pop("architectures")
-    hf.pop("model_type")
-    if isinstance(config, Mamba2Config):
-        cls, cfg_cls = transformers.Mamba2ForCausalLM, transformers.Mamba2Config
-    else:
-        cls, cfg_cls = transformers.MambaForCausalLM, transformers.MambaConfig
+    cls, cfg_cls = (getattr(transformers, name) for name in TORCH_CLASSES[hf.pop("model_type")])
     with torch.device("meta"):
         model = cls(cfg_cls(**hf))
     state = {key: _as_torch(value) for key, value in iter_torch_tensors(params, "transformers")}
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["backbone.embeddings.weight"]
+    # tied tensors (the head, Zamba2's later uses of a shared block) are left out of the export;
+    # here they are pointed at what they are tied to
+    expected = model.state_dict()
+    for key in expected.keys() - state.keys():
+        source = _tied_source(model, key)
+        if source is not None and source in state:
+            state[key] = state[source]
     model.load_state_dict(state, strict=True, assign=True)
+    _materialise_buffers(model)
     return model.eval()
 
 
-def verify(params, *, batch: int = 2, length: int = 17, seed: int = 0) -> dict:
+def _materialise_buffers(model) -> None:
+    """Non-persistent buffers built on the meta device get values: rotary frequencies from a
+    fresh rotary module, the rest (FalconMamba's unused norm weights) ones."""
+    import torch
+
+    for module in model.modules():
+        metas = [name for name, b in module.named_buffers(recurse=False) if b.is_meta]
+        if not metas:
+            continue
+        fresh = type(module)(model.config) if "Rotary" in type(module).__name__ else None
+        for name in metas:
+            value = getattr(fresh, name) if fresh is not None else \
+                torch.ones(getattr(module, name).shape)
+            module.register_buffer(name, value, persistent=False)
+
+
+def _tied_source(model, key: str) -> str | None:
+    """The key that `key` is tied to in `model` (transformers' `_tied_weights_keys`), if any."""
+    if key == "lm_head.weight":
+        for name in ("backbone.embeddings.weight", "model.embed_tokens.weight"):
+            if name in model.state_dict():
+                return name
+    ties = getattr(getattr(model, "model", None), "_tied_weights_keys", None) or {}
+    for target, source in ties.items():  # Zamba2: {layers.i.shared_transformer: layers.j...}
+        prefix = f"model.{target}."
+        if key.startswith(prefix):
+            return f"model.{source}." + key[len(prefix):]
+    return None
+
+
+def verify(params, *, batch: int = 2, length: int = 17, seed: int = 0, check=None) -> dict:
     """Compares `longmamba_jax.forward(params, tokens)` with the transformers torch model.
 
     Args:
       params: `Params` (what was written, loaded back).
       batch, length: shape of the random token batch.
       seed: token seed.
+      check: called between the steps (the converter's safe point for signals).
 
     Returns:
       {"rel_norm_err", "max_rel_err", "tolerance", "dtype", "tokens": [batch, length],
@@ -104,11 +149,14 @@ def verify(params, *, batch: int = 2, length: int = 17, seed: int = 0) -> dict:
     dtype = str(np.dtype(params.dtype))
     tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, length),
                                                   dtype=np.int64)
+    check = check if check is not None else (lambda: None)
     ours = np.asarray(forward(params, tokens.astype(np.int32)), np.float32)
+    check()
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "falling back to the reference kernel" notices
     try:
         model = torch_model(params)
+        check()
         with torch.no_grad():
             ref = model(torch.from_numpy(tokens), use_cache=False).logits.float().numpy()
         del model

@@ -24,6 +24,7 @@ from longmamba_jax.generation import (
     prefill_chunked,
     stream_generate,
 )
+from longmamba_jax.hybrid import BambaConfig, HybridCache, Zamba2Config
 from longmamba_jax.lm import LanguageModel
 from longmamba_jax.methods import DeciMamba, LongMamba
 from longmamba_jax.model import Cache, Params, apply_model, empty_cache, forward, init_params
@@ -39,10 +40,11 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "apply_model", "BACKENDS", "Cache", "calibrate", "Calibration", "CheckpointError",
-    "ConfigError", "DeciMamba", "decode_step", "demo_model", "empty_cache", "export_torch",
-    "forward", "forward_context_parallel", "generate", "GenerateOutput", "init_params",
-    "LanguageModel", "load", "LongMamba", "Mamba2Config", "MambaConfig", "make_mesh", "Params",
-    "prefill", "prefill_chunked", "prefill_context_parallel", "resolve_backend", "shard",
-    "shard_cache", "shard_train_state", "stream_generate",
+    "apply_model", "BACKENDS", "BambaConfig", "Cache", "calibrate", "Calibration",
+    "CheckpointError", "ConfigError", "DeciMamba", "decode_step", "demo_model", "empty_cache",
+    "export_torch", "forward", "forward_context_parallel", "generate", "GenerateOutput",
+    "HybridCache", "init_params", "LanguageModel", "load", "LongMamba", "make_mesh",
+    "Mamba2Config", "MambaConfig", "Params", "prefill", "prefill_chunked",
+    "prefill_context_parallel", "resolve_backend", "shard", "shard_cache", "shard_train_state",
+    "stream_generate", "Zamba2Config",
 ]

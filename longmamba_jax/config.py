@@ -73,6 +73,16 @@ class _Common:
         blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    @property
+    def family(self) -> str:
+        """The model family ("mamba1", "mamba2", "falcon_mamba", "zamba2", "bamba")."""
+        return self.arch
+
+    @property
+    def n_ssm_layer(self) -> int:
+        """Layers with an SSM mixer: what a LongMamba `Calibration` is indexed by."""
+        return self.n_layer
+
     def _validate(self) -> None:
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand"):
             value = getattr(self, name)
@@ -86,10 +96,15 @@ class _Common:
 
 @dataclasses.dataclass(frozen=True)
 class MambaConfig(_Common):
-    """Mamba-1 (S6). Channels that own a Δ: `d_inner` = expand·d_model."""
+    """Mamba-1 (S6). Channels that own a Δ: `d_inner` = expand·d_model.
+
+    `mixer_rms_eps` set (FalconMamba): Δ's low-rank input, B and C each pass through a
+    weightless RMSNorm with this epsilon right after x_proj (docs/families.md, "FalconMamba").
+    """
 
     d_state: int = 16
     dt_rank: int | None = None  # None -> ceil(d_model / 16)
+    mixer_rms_eps: float | None = None
 
     arch: ClassVar[str] = "mamba1"
 
@@ -99,6 +114,18 @@ class MambaConfig(_Common):
         self._validate()
         if self.dt_rank <= 0:
             raise ConfigError(f"dt_rank must be positive, got {self.dt_rank}")
+        if self.mixer_rms_eps is not None and not float(self.mixer_rms_eps) > 0:
+            raise ConfigError(f"mixer_rms_eps must be positive, got {self.mixer_rms_eps}")
+
+    @property
+    def family(self) -> str:
+        return "mamba1" if self.mixer_rms_eps is None else "falcon_mamba"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.mixer_rms_eps is None:  # plain Mamba-1: the dict (and fingerprint) predate it
+            del out["mixer_rms_eps"]
+        return out
 
     @property
     def channels(self) -> int:
@@ -173,6 +200,19 @@ class Mamba2Config(_Common):
 
 
 Config = MambaConfig | Mamba2Config
+
+
+def tiny_config(family: str, **overrides):
+    """A tiny config of a model family ("mamba1", "mamba2", "falcon_mamba", "zamba2", "bamba"),
+    for tests and `tiny-random:FAMILY` models."""
+    from longmamba_jax.hybrid.config import BambaConfig, Zamba2Config
+
+    makers = {"mamba1": MambaConfig.tiny, "mamba2": Mamba2Config.tiny,
+              "falcon_mamba": lambda **kw: MambaConfig.tiny(**{"mixer_rms_eps": 1e-6, **kw}),
+              "zamba2": Zamba2Config.tiny, "bamba": BambaConfig.tiny}
+    if family not in makers:
+        raise ConfigError(f"unknown model family {family!r} (one of {sorted(makers)})")
+    return makers[family](**overrides)
 
 # ---------------------------------------------------------------------------------------------
 # Parsing the checkpoint schemas.
@@ -286,9 +326,56 @@ def from_native_config(cfg: dict, source: str = "config.json") -> Config:
     raise ConfigError(f"{source}: ssm_cfg.layer={layer!r} is not Mamba1 or Mamba2")
 
 
-def from_hf_config(cfg: dict, source: str = "config.json") -> Config:
-    """Builds a config from a transformers `MambaConfig` / `Mamba2Config` dict."""
+_MISTRAL_KEYS = {"dim", "n_layers", "vocab_size", "n_groups", "rms_norm", "residual_in_fp32",
+                 "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings", "model_type"}
+
+
+def from_mistral_params(cfg: dict, source: str = "params.json") -> Mamba2Config:
+    """Builds the `Mamba2Config` of a Codestral Mamba release (`params.json`, mistral-inference's
+    `MambaArgs`): a mamba_ssm Mamba2 model with its default mixer geometry and `n_groups`."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+    unknown = set(cfg) - _MISTRAL_KEYS
+    if unknown:
+        raise ConfigError(f"{source}: unknown Codestral Mamba params keys {sorted(unknown)}")
+    if cfg.get("model_type", "mamba") != "mamba":
+        raise ConfigError(f"{source}: model_type={cfg['model_type']!r} (expected 'mamba')")
+    native = {
+        "d_model": _require(cfg, "dim", source), "n_layer": _require(cfg, "n_layers", source),
+        "vocab_size": _require(cfg, "vocab_size", source),
+        "ssm_cfg": {"layer": "Mamba2", "ngroups": int(cfg.get("n_groups", 1))},
+        **{k: cfg[k] for k in ("rms_norm", "residual_in_fp32", "fused_add_norm",
+                               "pad_vocab_size_multiple", "tie_embeddings") if k in cfg},
+    }
+    return from_native_config(native, source)
+
+
+# transformers model types that hold Mamba layers but are not supported, with the reason.
+_HF_UNSUPPORTED = {
+    "jamba": "Jamba (Mamba-1 + attention + mixture-of-experts layers)",
+    "falcon_h1": "Falcon-H1 (attention and Mamba2 in parallel in every layer, muP multipliers)",
+    "nemotron_h": "Nemotron-H (Mamba2 / attention / MLP / MoE blocks)",
+    "granitemoehybrid": "GraniteMoeHybrid (Mamba2 + attention + mixture-of-experts layers)",
+    "zamba": "Zamba (Mamba-1 + one shared attention block)",
+}
+HF_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "zamba2", "bamba")
+
+
+def from_hf_config(cfg: dict, source: str = "config.json"):
+    """Builds a config from a transformers config dict: `MambaConfig` for mamba and
+    falcon_mamba, `Mamba2Config` for mamba2, the hybrid configs of `longmamba_jax.hybrid` for
+    zamba2 and bamba."""
     model_type = cfg.get("model_type")
+    if model_type in ("zamba2", "bamba"):
+        from longmamba_jax.hybrid.config import from_hf_hybrid
+
+        return from_hf_hybrid(cfg, source)
+    if model_type in _HF_UNSUPPORTED:
+        raise ConfigError(f"{source}: model_type={model_type!r} ({_HF_UNSUPPORTED[model_type]}) "
+                          f"is not supported; supported: {', '.join(HF_MODEL_TYPES)}")
+    if model_type not in ("mamba", "mamba2", "falcon_mamba"):
+        raise ConfigError(f"{source}: model_type={model_type!r} is not a supported Mamba model "
+                          f"(one of {', '.join(HF_MODEL_TYPES)})")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
@@ -305,33 +392,33 @@ def from_hf_config(cfg: dict, source: str = "config.json") -> Config:
         # transformers checkpoints store the embedding at its final (already padded) size.
         pad_vocab_size_multiple=int(cfg.get("pad_vocab_size_multiple", 1) or 1),
     )
-    if model_type == "mamba":
+    if model_type in ("mamba", "falcon_mamba"):
         rank = cfg.get("time_step_rank", "auto")
+        eps = None
+        if model_type == "falcon_mamba":
+            eps = _float(cfg.get("mixer_rms_eps", 1e-6), "mixer_rms_eps", source)
         return MambaConfig(
             **common,
             d_state=int(cfg.get("state_size", 16)),
             dt_rank=None if rank == "auto" else int(rank),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            mixer_rms_eps=eps,
         )
-    if model_type == "mamba2":
-        out = Mamba2Config(
-            **common,
-            d_state=int(cfg.get("state_size", 128)),
-            headdim=int(cfg.get("head_dim", 64)),
-            ngroups=int(cfg.get("n_groups", 8)),
-            chunk_size=int(cfg.get("chunk_size", 256)),
-            dt_limit=_limit(cfg.get("time_step_limit", (0.0, _INF)), "time_step_limit", source),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
-        heads = cfg.get("num_heads")
-        if heads is not None and int(heads) != out.nheads:
-            raise ConfigError(
-                f"{source}: num_heads={heads} but hidden_size·expand/head_dim = {out.nheads}"
-            )
-        return out
-    raise ConfigError(
-        f"{source}: model_type={model_type!r} is not a Mamba model ('mamba' or 'mamba2')"
+    out = Mamba2Config(
+        **common,
+        d_state=int(cfg.get("state_size", 128)),
+        headdim=int(cfg.get("head_dim", 64)),
+        ngroups=int(cfg.get("n_groups", 8)),
+        chunk_size=int(cfg.get("chunk_size", 256)),
+        dt_limit=_limit(cfg.get("time_step_limit", (0.0, _INF)), "time_step_limit", source),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
+    heads = cfg.get("num_heads")
+    if heads is not None and int(heads) != out.nheads:
+        raise ConfigError(
+            f"{source}: num_heads={heads} but hidden_size·expand/head_dim = {out.nheads}"
+        )
+    return out
 
 
 def from_dict(cfg: dict, source: str = "config.json") -> Config:
@@ -340,7 +427,9 @@ def from_dict(cfg: dict, source: str = "config.json") -> Config:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
     if "arch" in cfg:
-        kinds = {"mamba1": MambaConfig, "mamba2": Mamba2Config}
+        from longmamba_jax.hybrid.config import HYBRID_CONFIGS
+
+        kinds = {"mamba1": MambaConfig, "mamba2": Mamba2Config, **HYBRID_CONFIGS}
         kind = kinds.get(cfg["arch"])
         if kind is None:
             raise ConfigError(f"{source}: arch={cfg['arch']!r} is not one of {sorted(kinds)}")

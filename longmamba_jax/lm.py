@@ -352,5 +352,6 @@ def _as_calibration(calibration, params):
         raise ValueError(f"calibration must be a Calibration or a path to its .npz, got "
                          f"{type(calibration).__name__}")
     cfg = params.config
-    calibration.check_compatible(cfg.fingerprint, cfg.n_layer, [cfg.channels] * cfg.n_layer)
+    n = cfg.n_ssm_layer  # a hybrid model's calibration covers its Mamba2 layers only
+    calibration.check_compatible(cfg.fingerprint, n, [cfg.channels] * n)
     return calibration

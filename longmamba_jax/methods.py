@@ -3,7 +3,8 @@
 A method turns a prompt length into extra inputs of `apply_model` (`model_kwargs`), so every
 backend applies it inside the same compiled forward:
 
-- LongMamba: per-layer arrays (is_global [n_layer, C], threshold [n_layer, C]); in global
+- LongMamba: per-SSM-layer arrays (is_global [n_ssm_layer, C], threshold [n_ssm_layer, C];
+  a hybrid model's attention layers have none); in global
   channels Δ_eff = Δ if Δ > scale·θ_S else 0, everywhere Δ enters the scan. Off (no extra inputs,
   bit-identical to vanilla) when S <= min_len or when no channel is global.
 - DeciMamba: a static plan ((layer, keep, keep_last), ...); in each decimating layer only the
@@ -12,8 +13,10 @@ backend applies it inside the same compiled forward:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import weakref
 
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +45,9 @@ class LongMamba:
         train_len; the published code used 3,000 for train_len 2,000). Must be >= train_len.
       filter_decode: also filter decode steps, with θ for the final length (prompt +
         max_new_tokens, computed once before the decode loop); off as published.
+      check_weights: refuse a model whose weights differ from those the calibration was
+        measured on (compared by `weights_digest` when the calibration records one;
+        docs/reliability.md, "Calibrations"); False uses the calibration anyway.
     """
 
     calibration: object
@@ -51,6 +57,7 @@ class LongMamba:
     filter_decode: bool = False
     rule: str = "threshold"
     k: int | None = None
+    check_weights: bool = True
 
     def __post_init__(self):
         train_len = self.calibration.train_len
@@ -66,6 +73,29 @@ class LongMamba:
             )
         if self.scale <= 0:
             raise ValueError(f"LongMamba scale must be positive, got {self.scale}")
+
+    def check_params(self, params) -> None:
+        """Raises ValueError if the calibration records the digest of other weights than
+        `params` (once per weights object; skipped for traced weights or check_weights=False)."""
+        digest = getattr(self.calibration, "weights_digest", None)
+        if not self.check_weights or digest is None:
+            return
+        a_log = params.weights["layers"]["mixer"]["A_log"]
+        checked = self.__dict__.get("_checked")
+        if checked is not None and checked() is a_log:
+            return
+        from longmamba_jax.calibration.record import weights_digest
+
+        mine = weights_digest(params)
+        if mine is None:
+            return
+        if mine != digest:
+            raise ValueError(
+                f"calibration does not match the model: weights digest {digest} != model's "
+                f"{mine} (it was measured on other weights; LongMamba(..., check_weights=False) "
+                "uses it anyway)")
+        with contextlib.suppress(TypeError):  # remember these weights (if they take a weakref)
+            object.__setattr__(self, "_checked", weakref.ref(a_log))
 
     @property
     def switch_on_len(self) -> int:
@@ -84,7 +114,8 @@ class LongMamba:
         is_global, and per channel the rule's parameter (θ_S, α or the decay, times `scale`;
         zeros for the top-k rules)."""
         cal = self.calibration
-        cal.check_compatible(config.fingerprint, config.n_layer, [config.channels] * config.n_layer)
+        n = config.n_ssm_layer  # hybrids: the Mamba2 layers only (docs/families.md)
+        cal.check_compatible(config.fingerprint, n, [config.channels] * n)
         if not self.active(seq_len):
             return None
         is_global = np.stack([np.asarray(g, bool)
@@ -117,9 +148,10 @@ class LongMamba:
             raise ValueError(f"the LongMamba rule {self.rule!r} is not defined per packed "
                              "document; use rule='threshold' with segment_ids")
         cal = self.calibration
-        cal.check_compatible(config.fingerprint, config.n_layer, [config.channels] * config.n_layer)
+        n = config.n_ssm_layer
+        cal.check_compatible(config.fingerprint, n, [config.channels] * n)
         longest = max(len(row) for row in lengths)
-        theta = np.full((config.n_layer, len(lengths), longest, config.channels), -np.inf)
+        theta = np.full((n, len(lengths), longest, config.channels), -np.inf)
         is_global = np.stack([np.asarray(g, bool)
                               for g in cal.global_channels(self.channel_threshold)])
         if not is_global.any():
@@ -187,6 +219,9 @@ class DeciMamba:
     def plan(self, config: Config, seq_len: int) -> tuple[tuple[int, int, int], ...]:
         """((layer, keep, keep_last), ...) for a prompt of seq_len tokens; layers where nothing
         would be dropped are left out."""
+        if config.family in ("zamba2", "bamba"):
+            raise ValueError(f"DeciMamba is not supported on {config.family}: decimation would "
+                             "drop tokens from its attention layers' context too")
         if self.layers[-1] >= config.n_layer:
             raise ValueError(f"DeciMamba layer {self.layers[-1]} does not exist (the model has "
                              f"{config.n_layer} layers)")

@@ -4,6 +4,7 @@ Mamba-1 (per layer; e = d_inner channels, n = d_state):
     x, z   = split(in_proj(u), [e, e])
     x      = silu(causal_conv1d(x))
     dt, B, C = split(x_proj(x), [dt_rank, n, n])
+    (FalconMamba: dt, B, C = rms(dt), rms(B), rms(C), weightless RMSNorms)
     Δ      = softplus(dt_proj(dt) + dt_bias)                 # [b, l, e] fp32
     y      = selective_scan(x, Δ, A = −exp(A_log), B, C, D)  # fp32
     out    = out_proj(y · silu(z))
@@ -102,6 +103,13 @@ def decimation_indices(dt, keep: int, keep_last: int):
     return jnp.concatenate([top, tail], axis=-1).astype(jnp.int32)
 
 
+def weightless_rms_norm(x, eps: float):
+    """x / sqrt(mean(x²) + eps) over the last axis, in fp32, returned in x's dtype (FalconMamba's
+    norms on Δ's input, B and C)."""
+    x32 = x.astype(f32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 def _adaptive(rule, dt_filter, step) -> bool:
     """Whether a prompt-adaptive selection rule runs in this call (never in a decode step)."""
     if rule is None or dt_filter is None or not rule.adaptive:
@@ -174,6 +182,8 @@ class Mamba1Mixer(nn.Module):
                                  lengths=row_ends(mask))
             x = _apply_mask(silu(x), mask).astype(pd)  # [b, l, e]
         dt_raw, B, C = jnp.split(Linear(r + 2 * n, False, pd, name="x_proj")(x), [r, r + n], -1)
+        if cfg.mixer_rms_eps is not None:  # FalconMamba: weightless RMSNorms on Δ's input, B, C
+            dt_raw, B, C = (weightless_rms_norm(a, cfg.mixer_rms_eps) for a in (dt_raw, B, C))
         A_log = self.param("A_log", lambda k, s: jnp.log(jnp.broadcast_to(
             jnp.arange(1, n + 1, dtype=f32), s)).astype(pd), (e, n))
         D = self.param("D", nn.initializers.ones, (e,), pd)

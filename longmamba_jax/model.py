@@ -16,9 +16,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from longmamba_jax.backends import resolve_backend
-from longmamba_jax.config import Config, Mamba2Config
+from longmamba_jax.config import Config, Mamba2Config, MambaConfig
 from longmamba_jax.layers import rms_norm
 from longmamba_jax.mixers import Block, ScanBackend, row_ends
 from longmamba_jax.packing import document_lengths, resolve_segment_ids
@@ -77,6 +78,12 @@ class Cache:
 
 
 def empty_cache(config: Config, batch: int) -> Cache:
+    """Zero states for `batch` sequences (a hybrid model's `HybridCache` has an empty KV cache,
+    grown as tokens arrive)."""
+    if not isinstance(config, (MambaConfig, Mamba2Config)):
+        from longmamba_jax.hybrid import empty_hybrid_cache
+
+        return empty_hybrid_cache(config, batch)
     conv = jnp.zeros((config.n_layer, batch, config.d_conv - 1, config.conv_dim), f32)
     if isinstance(config, Mamba2Config):
         ssm_shape = (config.nheads, config.headdim, config.d_state)
@@ -98,11 +105,15 @@ class ModelOutput(NamedTuple):
     logits: jax.Array  # [b, l', V] fp32 (l' = l, or last_n, or the DeciMamba-kept length)
     cache: Cache | None  # the state after the last token
     positions: jax.Array | None  # [b, l'] original positions of the logits (DeciMamba)
-    dt: jax.Array | None  # [n_layer, b, l, C] Δ per layer (capture_dt)
+    dt: jax.Array | None  # [n_ssm_layer, b, l, C] Δ per SSM layer (capture_dt)
 
 
 def init_params(config: Config, seed: int = 0, dtype=f32) -> Params:
     """Random weights with the torch models' parameter shapes (for tests and training)."""
+    if not isinstance(config, (MambaConfig, Mamba2Config)):
+        from longmamba_jax.hybrid import init_hybrid
+
+        return init_hybrid(config, seed, dtype)
     key = jax.random.PRNGKey(seed)
     k_emb, k_layers, k_head = jax.random.split(key, 3)
     block = Block(config, ScanBackend("reference"), dtype)
@@ -195,6 +206,13 @@ def apply_model(
         parameter (static); None is the fixed-threshold rule, applied inside the scan.
     """
     cfg = params.config
+    if not isinstance(cfg, (MambaConfig, Mamba2Config)):  # Zamba2, Bamba: docs/families.md
+        from longmamba_jax.hybrid import apply_hybrid
+
+        return apply_hybrid(params, tokens, mask=mask, filters=filters, cache=cache,
+                            backend=backend, decimation=decimation, last_n=last_n,
+                            return_cache=return_cache, capture_dt=capture_dt, step=step,
+                            rule=rule, segment_ids=segment_ids)
     w = params.weights
     dtype = params.dtype
     batch, length = tokens.shape
@@ -261,7 +279,8 @@ def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto"
 
     Args:
       params: `Params` from `load` or `init_params`.
-      tokens: int [b, l].
+      tokens: int [b, l]; ids outside [0, padded_vocab_size) raise ValueError (traced under
+        a caller's `jit`: NaN logits, docs/reliability.md, "Token ids").
       method: None (vanilla), `LongMamba(...)` or `DeciMamba(...)`.
       backend: "auto" | "reference" | "associative" | "pallas" | "pallas-interpret".
       last_n: return logits for the last n positions only (saves memory on long prompts).
@@ -283,7 +302,7 @@ def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto"
     """
     tokens = _check_tokens(params, tokens)
     segment_ids = resolve_segment_ids(tokens.shape, segment_ids, cu_seqlens)
-    kwargs = method_kwargs(method, params.config, tokens.shape[1], segment_ids)
+    kwargs = method_kwargs(method, params.config, tokens.shape[1], segment_ids, params=params)
     if attention_mask is not None and "decimation" in kwargs:
         raise ValueError("attention_mask (padding) is not supported with DeciMamba")
     mask = _mask(attention_mask, tokens)
@@ -301,35 +320,76 @@ def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto"
     return out.logits, positions
 
 
-def method_kwargs(method, config: Config, seq_len: int, segment_ids=None) -> dict:
+def method_kwargs(method, config: Config, seq_len: int, segment_ids=None, *,
+                  params: Params | None = None) -> dict:
     """What a context-extension method (None: vanilla) contributes to `apply_model` at prompt
-    length seq_len (for packed documents: at each document's own length)."""
+    length seq_len (for packed documents: at each document's own length); with `params`, a
+    method that has `check_params` (LongMamba: its calibration must be of these weights)
+    checks them first."""
     if method is None:
         return {}
+    if params is not None and hasattr(method, "check_params"):
+        method.check_params(params)
     if segment_ids is None:
         return method.model_kwargs(config, seq_len)
     return method.model_kwargs(config, seq_len, documents=document_lengths(segment_ids))
 
 
 def _check_tokens(params: Params, tokens):
+    """`tokens` as int32 [b, l] after `check_token_ids` (and a `Params` check)."""
     if not isinstance(params, Params):
         raise TypeError(f"params must be longmamba_jax.Params (from load/init_params), got "
                         f"{type(params).__name__}")
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be int [batch, length], got shape {tokens.shape}")
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+    tokens = check_token_ids(tokens, params.config.padded_vocab_size, ndim=2, name="tokens")
     if tokens.shape[1] == 0:
         raise ValueError("tokens is empty (length 0)")
-    if not isinstance(tokens, jax.core.Tracer):
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= params.config.padded_vocab_size:
-            raise ValueError(
-                f"token ids must be in [0, {params.config.padded_vocab_size}) for this model; "
-                f"got ids in [{low}, {high}] (is the tokenizer the model's?)"
-            )
-    return tokens.astype(jnp.int32)
+    return tokens
+
+
+def check_token_ids(tokens, vocab: int, *, ndim: int, name: str):
+    """Token ids as int32, checked before any cast (an id beyond int32 must not wrap).
+
+    Concrete ids: integers of `ndim` dimensions, every id in [0, vocab), else ValueError.
+    Traced ids (under a caller's `jit`) cannot be checked on the host: an id out of range is
+    replaced by `vocab`, the row past the embedding table that `jnp.take` fills with NaN, so its
+    logits are all NaN (and its sequence's state after it) instead of another token's; and
+    under `jax.experimental.checkify.checkify` the same condition is a checkify error
+    (docs/reliability.md, "Token ids").
+    """
+    shape_hint = {1: "int [batch]", 2: "int [batch, length]"}[ndim]
+    if isinstance(tokens, jax.Array):
+        if tokens.ndim != ndim or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"{name} must be {shape_hint}, got {tokens.dtype} "
+                             f"{tuple(tokens.shape)}")
+        if isinstance(tokens, jax.core.Tracer):
+            from jax.experimental import checkify
+
+            bad = (tokens < 0) | (tokens >= vocab)  # in the ids' own dtype: nothing wrapped yet
+            checkify.debug_check(~jnp.any(bad), f"{name}: token ids must be in [0, {vocab})")
+            return jnp.where(bad, vocab, tokens).astype(jnp.int32)
+        if tokens.size:
+            _check_range(name, int(tokens.min()), int(tokens.max()), vocab)
+        return tokens.astype(jnp.int32)
+    array = np.asarray(tokens)
+    if array.dtype.kind in "fO" and not isinstance(tokens, np.ndarray):
+        # Python ints beyond int64 make numpy pick float64 or object: check them as ints.
+        items = np.asarray(tokens, dtype=object)
+        if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+               for t in items.reshape(-1)):
+            if items.ndim == ndim and items.size:
+                _check_range(name, int(min(items.reshape(-1))), int(max(items.reshape(-1))),
+                             vocab)
+    if array.ndim != ndim or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must be {shape_hint}, got {array.dtype} {array.shape}")
+    if array.size:
+        _check_range(name, int(array.min()), int(array.max()), vocab)
+    return jnp.asarray(array, jnp.int32)
+
+
+def _check_range(name: str, low: int, high: int, vocab: int) -> None:
+    if low < 0 or high >= vocab:
+        raise ValueError(f"token ids must be in [0, {vocab}) for this model; got {name} ids in "
+                         f"[{low}, {high}] (is the tokenizer the model's?)")
 
 
 def _mask(attention_mask, tokens):

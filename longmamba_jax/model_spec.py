@@ -1,8 +1,8 @@
 """Model specs as the command lines take them (`--model SPEC`), parsed in one place.
 
     demo                      the bundled byte-level demo model (with its calibration)
-    tiny-random:mamba1|mamba2 a tiny random model (`MambaConfig.tiny()` / `Mamba2Config.tiny()`),
-                              to try the mechanics; nothing is loaded
+    tiny-random:FAMILY        a tiny random model (`config.tiny_config(FAMILY)`: mamba1, mamba2,
+                              falcon_mamba, zamba2, bamba), to try the mechanics; nothing loaded
     anything else             a checkpoint directory or a hub id, as `longmamba_jax.load`
                               (a directory named "demo": pass "./demo")
 
@@ -17,7 +17,8 @@ import os
 
 __all__ = ["TINY_RANDOM", "ModelSpec", "parse_model_spec"]
 
-TINY_RANDOM = {"mamba1": "MambaConfig", "mamba2": "Mamba2Config"}
+TINY_RANDOM = ("mamba1", "mamba2", "falcon_mamba", "zamba2", "bamba")
+_TINY_HELP = "tiny-random:" + "|".join(TINY_RANDOM)
 _BYTE_VOCAB = 257  # ByteTokenizer: 256 bytes + EOS
 
 
@@ -27,7 +28,7 @@ class ModelSpec:
 
     Attributes:
       kind: "demo", "tiny-random" or "checkpoint".
-      source: the architecture for tiny-random ("mamba1" / "mamba2"), the directory or hub id
+      source: the family for tiny-random (one of TINY_RANDOM), the directory or hub id
         for a checkpoint, "" for the demo.
     """
 
@@ -51,8 +52,9 @@ class ModelSpec:
             import jax
             import jax.numpy as jnp
 
-            config = getattr(lmj, TINY_RANDOM[self.source]).tiny(
-                vocab_size=int(vocab_size or _BYTE_VOCAB))
+            from longmamba_jax.config import tiny_config
+
+            config = tiny_config(self.source, vocab_size=int(vocab_size or _BYTE_VOCAB))
             # jitted: one program (kept by the compile cache) instead of many eager ops; equal
             # to init_params up to float rounding
             init = jax.jit(lmj.init_params, static_argnums=(0, 1, 2))
@@ -79,13 +81,13 @@ def parse_model_spec(spec) -> ModelSpec:
         return ModelSpec("checkpoint", os.fspath(spec))
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"model must be a directory, a hub id, 'demo' or "
-                         f"'tiny-random:mamba1|mamba2', got {spec!r}")
+                         f"'{_TINY_HELP}', got {spec!r}")
     spec = spec.strip()
     if spec == "demo":
         return ModelSpec("demo")
     if spec.startswith("tiny-random:"):
         arch = spec.split(":", 1)[1]
         if arch not in TINY_RANDOM:
-            raise ValueError(f"bad model {spec!r}: use tiny-random:mamba1 or tiny-random:mamba2")
+            raise ValueError(f"bad model {spec!r}: use {_TINY_HELP}")
         return ModelSpec("tiny-random", arch)
     return ModelSpec("checkpoint", spec)

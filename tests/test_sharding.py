@@ -79,6 +79,13 @@ if not CHILD:
         assert specs["lm_head"]["kernel"] == P("fsdp", "tensor")
         assert specs["norm_f"]["weight"] == P()
 
+    @pytest.mark.parametrize("name", ["Zamba2Config", "BambaConfig"])
+    def test_hybrid_models_need_their_own_rules(name):
+        config = getattr(lmj, name).tiny()
+        params = jax.eval_shape(lambda: lmj.init_params(config))
+        with pytest.raises(ValueError, match=f"no default partition rules for {name}"):
+            param_specs(params, _abstract(tensor=2))
+
     def test_weight_without_rule_is_named():
         config = CONFIGS["mamba2"]()
         params = jax.eval_shape(lambda: lmj.init_params(config))

@@ -8,10 +8,11 @@
 #   bf16 inputs with real A (Mamba-1's scan; mamba_inner_fn and selective_scan_fn call it).
 # - `causal_conv1d_cuda` (causal_conv1d 1.7.0): its forward and update kernels as shipped, and
 #   the `causal_conv1d` Python package next to it, so mamba_ssm takes its fused paths.
-# Backward passes (and fp16 / complex A for the scan) are not compiled: the full extensions are
-# a long nvcc build. Their entry points are linked to stubs that raise a RuntimeError naming
-# what was not built, so nothing calls them silently. Flags are those of the packages'
-# setup.py, for sm_$ARCH only. About 40 s on 16 cores.
+# With BACKWARD=1 the backward passes are built too (the scan's for fp32 and bf16 inputs with
+# real A, the conv's for every dtype: what torch autograd of MambaLMHeadModel calls; a few
+# minutes more). fp16 and complex A for the scan are never compiled. What is not built is
+# linked to stubs that raise a RuntimeError naming it, so nothing calls them silently. Flags are
+# those of the packages' setup.py, for sm_$ARCH only. About 40 s on 16 cores (forward only).
 #
 # Needs the sources unpacked in $MAMBA_SSM_SRC (default .official; git-ignored, see
 # evals/bench/official.py for how to fetch them): <src>/csrc/selective_scan and
@@ -26,6 +27,7 @@ SS="$SRC/csrc/selective_scan"
 CC="$SRC/causal_conv1d-1.7.0"
 BUILD="${BUILD:-$SRC/build}"
 ARCH="${ARCH:-90}"
+BACKWARD="${BACKWARD:-0}"
 NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
 CXX="${CXX:-g++}"
 for f in "$SS/selective_scan.cpp" "$SS/selective_scan_fwd_kernel.cuh" "$CC/csrc/causal_conv1d.cpp" \
@@ -82,7 +84,9 @@ done
   stub selective_scan_fwd_cuda SSMParamsBase at::Half float
   for it in float at::Half at::BFloat16; do
     stub selective_scan_fwd_cuda SSMParamsBase "$it" complex_t
-    stub selective_scan_bwd_cuda SSMParamsBwd "$it" float
+    if [ "$BACKWARD" != 1 ] || [ "$it" = at::Half ]; then
+      stub selective_scan_bwd_cuda SSMParamsBwd "$it" float
+    fi
     stub selective_scan_bwd_cuda SSMParamsBwd "$it" complex_t
   done
 } > "$BUILD/ss_stubs.cu"
@@ -93,12 +97,14 @@ done
   printf '#include <cuda_runtime.h>\n#include "causal_conv1d.h"\n'
   echo 'template<typename input_t, typename weight_t> void causal_conv1d_bwd_cuda(ConvParamsBwd &params, cudaStream_t stream);'
   echo 'template<typename input_t, typename weight_t> void causal_conv1d_channellast_bwd_cuda(ConvParamsBwd &params, cudaStream_t stream);'
-  for it in float at::Half at::BFloat16; do
-    for wt in float at::Half at::BFloat16; do
-      stub causal_conv1d_bwd_cuda ConvParamsBwd "$it" "$wt"
-      stub causal_conv1d_channellast_bwd_cuda ConvParamsBwd "$it" "$wt"
+  if [ "$BACKWARD" != 1 ]; then
+    for it in float at::Half at::BFloat16; do
+      for wt in float at::Half at::BFloat16; do
+        stub causal_conv1d_bwd_cuda ConvParamsBwd "$it" "$wt"
+        stub causal_conv1d_channellast_bwd_cuda ConvParamsBwd "$it" "$wt"
+      done
     done
-  done
+  fi
 } > "$BUILD/cc_stubs.cu"
 
 start=$SECONDS
@@ -121,6 +127,13 @@ nv cc_fwd "$CC/csrc/causal_conv1d_fwd.cu" "$CC_DEFS" "-I$CC/csrc"
 nv cc_update "$CC/csrc/causal_conv1d_update.cu" "$CC_DEFS" "-I$CC/csrc"
 nv cc_stubs "$BUILD/cc_stubs.cu" "$CC_DEFS" "-I$CC/csrc"
 cxx cc_binding "$CC/csrc/causal_conv1d.cpp" "$CC_DEFS" "-I$CC/csrc"
+SS_OBJS=(ss_binding ss_fwd_fp32 ss_fwd_bf16 ss_stubs) CC_OBJS=(cc_binding cc_fwd cc_update cc_stubs)
+if [ "$BACKWARD" = 1 ]; then
+  nv ss_bwd_fp32 "$SS/selective_scan_bwd_fp32_real.cu" "$SS_DEFS" "-I$SS"
+  nv ss_bwd_bf16 "$SS/selective_scan_bwd_bf16_real.cu" "$SS_DEFS" "-I$SS"
+  nv cc_bwd "$CC/csrc/causal_conv1d_bwd.cu" "$CC_DEFS" "-I$CC/csrc"
+  SS_OBJS+=(ss_bwd_fp32 ss_bwd_bf16) CC_OBJS+=(cc_bwd)
+fi
 failed=0
 for i in "${!pids[@]}"; do
   if ! wait "${pids[$i]}"; then
@@ -130,10 +143,10 @@ done
 [ "$failed" = 0 ] || exit 1
 LIBS=(-L"$TORCH_LIB" -lc10 -lc10_cuda -ltorch -ltorch_cpu -ltorch_cuda -ltorch_python
   -L"$CUDA_HOME/lib64" -lcudart -Wl,-rpath,"$TORCH_LIB")
-"$CXX" -shared -o "$BUILD/selective_scan_cuda$EXT_SUFFIX" \
-  "$BUILD"/{ss_binding,ss_fwd_fp32,ss_fwd_bf16,ss_stubs}.o "${LIBS[@]}"
-"$CXX" -shared -o "$BUILD/causal_conv1d_cuda$EXT_SUFFIX" \
-  "$BUILD"/{cc_binding,cc_fwd,cc_update,cc_stubs}.o "${LIBS[@]}"
+objects() { for o in "$@"; do echo "$BUILD/$o.o"; done; }
+"$CXX" -shared -o "$BUILD/selective_scan_cuda$EXT_SUFFIX" $(objects "${SS_OBJS[@]}") "${LIBS[@]}"
+"$CXX" -shared -o "$BUILD/causal_conv1d_cuda$EXT_SUFFIX" $(objects "${CC_OBJS[@]}") "${LIBS[@]}"
+if [ "$BACKWARD" = 1 ]; then touch "$BUILD/backward"; else rm -f "$BUILD/backward"; fi
 rm -rf "$BUILD/causal_conv1d" && cp -r "$CC/causal_conv1d" "$BUILD/causal_conv1d"
 echo "built in $((SECONDS - start)) s"
 $PY - "$BUILD" <<'EOF'

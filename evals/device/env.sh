@@ -15,14 +15,15 @@ sys.exit(os.path.realpath(t.__file__) != os.path.realpath(sys.argv[1]))' \
     || echo "env.sh: pip install -e $_LMJ_ROOT failed" >&2
 fi
 
-# The official stack's CUDA extensions (evals/device/build_official.sh, ~40 s), built once per
-# machine when their sources are in .official/ and BUILD_OFFICIAL is not 0. A failed build is
+# The official stack's CUDA extensions (evals/device/build_official.sh, ~40 s; BACKWARD=1 adds
+# the backward passes), built once per machine when their sources are in .official/ and
+# BUILD_OFFICIAL is not 0. A failed build is
 # reported; the official columns are then skipped with their reason.
 build_official_if_missing() {
   local src="${MAMBA_SSM_SRC:-.official}"
   [ "${BUILD_OFFICIAL:-1}" != 0 ] && [ -d "$src/csrc/selective_scan" ] || return 0
   ls "$src"/build/selective_scan_cuda*.so "$src"/build/causal_conv1d_cuda*.so >/dev/null 2>&1 \
-    && return 0
+    && { [ "${BACKWARD:-0}" != 1 ] || [ -f "$src/build/backward" ]; } && return 0
   bash "$_LMJ_ROOT/evals/device/build_official.sh" > "$OUT/build_official.log" 2>&1 \
     && tail -2 "$OUT/build_official.log" \
     || echo "official extensions: build failed, see $OUT/build_official.log"

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# On a GPU machine: the kernel test suite compiled on the GPU (the `gpu`-marked tests: the Pallas
+# On a GPU machine: the test suite compiled on the GPU (the `gpu`-marked tests: the Pallas
 # kernels compiled through Triton / Mosaic GPU, same shapes and tolerances as the CPU interpret
 # run), then the scan benchmark. Logs and the benchmark JSON go under $OUT (or ./out).
 #
 #   bash evals/device/kernel_tests.sh                     # tests + benchmark
 #   SWEEP=16384 bash evals/device/kernel_tests.sh         # also time block-size candidates first
 #   PYTEST_MARK="" bash evals/device/kernel_tests.sh      # whole suite (interpret tests too)
+#   TEST_FILES="tests/test_kernel_grads.py", WORKERS=8, TEST_TIMEOUT_S=420  # which tests, how
 #   SKIP_TESTS=1 / SKIP_BENCH=1                           # only one of the two parts
 #   MILLION=0, BENCH_ARGS="..."                           # no 1M-token run; more bench flags
 #
@@ -26,8 +27,13 @@ $PY -c "import jax, triton; print('jax', jax.__version__, jax.devices(), 'triton
 build_official_if_missing
 rc=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  $PY -m pytest tests/test_kernels.py -q -p no:cacheprovider -m "${PYTEST_MARK-gpu}" \
-    -o addopts="-ra --strict-markers" 2>&1 | tee "$OUT/pytest_gpu.log"
+  # several pytest workers share the GPU (compiling is what takes the time, and it runs on the
+  # CPUs): no worker may preallocate the GPU's memory
+  workers=()
+  $PY -c "import xdist" 2>/dev/null && [ "${WORKERS:-8}" != 0 ] && workers=(-n "${WORKERS:-8}")
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT_S:-420}" \
+    $PY -m pytest ${TEST_FILES:-tests} -q -p no:cacheprovider -m "${PYTEST_MARK-gpu}" \
+    -p no:benchmark -o addopts="-ra --strict-markers" "${workers[@]}" 2>&1 | tee "$OUT/pytest_gpu.log"
   rc=${PIPESTATUS[0]}
   echo "pytest exit code: $rc"
 fi

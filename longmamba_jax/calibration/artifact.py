@@ -9,9 +9,10 @@ are global), the decay ``Σ_t Δ`` and θ(S) for any length S > train_len, store
   ``log(S - L)``; past the grid θ is exactly the aggregated clamp value.
 
 The file is an ``.npz`` with a JSON header (format version, library version, model
-fingerprint, architecture, layer and channel counts, train_len, clamp_top, aggregate,
-slowest_state, number of windows, grid description), written atomically. docs/design.md,
-"LongMamba calibration", gives the rule, the storage and the measured grid error.
+fingerprint, digest of the weights, architecture, layer and channel counts, train_len,
+clamp_top, aggregate, slowest_state, number of windows, grid description), written atomically.
+docs/design.md, "LongMamba calibration", gives the rule, the storage and the measured grid
+error; docs/reliability.md, "Calibrations", what `load` checks.
 """
 
 from __future__ import annotations
@@ -33,9 +34,14 @@ from longmamba_jax.calibration.rule import (
     exact_cut_rows,
     exact_theta_rows,
 )
-from longmamba_jax.calibration.validate import check_int, short
+from longmamba_jax.calibration.validate import (
+    CalibrationError,
+    check_file_contents,
+    check_int,
+    short,
+)
 
-__all__ = ["Calibration", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["Calibration", "CalibrationError", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "longmamba-jax-calibration"
 FORMAT_VERSION = 1
@@ -87,6 +93,7 @@ class Calibration:
         model_info: Mapping[str, Any] | None = None,
         storage: str = "auto",
         grid_step: float = 0.04,
+        weights_digest: str | None = None,
     ) -> Calibration:
         """Calibrates from recorded Δ.
 
@@ -105,6 +112,8 @@ class Calibration:
             ``"architecture"`` entry overrides the one inferred from A's rank.
           storage: ``"auto"``, ``"exact"`` or ``"grid"`` (see the module docstring).
           grid_step: grid spacing in ``log(S - L)`` for ``storage="grid"``.
+          weights_digest: ``record.weights_digest`` of the model, stored and compared by
+            :meth:`check_compatible` (and by ``LongMamba``).
 
         Returns:
           A :class:`Calibration`.
@@ -127,7 +136,8 @@ class Calibration:
             grid_step=grid_step,
         )
         builder._add_checked(deltas, windows)  # validated above: one pass over the data
-        return builder.finish(fingerprint=fingerprint, model_info=model_info)
+        return builder.finish(fingerprint=fingerprint, model_info=model_info,
+                              weights_digest=weights_digest)
 
     # -------------------------------------------------------------------- accessors
     def _split(self, flat: np.ndarray) -> list[np.ndarray]:
@@ -142,6 +152,11 @@ class Calibration:
     @property
     def fingerprint(self) -> str | None:
         return self._header["fingerprint"]
+
+    @property
+    def weights_digest(self) -> str | None:
+        """Digest of the weights it was measured on (None in files written before digests)."""
+        return self._header.get("weights_digest")
 
     @property
     def n_layers(self) -> int:
@@ -255,18 +270,25 @@ class Calibration:
         return (1.0 - wgt) * lo + wgt * hi
 
     # -------------------------------------------------------------------- compatibility
-    def check_compatible(self, fingerprint: str | None, n_layers: int, channels: Sequence[int]):
+    def check_compatible(self, fingerprint: str | None, n_layers: int, channels: Sequence[int],
+                         weights_digest: str | None = None):
         """Raises ValueError unless this calibration was made for the described model.
 
         Args:
           fingerprint: the model's fingerprint (compared when both sides have one).
           n_layers: the model's layer count.
           channels: per-layer channel counts (E for Mamba-1, heads for Mamba2).
+          weights_digest: `record.weights_digest` of the model's weights (compared when both
+            sides have one).
         """
         problems = []
         mine = self._header["fingerprint"]
         if fingerprint is not None and mine is not None and fingerprint != mine:
             problems.append(f"fingerprint {mine!r} != model's {fingerprint!r}")
+        digest = self.weights_digest
+        if weights_digest is not None and digest is not None and weights_digest != digest:
+            problems.append(f"weights digest {digest} != model's {weights_digest} (measured on "
+                            "other weights)")
         if int(n_layers) != self.n_layers:
             problems.append(f"n_layers {self.n_layers} != model's {int(n_layers)}")
         if [int(c) for c in channels] != self.channels:
@@ -306,8 +328,8 @@ class Calibration:
 
         Args:
           path: the file.
-          expect: optional ``{"fingerprint": str, "n_layers": int, "channels": [int, ...]}``
-            (any subset); a mismatch raises ValueError naming it.
+          expect: optional ``{"fingerprint": str, "n_layers": int, "channels": [int, ...],
+            "weights_digest": str}`` (any subset); a mismatch raises ValueError naming it.
 
         Returns:
           The :class:`Calibration`.
@@ -316,43 +338,34 @@ class Calibration:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"calibration file not found: {path!r}")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {name: z[name] for name in z.files}
-        except Exception as e:
-            raise ValueError(f"{path!r} is not a calibration artifact: {e}") from None
-        if "header" not in arrays:
-            raise ValueError(f"{path!r} is not a calibration artifact (no header)")
-        header = json.loads(str(arrays.pop("header")))
-        if header.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path!r}: format {header.get('format')!r} is not {FORMAT_NAME!r}")
-        if header.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path!r}: unsupported format_version {header.get('format_version')!r} "
-                f"(this library reads version {FORMAT_VERSION})"
-            )
-        required = {"decay_fraction", "decay", "theta_asym"}
-        if header.get("storage") == "grid":
-            required |= {"grid_s", "theta_codes"}
-        elif header.get("storage") == "exact":
-            required |= {f"curves_{i}" for i in range(header["n_layers"])}
-            required |= {f"window_decay_{i}" for i in range(header["n_layers"])}
-        else:
-            raise ValueError(f"{path!r}: unknown storage {header.get('storage')!r}")
-        missing = sorted(required - set(arrays))
-        if missing:
-            raise ValueError(f"{path!r}: missing arrays {missing}")
+            with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # f: closed
+                arrays = {name: z[name] for name in z.files}  # even when np.load fails
+        except Exception as e:  # noqa: BLE001 - zip, zlib and npy errors come in many types
+            raise CalibrationError(f"{path}: not a calibration artifact ({e})") from None
+        header = arrays.pop("header", None)
+        if header is None or header.dtype.kind != "U" or header.ndim != 0:
+            raise CalibrationError(f"{path}: not a calibration artifact (no text header)")
+        try:
+            header = json.loads(str(header))
+        except (ValueError, RecursionError) as e:
+            raise CalibrationError(f"{path}: the header is not valid JSON ({e})") from None
+        check_file_contents(path, header, arrays, FORMAT_NAME, FORMAT_VERSION)
         if "theta_codes" in arrays:
             arrays["theta_codes"] = unpack_codes(arrays["theta_codes"])
         cal = cls(header, arrays)
         if expect is not None:
-            unknown = set(expect) - {"fingerprint", "n_layers", "channels"}
+            unknown = set(expect) - {"fingerprint", "n_layers", "channels", "weights_digest"}
             if unknown:
                 raise ValueError(f"expect has unknown keys {sorted(unknown)}")
-            cal.check_compatible(
-                expect.get("fingerprint"),
-                expect.get("n_layers", cal.n_layers),
-                expect.get("channels", cal.channels),
-            )
+            try:
+                cal.check_compatible(
+                    expect.get("fingerprint"),
+                    expect.get("n_layers", cal.n_layers),
+                    expect.get("channels", cal.channels),
+                    expect.get("weights_digest"),
+                )
+            except ValueError as e:
+                raise CalibrationError(f"{path}: {e}") from None
         return cal
 
     def __repr__(self) -> str:

@@ -158,10 +158,17 @@ class CalibrationBuilder:
         self._seen += w
 
     def finish(self, *, fingerprint: str | None = None,
-               model_info: Mapping[str, Any] | None = None) -> Calibration:
-        """The :class:`Calibration` of every window added (exactly ``num_windows`` of them)."""
+               model_info: Mapping[str, Any] | None = None,
+               weights_digest: str | None = None) -> Calibration:
+        """The :class:`Calibration` of every window added (exactly ``num_windows`` of them).
+
+        ``weights_digest`` (``record.weights_digest`` of the model) is stored and compared by
+        :meth:`Calibration.check_compatible`."""
         if fingerprint is not None and not isinstance(fingerprint, str):
             raise ValueError(f"fingerprint must be a str or None, got {type(fingerprint).__name__}")
+        if weights_digest is not None and not isinstance(weights_digest, str):
+            raise ValueError(f"weights_digest must be a str or None, got "
+                             f"{type(weights_digest).__name__}")
         if self._seen != self.num_windows:
             raise ValueError(f"{self._seen} windows added, expected num_windows="
                              f"{self.num_windows}")
@@ -210,6 +217,7 @@ class CalibrationBuilder:
             "format_version": FORMAT_VERSION,
             "library_version": library_version(),
             "fingerprint": fingerprint,
+            "weights_digest": weights_digest,
             "architecture": architecture,
             "n_layers": len(self.channels),
             "channels": list(self.channels),

@@ -49,6 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     n_global = sum(int(np.sum(g)) for g in cal.global_channels(0.05))
-    print(f"wrote {args.out}: {params.config.n_layer} layers, {n_global} global channels "
+    print(f"wrote {args.out}: {params.config.n_ssm_layer} SSM layers, {n_global} global channels "
           f"(tA_prod > 0.05)", file=sys.stderr)
     return 0

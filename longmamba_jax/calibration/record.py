@@ -1,17 +1,22 @@
 """`calibrate`: run the model on windows of `train_len` tokens taken evenly across a token
-stream, record Δ of every layer (after softplus), and stream them batch by batch into a
-`CalibrationBuilder`."""
+stream, record Δ of every SSM layer (after softplus; a hybrid model's Mamba2 layers, in
+order), and stream them batch by batch into a `CalibrationBuilder`. `weights_digest` identifies
+the weights a calibration was measured on."""
 
 from __future__ import annotations
 
+import hashlib
+
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from longmamba_jax.backends import resolve_backend
 from longmamba_jax.calibration.artifact import Calibration
 from longmamba_jax.calibration.builder import CalibrationBuilder
-from longmamba_jax.config import Mamba2Config
+from longmamba_jax.calibration.validate import check_int
+from longmamba_jax.config import MambaConfig
 from longmamba_jax.model import Params, apply_model
 
 
@@ -25,16 +30,71 @@ def window_starts(n_tokens: int, train_len: int, num_windows: int) -> np.ndarray
     return np.linspace(0, n_tokens - train_len, num_windows).round().astype(np.int64)
 
 
+# The small tensors the digest covers (whichever the architecture has): per layer A_log, D, the
+# Δ bias, the conv weights, the norms; and the first rows of the embedding.
+_DIGEST_PATHS = (("layers", "mixer", "A_log"), ("layers", "mixer", "D"),
+                 ("layers", "mixer", "dt_bias"), ("layers", "mixer", "dt_proj", "bias"),
+                 ("layers", "mixer", "conv1d", "bias"), ("layers", "mixer", "conv1d", "kernel"),
+                 ("layers", "mixer", "norm", "weight"), ("layers", "norm", "weight"),
+                 ("norm_f", "weight"), ("embedding", "weight"))
+_EMBEDDING_ROWS = 8
+
+
+def weights_digest(params: Params) -> str | None:
+    """A short digest of the weights a calibration is measured on (docs/reliability.md,
+    "Calibrations"): sha256 over A_log, D, the Δ bias, the conv weights, the norm weights and
+    the first embedding rows, each rounded to bf16 first, so fp32 and bf16 copies of one model
+    agree. None when the weights are traced (inside a caller's jit)."""
+    h = hashlib.sha256()
+    for path in _DIGEST_PATHS:
+        node = params.weights
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            continue
+        if isinstance(node, jax.core.Tracer):
+            return None
+        if path[0] == "embedding":
+            node = node[:_EMBEDDING_ROWS]
+        a = np.asarray(jax.device_get(node)).astype(np.float32).astype(ml_dtypes.bfloat16)
+        h.update(f"{'/'.join(path)}:{a.shape};".encode())
+        h.update(np.ascontiguousarray(a).view(np.uint16).astype("<u2").tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_stream(params: Params, tokens, train_len: int) -> np.ndarray:
+    """The calibration token stream as 1-D int64, or one ValueError saying what is wrong."""
+    array = np.asarray(tokens)
+    if array.ndim == 2 and array.shape[0] == 1:
+        array = array[0]  # a batch of one
+    if array.ndim != 1:
+        raise ValueError(f"tokens must be a 1-D token stream (or [1, n]), got shape "
+                         f"{array.shape}")
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"tokens must be integer token ids, got dtype {array.dtype}")
+    if array.size < train_len:
+        raise ValueError(f"the token stream has {array.size} tokens, fewer than train_len="
+                         f"{train_len}")
+    vocab = params.config.padded_vocab_size
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"token ids must be in [0, {vocab}) for this model; the stream has ids "
+                         f"in [{low}, {high}] (is the tokenizer the model's?)")
+    return array.astype(np.int64)
+
+
 def layer_A(params: Params) -> list[np.ndarray]:
-    """A = −exp(A_log) per layer: [channels] (Mamba2) or [channels, d_state] (Mamba-1)."""
+    """A = −exp(A_log) per SSM layer: [channels] (Mamba2) or [channels, d_state] (Mamba-1)."""
     a_log = np.asarray(params.weights["layers"]["mixer"]["A_log"], np.float32)
     return [-np.exp(a) for a in a_log]
 
 
 def _delta_batches(params: Params, tokens, *, train_len: int, num_windows: int, backend: str,
                    batch_size: int, progress: bool):
-    """Yields Δ of every layer for successive batches of windows: [n_layer, w, l, channels]."""
-    stream = np.asarray(tokens).reshape(-1)
+    """Yields Δ of every SSM layer for successive batches of windows: [n_ssm_layer, w, l, C]."""
+    train_len = check_int("train_len", train_len, minimum=1)
+    num_windows = check_int("num_windows", num_windows, minimum=1)
+    stream = check_stream(params, tokens, train_len)
     starts = window_starts(stream.shape[0], train_len, num_windows)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -46,7 +106,7 @@ def _delta_batches(params: Params, tokens, *, train_len: int, num_windows: int, 
         for i in range(0, num_windows, batch_size):
             batch = np.stack([stream[s : s + train_len] for s in starts[i : i + batch_size]])
             dt = apply_model(params, jnp.asarray(batch, jnp.int32), backend=impl,
-                             capture_dt=True, last_n=1).dt  # [n_layer, w, l, C]
+                             capture_dt=True, last_n=1).dt  # [n_ssm_layer, w, l, C]
             yield np.asarray(jax.device_get(dt))
             bar.update(len(batch))
 
@@ -59,12 +119,15 @@ def record_deltas(params: Params, tokens, *, train_len: int, num_windows: int = 
     This holds every window in memory (windows × train_len × channels floats per layer);
     `calibrate` streams them instead."""
     cfg = params.config
+    train_len = check_int("train_len", train_len, minimum=1)
+    num_windows = check_int("num_windows", num_windows, minimum=1)
+    check_stream(params, tokens, train_len)  # fail before allocating
     out = [np.empty((num_windows, train_len, cfg.channels), np.float32)
-           for _ in range(cfg.n_layer)]
+           for _ in range(cfg.n_ssm_layer)]
     i = 0
     for dt in _delta_batches(params, tokens, train_len=train_len, num_windows=num_windows,
                              backend=backend, batch_size=batch_size, progress=progress):
-        for layer in range(cfg.n_layer):
+        for layer in range(cfg.n_ssm_layer):
             out[layer][i : i + dt.shape[1]] = dt[layer]
         i += dt.shape[1]
     return out
@@ -93,10 +156,17 @@ def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
       progress: show a progress bar over the windows.
 
     Returns:
-      a `Calibration` matched to this model's config (fingerprint, layers, channels).
+      a `Calibration` matched to this model's config (fingerprint, layers, channels) and
+      weights (`weights_digest`).
+
+    Raises:
+      ValueError: a stream that is not 1-D integer ids in [0, padded_vocab_size) of at least
+        train_len tokens (before any work), or bad options.
     """
     cfg = params.config
-    window_starts(np.asarray(tokens).size, train_len, num_windows)  # fail before any work
+    train_len = check_int("train_len", train_len, minimum=1)
+    num_windows = check_int("num_windows", num_windows, minimum=1)
+    check_stream(params, tokens, train_len)  # fail before any work
     builder = CalibrationBuilder(layer_A(params), train_len=train_len, num_windows=num_windows,
                                  clamp_top=clamp_top, aggregate=aggregate)
     for dt in _delta_batches(params, tokens, train_len=train_len, num_windows=num_windows,
@@ -104,6 +174,7 @@ def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
         builder.add(list(dt))
     return builder.finish(
         fingerprint=cfg.fingerprint,
-        model_info={"arch": cfg.arch, "n_layer": cfg.n_layer, "channels": cfg.channels,
-                    "kind": "heads" if isinstance(cfg, Mamba2Config) else "channels"},
+        weights_digest=weights_digest(params),
+        model_info={"arch": cfg.arch, "n_layer": cfg.n_ssm_layer, "channels": cfg.channels,
+                    "kind": "channels" if isinstance(cfg, MambaConfig) else "heads"},
     )

@@ -108,3 +108,95 @@ def check_int(name: str, value: Any, *, minimum: int) -> int:
     if int(value) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return int(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# A calibration file read back: every header field and array checked before use.
+
+class CalibrationError(ValueError):
+    """A calibration file that cannot be used: the message names the file and the field."""
+
+
+_FLOATS = (np.float32, np.float64)
+
+
+def check_file_contents(path: str, header: Any, arrays: dict[str, np.ndarray],
+                        format_name: str, format_version: int) -> None:
+    """Raises CalibrationError naming `path` and the field unless the header and arrays are
+    what `Calibration.save` writes (shapes follow from the header; floats finite and >= 0)."""
+
+    def fail(what: str):
+        raise CalibrationError(f"{path}: {what}")
+
+    if not isinstance(header, dict):
+        fail(f"header is a JSON {type(header).__name__}, not an object")
+    if header.get("format") != format_name:
+        fail(f"format {header.get('format')!r} is not {format_name!r}")
+    if header.get("format_version") != format_version:
+        fail(f"unsupported format_version {header.get('format_version')!r} (this library "
+             f"reads version {format_version})")
+
+    def field(name: str, ok, want: str):
+        if name not in header:
+            fail(f"header field {name!r} is missing")
+        value = header[name]
+        if not ok(value):
+            fail(f"header field {name!r} must be {want}, got {value!r}")
+        return value
+
+    def is_int(v, lo=1):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    n_layers = field("n_layers", is_int, "an int >= 1")
+    channels = field("channels", lambda v: isinstance(v, list) and len(v) == n_layers
+                     and all(is_int(c) for c in v), f"a list of {n_layers} ints >= 1")
+    train_len = field("train_len", is_int, "an int >= 1")
+    windows = field("num_windows", is_int, "an int >= 1")
+    field("aggregate", lambda v: v in _AGGREGATES, f"one of {_AGGREGATES}")
+    field("clamp_top", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+          and 0 <= v <= 1, "a number in [0, 1]")
+    field("slowest_state", lambda v: v is None or v in _SLOWEST_STATE,
+          f"null or one of {_SLOWEST_STATE}")
+    field("clamp_k", is_int, "an int >= 1")
+    field("architecture", lambda v: isinstance(v, str), "a string")
+    field("library_version", lambda v: isinstance(v, str), "a string")
+    field("model_info", lambda v: isinstance(v, dict), "an object")
+    field("fingerprint", lambda v: v is None or isinstance(v, str), "a string or null")
+    if "weights_digest" in header:
+        field("weights_digest", lambda v: v is None or isinstance(v, str), "a string or null")
+    storage = field("storage", lambda v: v in ("exact", "grid"), "'exact' or 'grid'")
+    field("grid", lambda v: isinstance(v, dict) if storage == "grid" else v is None,
+          "an object" if storage == "grid" else "null")
+
+    total = sum(channels)
+    wanted: dict[str, tuple[tuple[int, ...], tuple]] = {
+        "decay_fraction": ((total,), _FLOATS),
+        "decay": ((total,), _FLOATS),
+        "theta_asym": ((total,), _FLOATS),
+    }
+    if storage == "exact":
+        for i, c in enumerate(channels):
+            wanted[f"curves_{i}"] = ((windows, c, train_len), _FLOATS)
+            wanted[f"window_decay_{i}"] = ((windows, c), _FLOATS)
+    else:
+        grid_s = arrays.get("grid_s")
+        n = grid_s.shape[0] if isinstance(grid_s, np.ndarray) and grid_s.ndim == 1 else -1
+        wanted["grid_s"] = ((n,), (np.int64, np.int32))
+        wanted["theta_codes"] = ((2, n, total), (np.uint8,))
+    for name in sorted(set(arrays) - set(wanted)):
+        fail(f"unexpected array {name!r} for storage {storage!r}")
+    for name, (shape, dtypes) in wanted.items():
+        if name not in arrays:
+            fail(f"array {name!r} is missing")
+        a = arrays[name]
+        if a.dtype not in [np.dtype(d) for d in dtypes]:
+            fail(f"array {name!r} has dtype {a.dtype}, expected "
+                 f"{' or '.join(str(np.dtype(d)) for d in dtypes)}")
+        if a.shape != shape or -1 in shape:
+            fail(f"array {name!r} has shape {a.shape}, but the header implies {shape}")
+        if a.dtype.kind == "f" and not (np.all(np.isfinite(a)) and np.all(a >= 0)):
+            fail(f"array {name!r} holds NaN, inf or negative values")
+    if storage == "grid":
+        grid_s = arrays["grid_s"]
+        if grid_s.size == 0 or grid_s[0] <= train_len or np.any(np.diff(grid_s) <= 0):
+            fail(f"array 'grid_s' must be increasing lengths > train_len={train_len}")

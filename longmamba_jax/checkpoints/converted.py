@@ -1,32 +1,38 @@
 """The converter's output format: an Orbax checkpoint of the weights plus our config and a manifest.
 
-    DIR/longmamba_config.json   {"format": ..., "format_version": 1, "dtype": ..., "config": {...}}
+    DIR/longmamba_config.json   {"format": ..., "format_version": 1, "dtype": ..., "config": {...},
+                                "checksums": {"layers/mixer/A_log": ..., ...},
+                                "files": {"params/...": {"bytes": ..., "crc32": ...}, ...}}
     DIR/params/                 Orbax (StandardCheckpointer) checkpoint of `Params.weights`
     DIR/manifest.json           where the weights came from (source, revision, sha256 of the
                                 input files, dtype, library version, config fingerprint, ...)
 
 `longmamba_config.json` is written last, so a directory without it is never mistaken for a
-complete conversion (`longmamba_jax.load` dispatches on it). `atomic_directory` gives writers
-an all-or-nothing output directory: everything is written into a temporary directory beside the
-target and renamed into place only when the writer finished without error.
+complete conversion (`longmamba_jax.load` dispatches on it). On load every file of params/ is
+checked against its size and CRC32 before Orbax reads it, and each restored parameter against
+its checksum (a position-weighted sum of its bits mod 2^32) and for NaN / inf
+(docs/reliability.md, "What is refused"). Directories written before these were recorded load
+without them. Writers get all-or-nothing output from `atomic.atomic_directory`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
+import zlib
+from pathlib import Path, PurePosixPath
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longmamba_jax.checkpoints.atomic import (  # noqa: F401 - re-exported
+    atomic_directory,
+    check_output_dir,
+    lock_path,
+)
 from longmamba_jax.checkpoints.files import CheckpointError, read_json
 from longmamba_jax.checkpoints.torch_format import expected_shapes
 from longmamba_jax.config import ConfigError, from_dict
@@ -65,13 +71,54 @@ def save_converted(params, out_dir, *, manifest: dict) -> Path:
         checkpointer.save(out_dir / PARAMS_DIR, params.weights)
     write_manifest(out_dir, {**manifest, "format_version": FORMAT_VERSION, "dtype": dtype,
                              "config_fingerprint": config.fingerprint})
+    checksums = {name: total for name, (total, _) in _checksums(params.weights).items()}
+    files = {}
+    for path in sorted((out_dir / PARAMS_DIR).rglob("*")):
+        if path.is_file():
+            files[path.relative_to(out_dir).as_posix()] = {"bytes": path.stat().st_size,
+                                                           "crc32": _crc32(path)}
     _write_json(out_dir / CONVERTED_CONFIG, {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "dtype": dtype,
         "config": config.to_dict(),
+        "checksums": checksums,
+        "files": files,
     })
     return out_dir
+
+
+def _crc32(path: Path, chunk: int = 1 << 23) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _checksum(a):
+    """(Σ_i bits_i · (2i + 1) mod 2^32, all finite) of an fp32 / bf16 / fp16 array.
+
+    Integer sums mod 2^32 do not depend on the order of the reduction, so the value is the same
+    on every backend; the odd weights make any one flipped bit change it.
+    """
+    bits = jax.lax.bitcast_convert_type(a, {2: jnp.uint16, 4: jnp.uint32}[a.dtype.itemsize])
+    bits = bits.astype(jnp.uint32).reshape(-1)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32), jnp.all(jnp.isfinite(a))
+
+
+@jax.jit
+def _checksum_tree(tree):
+    """`_checksum` of every leaf, in one compiled program per model."""
+    return jax.tree.map(_checksum, tree)
+
+
+def _checksums(weights) -> dict[str, tuple[int, bool]]:
+    """Parameter name -> (checksum, all finite), computed on the arrays' device."""
+    sums = jax.device_get(_checksum_tree(jax.tree.map(jnp.asarray, weights)))
+    return {"/".join(path): (int(total), bool(finite))
+            for path, (total, finite) in _flat(sums)}
 
 
 def write_manifest(directory, manifest: dict) -> None:
@@ -105,7 +152,14 @@ def _write_json(path: Path, obj) -> None:
 # Reading.
 
 def read_converted_config(directory):
-    """(config, stored dtype name) from `directory/longmamba_config.json`."""
+    """(config, stored dtype) from `directory/longmamba_config.json`."""
+    config, dtype, _, _ = _read_converted(directory)
+    return config, dtype
+
+
+def _read_converted(directory):
+    """(config, stored dtype, checksums or None, files or None) from
+    `directory/longmamba_config.json`, each field checked."""
     directory = Path(directory)
     path = directory / CONVERTED_CONFIG
     if not directory.is_dir():
@@ -122,13 +176,74 @@ def read_converted_config(directory):
                               f"version of longmamba-jax reads {FORMAT_VERSION})")
     try:
         config = from_dict(raw.get("config"), source=f"{path} (config)")
-    except (ConfigError, TypeError) as exc:
+        _check_field_types(config)
+    except (ConfigError, TypeError, ValueError, OverflowError) as exc:
         msg = str(exc)
         raise CheckpointError(msg if str(path) in msg else f"{path}: {msg}") from None
     dtype = raw.get("dtype")
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise CheckpointError(f"{path}: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
-    return config, np.dtype(_DTYPES[dtype])
+    try:
+        shapes = expected_shapes(config)
+    except Exception as exc:  # noqa: BLE001 - e.g. sizes too large for the array library
+        raise CheckpointError(f"{path}: the config implies impossible parameter shapes "
+                              f"({type(exc).__name__}: {exc})") from None
+    checksums = raw.get("checksums")  # absent in files written before checksums were recorded
+    if checksums is not None:
+        names = {"/".join(p) for p in shapes}
+        if not isinstance(checksums, dict) or set(checksums) != names or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32
+                for v in checksums.values()):
+            raise CheckpointError(f"{path}: \"checksums\" must map each parameter of the config "
+                                  "to an int in [0, 2^32)")
+    files = raw.get("files")  # absent in files written before file checksums were recorded
+    if files is not None:
+        def ok(name, entry):
+            parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+            return (len(parts) > 1 and parts[0] == PARAMS_DIR and ".." not in parts
+                    and isinstance(entry, dict) and set(entry) == {"bytes", "crc32"}
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                            for v in entry.values()))
+
+        if not isinstance(files, dict) or not files or not all(ok(*kv) for kv in files.items()):
+            raise CheckpointError(f"{path}: \"files\" must map files under {PARAMS_DIR}/ to "
+                                  "{\"bytes\": int, \"crc32\": int}")
+    return config, np.dtype(_DTYPES[dtype]), checksums, files
+
+
+def _check_field_types(config) -> None:
+    """Every config field has its declared type (our own schema is read with no casts)."""
+    for field in dataclasses.fields(config):
+        value, kind = getattr(config, field.name), str(field.type)
+        if kind.startswith("bool"):
+            good = isinstance(value, bool)
+        elif kind.startswith("int"):
+            good = (isinstance(value, int) and not isinstance(value, bool)) or \
+                ("None" in kind and value is None)
+        elif kind.startswith("float"):
+            good = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value) and value > 0) or ("None" in kind and value is None)
+        elif kind == "str":  # the hybrids' layer_pattern, hidden_act (checked by the config)
+            good = isinstance(value, str)
+        else:  # dt_limit: already (float, float) with low <= high
+            good = all(isinstance(v, (int, float)) and not math.isnan(v) for v in value)
+        if not good:
+            raise ConfigError(f"config field {field.name} must be {kind}, got {value!r}")
+
+
+def _check_files(directory: Path, files: dict) -> None:
+    """Each listed file exists with its recorded size and CRC32 (before Orbax reads any)."""
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file() or path.is_symlink():
+            raise CheckpointError(f"{path}: missing (listed in {CONVERTED_CONFIG})")
+        if path.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, but {CONVERTED_CONFIG} "
+                                  f"records {entry['bytes']} (truncated or changed)")
+    for name, entry in files.items():
+        if _crc32(directory / name) != entry["crc32"]:
+            raise CheckpointError(f"{directory / name}: does not match its CRC32 in "
+                                  f"{CONVERTED_CONFIG} (the file is damaged or was changed)")
 
 
 def load_converted(directory, dtype=None):
@@ -145,11 +260,15 @@ def load_converted(directory, dtype=None):
     from longmamba_jax.model import Params
 
     directory = Path(directory).absolute()
-    config, stored = read_converted_config(directory)
+    config, stored, checksums, files = _read_converted(directory)
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{directory}: missing the weights directory {PARAMS_DIR}/")
-    target_dtype = np.dtype(dtype) if dtype is not None else stored
+    if files is not None:
+        _check_files(directory, files)
+    wanted_dtype = np.dtype(dtype) if dtype is not None else stored
+    # Checksums are of the stored values: restore those, check, then cast.
+    target_dtype = stored if checksums is not None else wanted_dtype
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target: dict = {}
     for path, shape in expected_shapes(config).items():
@@ -169,7 +288,20 @@ def load_converted(directory, dtype=None):
             f"{params_dir}: cannot restore the weights (corrupt, incomplete, or not written for "
             f"the config in {CONVERTED_CONFIG}): {first}"
         ) from None
-    return Params(_plain_dicts(weights), config)
+    weights = _plain_dicts(weights)
+    for name, (total, finite) in _checksums(weights).items():
+        if checksums is not None and int(total) != checksums[name]:
+            raise CheckpointError(f"{params_dir}: parameter {name} does not match its checksum in "
+                                  f"{CONVERTED_CONFIG} (the files were changed or damaged)")
+        if not bool(finite):
+            raise CheckpointError(f"{params_dir}: parameter {name} holds NaN or inf values")
+    if wanted_dtype != target_dtype:
+        for path, _ in list(_flat(weights)):  # in place: one stored-dtype leaf freed at a time
+            node = weights
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = node[path[-1]].astype(wanted_dtype)
+    return Params(weights, config)
 
 
 def _flat(tree, prefix=()):
@@ -212,73 +344,3 @@ def _plain_dicts(tree):
     if isinstance(tree, dict):
         return {k: _plain_dicts(v) for k, v in tree.items()}
     return tree
-
-
-# ---------------------------------------------------------------------------------------------
-# All-or-nothing output directories.
-
-def _replaceable(path: Path) -> bool:
-    """Whether --force may replace `path`: an empty directory or one of our outputs."""
-    if not path.is_dir() or path.is_symlink():
-        return False
-    names = {p.name for p in path.iterdir()}
-    return not names or CONVERTED_CONFIG in names or "config.json" in names
-
-
-def check_output_dir(out, *, force: bool = False) -> None:
-    """Raises FileExistsError unless `out` is free, or `force` and `out` may be replaced."""
-    out = Path(out).absolute()
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise FileExistsError(f"{out}: already exists (pass --force / force=True to replace "
-                                  "it)")
-        if not _replaceable(out):
-            raise FileExistsError(
-                f"{out}: exists and is not an empty directory or a previous conversion; refusing "
-                "to replace it even with --force"
-            )
-
-
-@contextlib.contextmanager
-def atomic_directory(out, *, force: bool = False) -> Iterator[Path]:
-    """Yields a temporary directory beside `out`; on success it becomes `out`.
-
-    On any exception (including KeyboardInterrupt) the temporary directory is removed and `out`
-    is left exactly as it was. An existing `out` is refused unless `force`, and then replaced
-    only after the writer succeeded (and only if it is an empty directory or a previous
-    conversion / export, never an arbitrary directory or a file).
-
-    Raises:
-      FileExistsError: `out` exists and `force` is off, or it cannot be replaced safely.
-    """
-    out = Path(out).absolute()
-    check_output_dir(out, force=force)
-    created = []
-    parent = out.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary dir
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for directory in created:  # deepest first
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        raise

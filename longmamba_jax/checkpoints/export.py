@@ -1,4 +1,5 @@
 """JAX -> PyTorch: configs and state dicts for transformers and mamba_ssm, and `export_torch`.
+(FalconMamba, Zamba2 and Bamba: the transformers layout only.)
 
 The inverse of the key table in `torch_format.py`: every parameter path maps back to its
 torch key, `kernel` [in, out] back to a Linear weight [out, in], and the conv kernel [K, C] back
@@ -48,6 +49,10 @@ def to_hf_config(config: Config) -> dict:
     final size). `time_step_limit` may hold inf, which `json.dumps` writes as `Infinity` (read
     back by `json.loads`, transformers and `longmamba_jax.config.from_dict`).
     """
+    if not isinstance(config, (MambaConfig, Mamba2Config)):
+        from longmamba_jax.hybrid.config import to_hf_hybrid
+
+        return to_hf_hybrid(config)
     common = {
         "hidden_size": config.d_model,
         "num_hidden_layers": config.n_layer,
@@ -63,13 +68,17 @@ def to_hf_config(config: Config) -> dict:
         "tie_word_embeddings": config.tie_embeddings,
     }
     if isinstance(config, MambaConfig):
-        return {
+        out = {
             "architectures": ["MambaForCausalLM"],
             "model_type": "mamba",
             **common,
             "intermediate_size": config.d_inner,
             "time_step_rank": config.dt_rank,
         }
+        if config.mixer_rms_eps is not None:
+            out.update(architectures=["FalconMambaForCausalLM"], model_type="falcon_mamba",
+                       mixer_rms_eps=config.mixer_rms_eps)
+        return out
     if isinstance(config, Mamba2Config):
         return {
             "architectures": ["Mamba2ForCausalLM"],
@@ -91,7 +100,7 @@ def to_native_config(config: Config) -> dict:
     same embedding shape. A non-default `norm_eps` is written as `norm_epsilon` (read by
     `from_dict`; mamba_ssm's own config class has no such key).
     """
-    if isinstance(config, MambaConfig):
+    if isinstance(config, MambaConfig) and config.mixer_rms_eps is None:
         ssm = {"layer": "Mamba1", "d_state": config.d_state, "d_conv": config.d_conv,
                "expand": config.expand,
                "dt_rank": "auto" if config.dt_rank == math.ceil(config.d_model / 16)
@@ -105,8 +114,8 @@ def to_native_config(config: Config) -> dict:
         if config.dt_limit != (0.0, math.inf):
             ssm["dt_limit"] = list(config.dt_limit)
     else:
-        raise TypeError(f"config must be MambaConfig or Mamba2Config, got "
-                        f"{type(config).__name__}")
+        raise ValueError(f"{config.family} has no mamba_ssm native layout (use "
+                         "layout='transformers')")
     out = {
         "d_model": config.d_model,
         "d_intermediate": 0,
@@ -143,6 +152,12 @@ def iter_torch_tensors(params, layout: str = "transformers") -> Iterator[tuple[s
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     native = layout == "native"
     config = params.config
+    if not isinstance(config, (MambaConfig, Mamba2Config)):
+        if native:
+            raise ValueError(f"{config.family} has no mamba_ssm native layout (use "
+                             "layout='transformers')")
+        yield from _hybrid_tensors(params)
+        return
     for path, leaf in flatten(params.weights):
         array = np.asarray(leaf)
         if path[0] == "layers":
@@ -155,6 +170,21 @@ def iter_torch_tensors(params, layout: str = "transformers") -> Iterator[tuple[s
             yield torch_key(path, None, native), _to_torch_layout(path, array)
             if path == ("embedding", "weight") and native and config.tie_embeddings:
                 yield "lm_head.weight", array
+
+
+def _hybrid_tensors(params) -> Iterator[tuple[str, np.ndarray]]:
+    """A hybrid model's tensors (each stacked group one tensor per slot); tied copies (Zamba2's
+    later uses of a shared block, a tied head) are left out, as transformers saves them."""
+    from longmamba_jax.checkpoints.torch_format import key_table
+
+    table = key_table(params.config)
+    for path, leaf in flatten(params.weights):
+        array = np.asarray(leaf)
+        if path[0] in ("embedding", "norm_f", "lm_head"):
+            yield table.torch_key(path, None), _to_torch_layout(path, array)
+            continue
+        for slot in range(array.shape[0]):
+            yield table.torch_key(path, slot), _to_torch_layout(path, array[slot])
 
 
 def torch_state_dict(params, layout: str = "transformers") -> dict[str, np.ndarray]:
@@ -245,7 +275,7 @@ def export_torch(params, out_dir, *, layout: str = "transformers",
     Returns:
       The output directory.
     """
-    from longmamba_jax.checkpoints.converted import atomic_directory
+    from longmamba_jax.checkpoints.atomic import atomic_directory
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")

@@ -5,8 +5,9 @@ files of a checkpoint directory. Every failure is a `CheckpointError` naming the
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import ml_dtypes
 import numpy as np
@@ -31,11 +32,14 @@ _ST_DTYPES = {
 }
 
 
-def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (key, array) from a .safetensors file, memory-mapped (nothing copied up front).
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
-    Validates the header and every tensor's byte range, so truncated or corrupt files fail with
-    a message naming the file (and the key) instead of garbage or a segfault.
+
+def read_safetensors_header(path: Path) -> tuple[dict, int, int]:
+    """(header without `__metadata__`, data start offset, file size) of a .safetensors file.
+
+    The header length (the first 8 bytes) is checked against the file size before anything
+    else is read, so a corrupt length is one CheckpointError, never a huge allocation.
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -43,39 +47,74 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         if len(raw) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         header_len = int.from_bytes(raw, "little")
-        if header_len <= 0 or 8 + header_len > size or header_len > 100_000_000:
+        if header_len < 2 or 8 + header_len > size or header_len > MAX_HEADER_BYTES:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
                                   f"(header length {header_len}, file size {size})")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+        text = f.read(header_len)
+    if len(text) != header_len:
+        raise CheckpointError(f"{path}: truncated safetensors header (file changed while read)")
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
-    data_start = 8 + header_len
+    return header, 8 + header_len, size
+
+
+def _entry(path: Path, key: str, info) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """dtype, shape and byte range of one header entry, each field checked."""
+    def bad(why: str):
+        return CheckpointError(f"{path}: corrupt safetensors entry for key {key!r}: {why}")
+
+    if not isinstance(info, dict):
+        raise bad(f"{info!r} is not an object")
+    name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(name, str) or name not in _ST_DTYPES:
+        raise bad(f"dtype {name!r} is not one of {sorted(_ST_DTYPES)}")
+    if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2 \
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                       for v in shape + offsets):
+        raise bad(f"shape {shape!r} / data_offsets {offsets!r} are not lists of non-negative "
+                  "integers")
+    return np.dtype(_ST_DTYPES[name]), tuple(shape), offsets[0], offsets[1]
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (key, array) from a .safetensors file, memory-mapped (nothing copied up front).
+
+    Validates the header and every tensor's byte range, so truncated or corrupt files fail with
+    a message naming the file (and the key) instead of garbage or a segfault.
+    """
+    header, data_start, size = read_safetensors_header(path)
     data_len = size - data_start
-    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,)) \
-        if data_len > 0 else np.zeros((0,), np.uint8)
-    for key, info in header.items():
-        try:
-            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(v) for v in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors entry for key {key!r}: {info!r}") \
-                from None
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    entries = {key: _entry(path, key, info) for key, info in header.items()}
+    for key, (dtype, shape, begin, end) in entries.items():
         if end > data_len:
             raise CheckpointError(
                 f"{path}: truncated file: tensor {key!r} needs bytes {begin}..{end} of the data "
                 f"section but the file holds {data_len}"
             )
-        if end - begin != expected or begin < 0:
+        if end - begin != math.prod(shape) * dtype.itemsize:
             raise CheckpointError(
                 f"{path}: corrupt safetensors entry {key!r}: {end - begin} bytes for shape "
-                f"{shape} of {info['dtype']}"
+                f"{shape} of {header[key]['dtype']}"
             )
+    # As the safetensors library requires: the tensors tile the data section exactly, so no
+    # two of them share bytes and nothing is left over.
+    position = 0
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+        if begin != position:
+            raise CheckpointError(f"{path}: corrupt safetensors entry {key!r}: data_offsets "
+                                  f"[{begin}, {end}] overlap another tensor or leave a gap")
+        position = end
+    if position != data_len:
+        raise CheckpointError(f"{path}: the tensors cover {position} bytes of the data section, "
+                              f"but it holds {data_len} (trailing bytes)")
+    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,)) \
+        if data_len > 0 else np.zeros((0,), np.uint8)
+    for key, (dtype, shape, begin, end) in entries.items():
         yield key, mm[begin:end].view(dtype).reshape(shape)
 
 
@@ -121,30 +160,62 @@ def weight_files(directory: Path) -> list[Path]:
     """The weight files of a checkpoint directory, in the preferred format."""
     index = directory / SAFETENSORS_INDEX
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: corrupt shard index ({exc})") from None
-        files = sorted({directory / name for name in weight_map.values()})
-        for f in files:
-            if not f.exists():
-                raise CheckpointError(f"{index}: names shard {f.name} which is missing")
-        return files
+        raw = read_json(index)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{index}: corrupt shard index (\"weight_map\" must map tensor "
+                                  "names to shard file names)")
+        return [_shard(directory, index, name) for name in sorted(set(weight_map.values()))]
     single = directory / SAFETENSORS_FILE
     if single.exists():
-        return [single]
+        return [_regular(single)]
     shards = sorted(directory.glob("*.safetensors"))
     if shards:
-        return shards
+        return [_regular(f) for f in shards]
     if (directory / BIN_FILE).exists():
-        return [directory / BIN_FILE]
+        return [_regular(directory / BIN_FILE)]
     bins = sorted(directory.glob("pytorch_model*.bin"))
     if bins:
-        return bins
+        return [_regular(f) for f in bins]
     raise CheckpointError(
         f"{directory}: no weights found (model.safetensors, *.safetensors with "
         f"{SAFETENSORS_INDEX}, or {BIN_FILE})"
     )
+
+
+def _regular(path: Path) -> Path:
+    """`path` if it is a regular file (not a directory, FIFO or device, which could hang)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    return path
+
+
+def _shard(directory: Path, index: Path, name: str) -> Path:
+    """The shard `name` of the index, refused unless it lies inside the checkpoint directory.
+
+    Absolute names, `..` and symlinks that resolve outside it are refused; in a Hugging Face
+    cache snapshot (`.../snapshots/<rev>/`) the files are symlinks into the repository's
+    `blobs/`, which is allowed.
+    """
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name \
+            or PureWindowsPath(name).drive:
+        raise CheckpointError(f"{index}: names shard {name!r}, which is outside the checkpoint "
+                              "directory")
+    path = directory / pure
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{index}: names shard {name} which is missing")
+    resolved = path.resolve()
+    roots = [directory.resolve()]
+    if directory.resolve().parent.name == "snapshots":
+        roots.append(directory.resolve().parent.parent / "blobs")
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise CheckpointError(f"{index}: shard {name} resolves to {resolved}, outside the "
+                              "checkpoint directory")
+    if not path.exists():
+        raise CheckpointError(f"{index}: names shard {name} which is missing")
+    return _regular(path)
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, np.ndarray]]:
@@ -160,16 +231,13 @@ def progress_bar(enabled: bool, files):
         return NoBar()
     total = 0
     for f in files:
-        if f.suffix == ".safetensors":
-            try:
-                with open(f, "rb") as fh:
-                    n = int.from_bytes(fh.read(8), "little")
-                    total += len([k for k in json.loads(fh.read(n)) if k != "__metadata__"])
-            except (OSError, ValueError):
-                total = None
-                break
-        else:
+        if f.suffix != ".safetensors":
             total = None
+            break
+        try:
+            total += len(read_safetensors_header(f)[0])
+        except (OSError, CheckpointError):
+            total = None  # the reader reports the problem, naming the file
             break
     return tqdm_bar(total=total, desc="tensors", unit="tensor")
 

@@ -1,11 +1,15 @@
-"""Reading PyTorch Mamba checkpoints (mamba_ssm native and transformers layouts) into `Params`.
+"""Reading PyTorch checkpoints (mamba_ssm native, transformers, and Codestral Mamba's own
+release) into `Params`.
 
 A checkpoint directory holds `config.json` and weights as `model.safetensors`, sharded
 `*.safetensors` with `model.safetensors.index.json`, or `pytorch_model.bin` (read with
-`torch.load(weights_only=True)` only: a pickle that carries code or objects is refused).
+`torch.load(weights_only=True)` only: a pickle that carries code or objects is refused); a
+Codestral Mamba release holds `params.json` and `consolidated.safetensors` (mamba_ssm's keys
+under `model.`). Hybrid families (Zamba2, Bamba) come in the transformers layout.
 
-Conversion is a table (`_RULES`): torch key pattern -> parameter path and transform. Loading is
-strict: every tensor must be used, every parameter filled, every shape match the config; each
+Conversion is a table (`_RULES`; `hybrid.checkpoint.HybridKeys` for the hybrid families):
+torch key pattern -> parameter path and transform. Loading is strict: every tensor must be used,
+every parameter filled, every shape match the config, every value be a finite float; each
 failure is one `CheckpointError` naming the file and the key. Tensors are streamed one at a time
 into preallocated arrays of the target dtype (no second full copy in fp32).
 """
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from longmamba_jax.checkpoints.files import (
@@ -28,7 +33,17 @@ from longmamba_jax.checkpoints.files import (
     read_json,
     weight_files,
 )
-from longmamba_jax.config import Config, ConfigError, Mamba2Config, from_dict
+from longmamba_jax.config import (
+    Config,
+    ConfigError,
+    Mamba2Config,
+    MambaConfig,
+    from_dict,
+    from_mistral_params,
+)
+
+MISTRAL_CONFIG = "params.json"  # Codestral Mamba's own release (mistral-inference)
+MISTRAL_WEIGHTS = "consolidated.safetensors"
 
 # ---------------------------------------------------------------------------------------------
 # The key table.
@@ -81,6 +96,39 @@ def _match(rules, key: str):
     return None
 
 
+_TRANSFORMS = {"linear": _t, "conv": _conv, "same": _same}
+_UNSTACKED = ("embedding", "norm_f", "lm_head")  # every other top-level group is stacked
+
+
+class _PureKeys:
+    """The key table of a Mamba / Mamba2 model in one layout: `match(key)` -> (path, layer,
+    transform, is_copy) or None; `torch_key(path, layer)`. Codestral's release ("mistral")
+    holds the native keys under a `model.` prefix."""
+
+    def __init__(self, config, schema: str):
+        self.rules = _RULES_MAMBA2 if isinstance(config, Mamba2Config) else _RULES_MAMBA1
+        self.native = schema in ("native", "mistral")
+        self.prefix = "model." if schema == "mistral" else ""
+
+    def match(self, key: str):
+        if not key.startswith(self.prefix):
+            return None
+        hit = _match(self.rules, key[len(self.prefix):])
+        return None if hit is None else (*hit, False)
+
+    def torch_key(self, path, layer):
+        return self.prefix + torch_key(path, layer, self.native)
+
+
+def key_table(config, schema: str = "transformers"):
+    """The key table of `config` in `schema`'s layout (hybrid families: transformers only)."""
+    if isinstance(config, (MambaConfig, Mamba2Config)):
+        return _PureKeys(config, schema)
+    from longmamba_jax.hybrid.checkpoint import HybridKeys
+
+    return HybridKeys(config)
+
+
 def torch_key(path: tuple[str, ...], layer: int | None, native: bool) -> str:
     """The torch key a parameter comes from (for messages and for export)."""
     names = {
@@ -119,7 +167,8 @@ def expected_shapes(config: Config) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {path: tuple(leaf.shape) for path, leaf in flatten(shapes)}
 
 
-def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
+def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False,
+                          on_tensor: Callable[[], None] | None = None):
     """Loads a torch checkpoint directory (either layout) into `Params`.
 
     Args:
@@ -127,6 +176,7 @@ def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
       dtype: parameter dtype (jnp.float32 / jnp.bfloat16); None keeps the checkpoint's dtype
         (fp32 when it mixes dtypes).
       progress: show a progress bar over tensors.
+      on_tensor: called after each tensor (the converter's safe point for signals).
 
     Returns:
       (Params, info) where info has the schema ("native" / "transformers"), files and dtype.
@@ -135,24 +185,30 @@ def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
 
     directory = Path(directory)
     config, schema = read_config(directory)
-    files = weight_files(directory)
-    native = schema == "native"
-    rules = _RULES_MAMBA2 if isinstance(config, Mamba2Config) else _RULES_MAMBA1
+    files = [directory / MISTRAL_WEIGHTS] if schema == "mistral" else weight_files(directory)
+    if schema == "mistral" and not files[0].exists():
+        raise CheckpointError(f"{directory}: {MISTRAL_CONFIG} without {MISTRAL_WEIGHTS}")
+    table = key_table(config, schema)
     shapes = expected_shapes(config)
-    n_layer = config.n_layer
     buffers: dict[tuple[str, ...], np.ndarray] = {}
-    filled: dict[tuple[str, ...], np.ndarray] = {}  # per path: bool [n_layer] or [1]
+    filled: dict[tuple[str, ...], np.ndarray] = {}  # per path: bool [slots] or [1]
+    copies = []  # tied copies (Zamba2's shared blocks), compared once everything is read
     seen_dtypes = set()
     lm_head_tied = None
     bar = progress_bar(progress, files)
     try:
         for path_file, key, array in iter_tensors(files):
             bar.update(1)
-            hit = _match(rules, key)
+            if on_tensor is not None:
+                on_tensor()
+            hit = table.match(key)
             if hit is None:
                 raise CheckpointError(f"{path_file}: unexpected key {key!r} (not part of a "
-                                      f"{config.arch} model in the {schema} layout)")
-            path, layer, transform = hit
+                                      f"{config.family} model in the {schema} layout)")
+            path, layer, transform, copy = hit
+            transform = _TRANSFORMS.get(transform, transform) if isinstance(transform, str) \
+                else transform
+            _check_values(path_file, key, array)
             if path == ("lm_head", "kernel") and config.tie_embeddings:
                 lm_head_tied = (path_file, array)  # mamba_ssm saves tied heads too; checked below
                 continue
@@ -161,9 +217,9 @@ def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
                                       f"(e.g. a bias the config does not have)")
             want = shapes[path]
             if layer is not None:
-                if layer >= n_layer:
+                if layer >= want[0]:
                     raise CheckpointError(f"{path_file}: key {key!r} is for layer {layer} but the "
-                                          f"config has n_layer={n_layer}")
+                                          f"config has {want[0]} such layers")
                 want_one = want[1:]
             else:
                 want_one = want
@@ -176,12 +232,15 @@ def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
                     f"{path_file}: key {key!r} has shape {tuple(array.shape)}, but the config "
                     f"({directory / CONFIG_FILE}) implies {_torch_shape(path, want_one)}"
                 )
+            if copy:
+                copies.append((path_file, key, path, layer, np.array(value, np.float32)))
+                continue
             seen_dtypes.add(np.dtype(array.dtype))
             target = np.dtype(dtype) if dtype is not None else None
             if path not in buffers:
                 buf_dtype = target or np.dtype(array.dtype)
                 buffers[path] = np.empty(want, buf_dtype)
-                filled[path] = np.zeros((n_layer if layer is not None else 1,), bool)
+                filled[path] = np.zeros((want[0] if layer is not None else 1,), bool)
             slot = layer if layer is not None else 0
             if filled[path][slot]:
                 raise CheckpointError(f"{path_file}: key {key!r} appears twice")
@@ -194,18 +253,23 @@ def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
         bar.close()
     missing = []
     for path in shapes:
+        stacked = path[0] not in _UNSTACKED
         if path not in filled:
-            layers = [0] if path[0] == "layers" else [None]
+            layers = [0] if stacked else [None]
         else:
             layers = [i for i, ok in enumerate(filled[path]) if not ok]
-            if path[0] != "layers":
+            if not stacked:
                 layers = [None] if layers else []
-        missing += [torch_key(path, i, native) for i in layers]
+        missing += [table.torch_key(path, i) for i in layers]
     if missing:
         raise CheckpointError(
             f"{directory}: missing key {missing[0]!r}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
+    for path_file, key, path, layer, value in copies:
+        if not np.array_equal(value, np.asarray(buffers[path][layer], np.float32)):
+            raise CheckpointError(f"{path_file}: key {key!r} differs from "
+                                  f"{table.torch_key(path, layer)!r}, which the model ties it to")
     if lm_head_tied is not None:
         head_file, head = lm_head_tied
         if head.shape != buffers[("embedding", "weight")].shape or not np.array_equal(
@@ -225,6 +289,18 @@ def load_torch_checkpoint(directory, dtype=None, *, progress: bool = False):
     return Params(weights, config), info
 
 
+_FLOAT_DTYPES = {np.dtype(d) for d in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)}
+
+
+def _check_values(path_file: Path, key: str, array: np.ndarray) -> None:
+    """Every parameter is floating point and finite (one pass over the tensor)."""
+    if np.dtype(array.dtype) not in _FLOAT_DTYPES:
+        raise CheckpointError(f"{path_file}: key {key!r} is {array.dtype}, but every parameter is "
+                              "floating point (float32, bfloat16, float16 or float64)")
+    if not np.isfinite(array).all():
+        raise CheckpointError(f"{path_file}: key {key!r} holds NaN or inf values")
+
+
 def _torch_shape(path, shape):
     if path[-1] == "kernel" and path[-2] == "conv1d":
         return (shape[1], 1, shape[0])
@@ -234,16 +310,29 @@ def _torch_shape(path, shape):
 
 
 
+def config_file(directory) -> Path:
+    """The config file of a checkpoint directory: `config.json`, or `params.json` of a
+    Codestral Mamba release (mistral-inference layout) that has no config.json."""
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).exists() and (directory / MISTRAL_CONFIG).exists():
+        return directory / MISTRAL_CONFIG
+    return directory / CONFIG_FILE
+
+
 def read_config(directory: Path) -> tuple[Config, str]:
-    """(config, schema) from `directory/config.json`; schema is "native" or "transformers"."""
-    path = Path(directory) / CONFIG_FILE
+    """(config, schema) from the directory's config file; schema is "native", "transformers",
+    "mistral" (Codestral's params.json) or "ours"."""
+    path = config_file(directory)
     if not path.exists():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}")
     raw = read_json(path)
     try:
+        if path.name == MISTRAL_CONFIG:
+            return from_mistral_params(raw, source=str(path)), "mistral"
         config = from_dict(raw, source=str(path))
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(str(exc)) from None
+    except (ConfigError, TypeError, ValueError, OverflowError) as exc:  # int("x"), int(inf)
+        msg = str(exc)
+        raise CheckpointError(msg if str(path) in msg else f"{path}: {msg}") from None
     schema = "transformers" if "model_type" in raw else "native" if "d_model" in raw else "ours"
     return config, schema
 

@@ -93,8 +93,11 @@ def demo_model(path: str | Path | None = None) -> DemoModel:
     root = Path(path) if path is not None else DEMO_DIR
     if not (root / "model" / "config.json").is_file():
         raise FileNotFoundError(f"no demo model in {root} (expected model/config.json)")
+    from longmamba_jax.calibration.record import weights_digest
+
     params = load(root / "model")
     cal = Calibration.load(root / "calibration.npz")
     cal.check_compatible(params.config.fingerprint, params.config.n_layer,
-                         [params.config.channels] * params.config.n_layer)
+                         [params.config.channels] * params.config.n_layer,
+                         weights_digest(params))
     return DemoModel(params, cal, ByteTokenizer(), int(cal.train_len))

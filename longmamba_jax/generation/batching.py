@@ -21,8 +21,9 @@ FORMS = ("batch", "single", "list")
 
 
 class PromptBatch(NamedTuple):
-    """tokens int32 [b, l] (numpy, or a jax array passed by the caller); mask int32 [b, l] or
-    None (1 = real token, 0 = padding); form: one of FORMS."""
+    """tokens int [b, l] (numpy, or a jax array passed by the caller; cast to int32 only after
+    the range check); mask int32 [b, l] or None (1 = real token, 0 = padding); form: one of
+    FORMS."""
 
     tokens: object
     mask: object
@@ -31,6 +32,12 @@ class PromptBatch(NamedTuple):
 
 def _int_row(p, where: str) -> np.ndarray:
     a = np.asarray(p)
+    if a.dtype.kind in "fO" and isinstance(p, (list, tuple)) and all(_is_int(t) for t in p):
+        # Python ints beyond int64 (numpy made them float64 or object): never cast them.
+        bad = next((int(t) for t in p if not -2**63 <= int(t) < 2**63), None)
+        if bad is not None:
+            raise ValueError(f"token ids must be in [0, vocab) for this model; {where} holds "
+                             f"{bad}")
     if a.ndim != 1:
         raise ValueError(f"{where} must be a 1-D sequence of token ids, got shape {a.shape}")
     if a.size == 0:
@@ -97,9 +104,11 @@ def as_batch(prompts, attention_mask=None, pad_to_multiple_of: int | None = None
 
 
 def _left_pad(rows: list[np.ndarray]):
-    """Rows of lengths l_r -> (tokens int32 [b, max l_r], mask or None when all equal)."""
+    """Rows of lengths l_r -> (tokens int [b, max l_r], mask or None when all equal)."""
     width = max(len(r) for r in rows)
-    tokens = np.zeros((len(rows), width), np.int32)  # any id under the mask: it is ignored
+    # The rows' own integer dtype: the range check runs before any cast to int32 (`_check_tokens`).
+    dtype = np.result_type(np.int32, *[r.dtype for r in rows])
+    tokens = np.zeros((len(rows), width), dtype)  # any id under the mask: it is ignored
     mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
         tokens[i, width - len(r):] = r
@@ -112,8 +121,8 @@ def _pad_width(tokens, mask, multiple: int):
     extra = -length % multiple
     if extra == 0:
         return tokens, mask
-    tokens = np.concatenate([np.zeros((batch, extra), np.int32),
-                             np.asarray(tokens).astype(np.int32)], axis=1)
+    tokens = np.asarray(tokens)  # its own dtype: checked before the cast to int32
+    tokens = np.concatenate([np.zeros((batch, extra), tokens.dtype), tokens], axis=1)
     body = np.ones((batch, length), np.int32) if mask is None else np.asarray(mask, np.int32)
     return tokens, np.concatenate([np.zeros((batch, extra), np.int32), body], axis=1)
 

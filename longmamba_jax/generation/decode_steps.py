@@ -48,7 +48,7 @@ import jax.numpy as jnp
 
 from longmamba_jax.config import Mamba2Config
 from longmamba_jax.layers import rms_norm, silu
-from longmamba_jax.mixers import Block, ScanBackend
+from longmamba_jax.mixers import Block, ScanBackend, weightless_rms_norm
 from longmamba_jax.model import Cache, LayerFilters, Params, lm_head
 from longmamba_kernels.common import filter_threshold
 from longmamba_kernels.selective_scan.reference import selective_state_step
@@ -161,6 +161,8 @@ def _mamba1_mixer_step(cfg, prep: dict, u, conv, ssm, i: int):
     x, conv_i = _conv_step(x, conv[i], w["conv1d"])
     x = silu(x).astype(pd)
     dt_raw, B, C = jnp.split(_linear(x, w["x_proj"]), [r, r + n], axis=-1)
+    if cfg.mixer_rms_eps is not None:  # FalconMamba
+        dt_raw, B, C = (weightless_rms_norm(a, cfg.mixer_rms_eps) for a in (dt_raw, B, C))
     dt = _linear(dt_raw, {"kernel": w["dt_proj"]["kernel"]})  # the DtProj matmul, rounded
     dt = jax.nn.softplus(dt.astype(f32) + w["dt_proj"]["bias"].astype(f32))  # [b, e]
     y, s = selective_state_step(ssm[i], x, dt, prep["A"], B, C, w["D"],

@@ -50,6 +50,7 @@ from longmamba_jax.generation.loop import (
 from longmamba_jax.generation.loop import step_body as _step_body
 from longmamba_jax.generation.sampling import Greedy, make_sampler
 from longmamba_jax.generation.streaming import StopStrings, as_callback, host_loop
+from longmamba_jax.hybrid import is_hybrid, reserve
 from longmamba_jax.model import (
     Cache,
     LayerFilters,
@@ -57,6 +58,7 @@ from longmamba_jax.model import (
     _check_tokens,
     _mask,
     apply_model,
+    check_token_ids,
     empty_cache,
     method_kwargs,
 )
@@ -139,7 +141,7 @@ def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None 
     if segment_ids is not None and method is not None and cache is not None:
         raise ValueError("packed documents under a method are filtered per document length, "
                          "so the row must be prefilled in one call (no cache)")
-    kwargs = method_kwargs(method, params.config, int(total_len), segment_ids)
+    kwargs = method_kwargs(method, params.config, int(total_len), segment_ids, params=params)
     if kwargs.get("rule") is not None and cache is not None:
         raise ValueError(f"the LongMamba rule {kwargs['rule'].kind!r} reads the whole prompt's Δ "
                          "in every layer, so the prompt must be prefilled in one call (no cache, "
@@ -159,6 +161,8 @@ def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None 
     mask = _mask(attention_mask, tokens)
     if mask is not None:
         _check_padding(attention_mask)
+    if cache is not None:  # a hybrid model's KV cache: room for this chunk (and the prompt)
+        cache = reserve(cache, length, total=int(total_len), dtype=params.dtype)
     mesh = resolve_mesh(params, mesh)
     with mesh_scope(mesh):
         tokens, mask, segment_ids = place_batch(mesh, tokens, mask, segment_ids)
@@ -183,7 +187,10 @@ def decode_step(params: Params, cache: Cache, token, *, method: Any = None,
     Args:
       params: `Params`.
       cache: `Cache` from `prefill` or a previous `decode_step` (or `empty_cache`).
-      token: int [b], the last token of each sequence.
+      token: int [b], the last token of each sequence; ids outside [0, padded_vocab_size)
+        raise ValueError. Under a caller's `jit` they cannot be checked: such a row's logits
+        (and its state from then on) are all NaN, and `checkify` reports them
+        (docs/reliability.md, "Token ids").
       method: None, or a method; only a LongMamba with `filter_decode=True` changes the step
         (it filters with θ for `seq_len`). DeciMamba's decimation happened in prefill.
       backend: scan backend name (the step itself is a plain recurrence on every backend).
@@ -194,13 +201,14 @@ def decode_step(params: Params, cache: Cache, token, *, method: Any = None,
     Returns:
       (logits fp32 [b, V], the new `Cache`).
     """
-    token = jnp.asarray(token)
-    if token.ndim != 1 or not jnp.issubdtype(token.dtype, jnp.integer):
-        raise ValueError(f"token must be int [batch], got {token.dtype} {token.shape}")
+    if not isinstance(params, Params):
+        raise TypeError(f"params must be longmamba_jax.Params, got {type(params).__name__}")
+    token = check_token_ids(token, params.config.padded_vocab_size, ndim=1, name="token")
     _check_cache(params, cache, token.shape[0])
+    cache = reserve(cache, 1, dtype=params.dtype, double=True)  # hybrid models: KV room
     filters = _decode_filters(method, params, seq_len)
     step = _step if donate else _step_keep
-    return step(params, cache, token.astype(i32), filters, resolve_backend(backend))
+    return step(params, cache, token, filters, resolve_backend(backend))
 
 
 def _decode_filters(method, params: Params, seq_len: int | None) -> LayerFilters | None:
@@ -331,6 +339,9 @@ def _setup(params: Params, prompts, *, max_new_tokens: int, temperature: float =
                         f"{type(params).__name__}")
     if decode_impl not in DECODE_IMPLS:
         raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
+    if decode_impl != "scan" and is_hybrid(params.config):
+        raise ValueError(f"decode_impl={decode_impl!r} serves the pure Mamba models; a "
+                         f"{params.config.family} model decodes with decode_impl='scan'")
     try:
         n_new = operator.index(max_new_tokens)
     except TypeError:
@@ -357,6 +368,7 @@ def _setup(params: Params, prompts, *, max_new_tokens: int, temperature: float =
                          "partitioned over a mesh; use 'scan' or 'unrolled' with sharded params")
     logits0, cache = prefill(params, tokens, attention_mask=batch.mask, method=method,
                              backend=backend, mesh=mesh)
+    cache = reserve(cache, n_new, dtype=params.dtype)  # hybrid models: KV room
     filters = _decode_filters(method, params, tokens.shape[1] + n_new)
     seen = None
     if penalty is not None:

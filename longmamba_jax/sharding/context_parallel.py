@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longmamba_jax.backends import resolve_backend
+from longmamba_jax.config import Mamba2Config, MambaConfig
 from longmamba_jax.model import Cache, Params, _check_tokens, apply_model, empty_cache
 from longmamba_jax.model import method_kwargs as _method_kwargs
 from longmamba_jax.sharding.kernels import context_parallel_region
@@ -51,6 +52,9 @@ def _run(params: Params, tokens, filters, cache: Cache, *, mesh, axis: str, back
 
 def _checks(params: Params, tokens, mesh, axis: str, method, total_len: int):
     """The mesh's context size P and `apply_model`'s method arguments, after every check."""
+    if not isinstance(params.config, (MambaConfig, Mamba2Config)):
+        raise ValueError(f"context-parallel prefill runs Mamba and Mamba2 models; "
+                         f"{type(params.config).__name__} has attention layers")
     mesh = check_mesh(mesh)
     if axis not in mesh.axis_names:
         raise ValueError(f"the mesh has no context axis {axis!r} (axes {mesh.axis_names})")
@@ -58,7 +62,7 @@ def _checks(params: Params, tokens, mesh, axis: str, method, total_len: int):
         raise ValueError("context parallelism does not combine with tensor parallelism; use a "
                          f"mesh with {TENSOR}=1")
     batch_spec(mesh, tokens.shape[0])
-    kwargs = _method_kwargs(method, params.config, int(total_len))
+    kwargs = _method_kwargs(method, params.config, int(total_len), params=params)
     if kwargs.get("decimation"):
         raise ValueError("DeciMamba decimates the whole prompt at once; it has no "
                          "context-parallel prefill")

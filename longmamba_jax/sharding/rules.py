@@ -17,7 +17,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from longmamba_jax.config import Mamba2Config
+from longmamba_jax.config import Mamba2Config, MambaConfig
 from longmamba_jax.sharding.mesh import AXES, FSDP, TENSOR, batch_axes, check_mesh
 
 Rules = list  # [(regex str, PartitionSpec)]
@@ -31,8 +31,13 @@ def default_rules(config) -> Rules:
     large matrices over "fsdp"; norms and the Mamba2 conv (its channels are [x | B | C], not
     aligned with heads) replicated. Mamba2's in_proj columns [z | x | B | C | dt] are split in
     contiguous blocks: XLA moves the columns whose block is not their head's device after the
-    projection (docs/sharding.md, "Tensor parallelism").
+    projection (docs/sharding.md, "Tensor parallelism"). Hybrid models (attention layers)
+    have no default rules: pass your own.
     """
+    if not isinstance(config, (MambaConfig, Mamba2Config)):
+        raise ValueError(f"no default partition rules for {type(config).__name__} (a model "
+                         "with attention layers): pass rules=[(regex, PartitionSpec), ...] "
+                         "that cover its weights (docs/sharding.md)")
     rules = [
         (r"embedding/weight", P(TENSOR, FSDP)),
         (r"lm_head/kernel", P(FSDP, TENSOR)),
