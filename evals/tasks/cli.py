@@ -191,9 +191,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         calibration = _calibration_on_the_fly(args, params, tokenizer)
     specs = [_spec(args, m, calibration) for m in args.method]
     if args.data_parallel > 1:
+        from jax.sharding import PartitionSpec
+
         import longmamba_jax as lm
 
-        params = lm.shard(params, lm.make_mesh(data=args.data_parallel))
+        params = lm.shard(params, lm.make_mesh(data=args.data_parallel),
+                          rules=[(r".*", PartitionSpec())])  # every weight replicated
     runner = LMRunner(params, backend=args.backend,
                       eos_token_id=getattr(tokenizer, "eos_token_id", None))
     if args.data_parallel > 1:
