@@ -31,6 +31,11 @@ from longmamba_jax.hybrid import BambaConfig, HybridCache, Zamba2Config
 from longmamba_jax.lm import LanguageModel
 from longmamba_jax.methods import DeciMamba, LongMamba
 from longmamba_jax.model import Cache, Params, apply_model, empty_cache, forward, init_params
+from longmamba_jax.sharding import make_mesh, shard, shard_cache, shard_train_state
+from longmamba_jax.sharding.context_parallel import (
+    forward_context_parallel,
+    prefill_context_parallel,
+)
 
 try:
     __version__ = _metadata.version("longmamba-jax")
@@ -40,7 +45,9 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 __all__ = [
     "apply_model", "BACKENDS", "BambaConfig", "Cache", "calibrate", "Calibration",
     "CheckpointError", "ConfigError", "DeciMamba", "decode_step", "demo_model", "empty_cache",
-    "export_torch", "forward", "generate", "GenerateOutput", "HybridCache", "init_params",
-    "LanguageModel", "load", "LongMamba", "Mamba2Config", "MambaConfig", "Params", "prefill",
-    "prefill_chunked", "resolve_backend", "stream_generate", "training", "Zamba2Config",
+    "export_torch", "forward", "forward_context_parallel", "generate", "GenerateOutput",
+    "HybridCache", "init_params", "LanguageModel", "load", "LongMamba", "make_mesh",
+    "Mamba2Config", "MambaConfig", "Params", "prefill", "prefill_chunked",
+    "prefill_context_parallel", "resolve_backend", "shard", "shard_cache", "shard_train_state",
+    "stream_generate", "training", "Zamba2Config",
 ]

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from longmamba_kernels.causal_conv import causal_conv1d
+from longmamba_jax.sharding.kernels import causal_conv1d
 from longmamba_kernels.causal_conv import default_block_c as conv_block_c
 
 f32 = jnp.float32

@@ -46,12 +46,10 @@ from longmamba_jax.layers import (
     silu,
 )
 from longmamba_jax.selection import apply_document_thresholds, apply_rule
+from longmamba_jax.sharding.kernels import gated_rms_norm, selective_scan, ssd
 from longmamba_kernels.common import apply_gate, document_index, filter_threshold
-from longmamba_kernels.gated_rmsnorm import gated_rms_norm
 from longmamba_kernels.gated_rmsnorm import supported as gated_norm_supported
-from longmamba_kernels.selective_scan import selective_scan
 from longmamba_kernels.selective_scan.reference import selective_state_step
-from longmamba_kernels.ssd import ssd
 from longmamba_kernels.ssd.reference import ssd_step
 
 f32 = jnp.float32

@@ -25,6 +25,7 @@ from longmamba_jax.layers import rms_norm
 from longmamba_jax.mixers import Block, ScanBackend, row_ends
 from longmamba_jax.packing import document_lengths, resolve_segment_ids
 from longmamba_jax.selection import SelectionRule
+from longmamba_jax.sharding.mesh import mesh_scope, place_batch, resolve_mesh
 
 f32 = jnp.float32
 DEFAULT_BACKEND = ScanBackend()
@@ -296,7 +297,7 @@ def apply_model(
 
 def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto",
             last_n: int | None = None, attention_mask=None, return_positions: bool = False,
-            segment_ids=None, cu_seqlens=None):
+            segment_ids=None, cu_seqlens=None, mesh=None):
     """Logits of the model on `tokens`.
 
     Args:
@@ -314,6 +315,9 @@ def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto"
         from a zero state, as if it ran alone; LongMamba filters each document with θ for its
         own length. Or `cu_seqlens` [0, l_1, l_1 + l_2, ..., l] for one row
         (`longmamba_jax.packing`).
+      mesh: a `jax.sharding.Mesh` to run on (default: the one the weights were placed on with
+        `longmamba_jax.shard`, if any): the batch is split over its data axes, the kernels run
+        per device (docs/sharding.md).
 
     Returns:
       fp32 logits [b, l', padded_vocab], where l' = l, or last_n, or the number of tokens
@@ -324,8 +328,12 @@ def forward(params: Params, tokens, *, method: Any = None, backend: str = "auto"
     kwargs = method_kwargs(method, params.config, tokens.shape[1], segment_ids, params=params)
     if attention_mask is not None and "decimation" in kwargs:
         raise ValueError("attention_mask (padding) is not supported with DeciMamba")
-    out = apply_model(params, tokens, mask=_mask(attention_mask, tokens), last_n=last_n,
-                      backend=resolve_backend(backend), segment_ids=segment_ids, **kwargs)
+    mask = _mask(attention_mask, tokens)
+    mesh = resolve_mesh(params, mesh)
+    with mesh_scope(mesh):
+        tokens, mask, segment_ids = place_batch(mesh, tokens, mask, segment_ids)
+        out = apply_model(params, tokens, mask=mask, last_n=last_n,
+                          backend=resolve_backend(backend), segment_ids=segment_ids, **kwargs)
     if not return_positions:
         return out.logits
     positions = out.positions

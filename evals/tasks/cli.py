@@ -88,6 +88,10 @@ def _common(p: argparse.ArgumentParser, default_lengths: str | None) -> None:
     g.add_argument("--backend", default="auto", help="scan backend (auto|reference|associative|"
                    "pallas)")
     g.add_argument("--seed", type=int, default=0, help="seed of prompts (and of tiny models)")
+    g.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                   help="spread each batch over N devices (a mesh data=N; the weights "
+                   "replicated): pass a --batch-size that is a multiple of N; smaller batches "
+                   "are padded with copies of their last prompt (docs/sharding.md)")
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, help="output directory")
     o.add_argument("--no-plot", action="store_true", help="do not write the PNG")
@@ -179,13 +183,24 @@ def run(args: argparse.Namespace) -> list[dict]:
             and parse_model_spec(args.model).kind == "checkpoint"):
         raise ValueError("LongMamba needs a calibration: pass --calibration FILE (make one once "
                          "with longmamba-calibrate) or --train-len N to calibrate on the fly")
+    if args.data_parallel < 1:
+        raise ValueError(f"--data-parallel must be >= 1, got {args.data_parallel}")
     tokenizer = load_tokenizer(args.tokenizer)
     params = load_model(args.model, tokenizer, seed=args.seed)
     if calibration is None and any(base_name(m) == "longmamba" for m in args.method):
         calibration = _calibration_on_the_fly(args, params, tokenizer)
     specs = [_spec(args, m, calibration) for m in args.method]
+    if args.data_parallel > 1:
+        from jax.sharding import PartitionSpec
+
+        import longmamba_jax as lm
+
+        params = lm.shard(params, lm.make_mesh(data=args.data_parallel),
+                          rules=[(r".*", PartitionSpec())])  # every weight replicated
     runner = LMRunner(params, backend=args.backend,
                       eos_token_id=getattr(tokenizer, "eos_token_id", None))
+    if args.data_parallel > 1:
+        runner = _PaddedBatches(runner, args.data_parallel)
     show = not args.no_progress
     common = {"show_progress": show}
     results = []
@@ -233,6 +248,30 @@ def run(args: argparse.Namespace) -> list[dict]:
         paths = save_run(args.out, r, plot=not args.no_plot)
         print(f"saved {paths['json']}", file=sys.stderr)
     return results
+
+
+class _PaddedBatches:
+    """A runner whose batches are padded to a multiple of the data-parallel size with copies
+    of their last row (each row's result is its own: the copies' are dropped)."""
+
+    def __init__(self, runner, size: int):
+        self.runner, self.size = runner, size
+        self.n_layer, self.vocab_size = runner.n_layer, runner.vocab_size
+
+    def _pad(self, tokens):
+        import numpy as np
+
+        tokens = np.asarray(tokens)
+        extra = -len(tokens) % self.size
+        return np.concatenate([tokens, np.repeat(tokens[-1:], extra, axis=0)]), len(tokens)
+
+    def generate(self, tokens, max_new_tokens, method):
+        padded, n = self._pad(tokens)
+        return self.runner.generate(padded, max_new_tokens, method)[:n]
+
+    def logits(self, tokens, last_n, method):
+        padded, n = self._pad(tokens)
+        return self.runner.logits(padded, last_n, method)[:n]
 
 
 def _calibration_on_the_fly(args, params, tokenizer):

@@ -63,6 +63,7 @@ from longmamba_jax.model import (
     method_kwargs,
 )
 from longmamba_jax.packing import resolve_segment_ids
+from longmamba_jax.sharding.mesh import mesh_scope, place_batch, resolve_mesh
 
 f32 = jnp.float32
 i32 = jnp.int32
@@ -99,7 +100,7 @@ class GenerateOutput(NamedTuple):
 
 def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None = None,
             method: Any = None, backend: str = "auto", total_len: int | None = None,
-            segment_ids=None, cu_seqlens=None):
+            segment_ids=None, cu_seqlens=None, mesh=None):
     """Runs the full forward over a prompt (or one chunk of it) and returns the state after it.
 
     Args:
@@ -114,6 +115,7 @@ def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None 
         `cache` is None and must be given for a later chunk when a method is used.
       segment_ids / cu_seqlens: packed documents, as in `forward`; the cache is the last
         document's state (the first document continues `cache`).
+      mesh: the `jax.sharding.Mesh` to run on, as in `forward` (default: the weights' own).
 
     Returns:
       (logits fp32 [b, V] at each row's last real token, `Cache` after it).
@@ -161,8 +163,12 @@ def prefill(params: Params, tokens, *, attention_mask=None, cache: Cache | None 
         _check_padding(attention_mask)
     if cache is not None:  # a hybrid model's KV cache: room for this chunk (and the prompt)
         cache = reserve(cache, length, total=int(total_len), dtype=params.dtype)
-    out = apply_model(params, tokens, mask=mask, cache=cache, segment_ids=segment_ids,
-                      backend=resolve_backend(backend), last_n=1, return_cache=True, **kwargs)
+    mesh = resolve_mesh(params, mesh)
+    with mesh_scope(mesh):
+        tokens, mask, segment_ids = place_batch(mesh, tokens, mask, segment_ids)
+        out = apply_model(params, tokens, mask=mask, cache=cache, segment_ids=segment_ids,
+                          backend=resolve_backend(backend), last_n=1, return_cache=True,
+                          **kwargs)
     return out.logits[:, -1], out.cache
 
 
@@ -326,7 +332,8 @@ def _setup(params: Params, prompts, *, max_new_tokens: int, temperature: float =
            repetition_penalty: float | None = None, eos_token_id=None, pad_token_id=None,
            attention_mask=None, seed: int | None = None, key=None, backend: str = "auto",
            method: Any = None, return_logits: bool = False, return_logprobs: bool = False,
-           pad_to_multiple_of: int | None = None, decode_impl: str = "scan") -> _Setup:
+           pad_to_multiple_of: int | None = None, decode_impl: str = "scan",
+           mesh=None) -> _Setup:
     if not isinstance(params, Params):
         raise TypeError(f"params must be longmamba_jax.Params (from load/init_params), got "
                         f"{type(params).__name__}")
@@ -355,8 +362,12 @@ def _setup(params: Params, prompts, *, max_new_tokens: int, temperature: float =
         pad_id = pad_id[0]
     batch = as_batch(prompts, attention_mask, pad_to_multiple_of)
     tokens = _check_tokens(params, batch.tokens)
+    mesh = resolve_mesh(params, mesh)
+    if mesh is not None and decode_impl == "fused":
+        raise ValueError("decode_impl='fused' runs one Pallas kernel per layer that is not "
+                         "partitioned over a mesh; use 'scan' or 'unrolled' with sharded params")
     logits0, cache = prefill(params, tokens, attention_mask=batch.mask, method=method,
-                             backend=backend)
+                             backend=backend, mesh=mesh)
     cache = reserve(cache, n_new, dtype=params.dtype)  # hybrid models: KV room
     filters = _decode_filters(method, params, tokens.shape[1] + n_new)
     seen = None
@@ -423,7 +434,7 @@ def generate(params: Params, prompts, *, max_new_tokens: int, temperature: float
              seed: int | None = None, key=None, backend: str = "auto", method: Any = None,
              return_logits: bool = False, return_logprobs: bool = False, streamer=None,
              sync_every: int | None = None, pad_to_multiple_of: int | None = None,
-             decode_impl: str = "scan"):
+             decode_impl: str = "scan", mesh=None):
     """Generates up to `max_new_tokens` tokens after each prompt (greedy at temperature 0).
 
     Prefill runs once over the prompts; the decode loop is one jitted `lax.while_loop` on device
@@ -469,6 +480,8 @@ def generate(params: Params, prompts, *, max_new_tokens: int, temperature: float
         weights split once before the loop) or "fused" (unrolled, Mamba2's conv + SSM + gate
         as one Pallas kernel per layer on the "pallas" backend, projections kept GEMMs at
         batch 1); see `longmamba_jax.generation.decode_steps`. Same results up to fp32 rounding.
+      mesh: the `jax.sharding.Mesh` to run on (default: the one the weights were placed on
+        with `longmamba_jax.shard`): the batch is split over its data axes (docs/sharding.md).
 
     Returns:
       In the prompts' form: int32 [b, n] for int [b, l]; int32 [n] for one prompt; a list of
@@ -484,7 +497,7 @@ def generate(params: Params, prompts, *, max_new_tokens: int, temperature: float
                eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                attention_mask=attention_mask, seed=seed, key=key, backend=backend,
                method=method, return_logits=return_logits, return_logprobs=return_logprobs,
-               pad_to_multiple_of=pad_to_multiple_of, decode_impl=decode_impl)
+               pad_to_multiple_of=pad_to_multiple_of, decode_impl=decode_impl, mesh=mesh)
     if streamer is None and stops is None:
         return _finish(s, *_run_all(s))
     steps = _run_sliced(s, stops, every)
