@@ -212,6 +212,9 @@ CAL_CASES = {
     "n_layers-string": ("exact", _set_header("n_layers", "2"), "n_layers"),
     "channels-short": ("exact", _set_header("channels", [4]), "channels"),
     "train_len-missing": ("grid", _set_header("train_len", KeyError), "train_len"),
+    # a valid-looking train_len that the grid's lengths and clamp_k contradict
+    "train_len-changed-grid": ("grid", _set_header("train_len", 1), "grid_s"),
+    "clamp_k-above-train_len": ("exact", _set_header("clamp_k", 10**6), "clamp_k"),
     "aggregate-unknown": ("grid", _set_header("aggregate", "median"), "aggregate"),
     "num_windows-zero": ("exact", _set_header("num_windows", 0), "num_windows"),
     "weights_digest-int": ("exact", _set_header("weights_digest", 5), "weights_digest"),

@@ -157,7 +157,7 @@ def check_file_contents(path: str, header: Any, arrays: dict[str, np.ndarray],
           and 0 <= v <= 1, "a number in [0, 1]")
     field("slowest_state", lambda v: v is None or v in _SLOWEST_STATE,
           f"null or one of {_SLOWEST_STATE}")
-    field("clamp_k", is_int, "an int >= 1")
+    field("clamp_k", lambda v: is_int(v) and v <= train_len, f"an int in [1, {train_len}]")
     field("architecture", lambda v: isinstance(v, str), "a string")
     field("library_version", lambda v: isinstance(v, str), "a string")
     field("model_info", lambda v: isinstance(v, dict), "an object")
@@ -198,5 +198,7 @@ def check_file_contents(path: str, header: Any, arrays: dict[str, np.ndarray],
             fail(f"array {name!r} holds NaN, inf or negative values")
     if storage == "grid":
         grid_s = arrays["grid_s"]
-        if grid_s.size == 0 or grid_s[0] <= train_len or np.any(np.diff(grid_s) <= 0):
-            fail(f"array 'grid_s' must be increasing lengths > train_len={train_len}")
+        # the grid's first length is train_len + 1 by construction (grid.make_grid)
+        if grid_s.size == 0 or grid_s[0] != train_len + 1 or np.any(np.diff(grid_s) <= 0):
+            fail(f"array 'grid_s' must be increasing lengths from train_len + 1 = "
+                 f"{train_len + 1}")
