@@ -647,3 +647,23 @@ def test_prompt_lists_are_range_checked_before_padding(prompts, tiny):
         lmj.generate(tiny, prompts, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
         lmj.generate(tiny, prompts, max_new_tokens=2, pad_to_multiple_of=4)
+
+
+def test_bin_with_a_flipped_bit_in_a_tensor_is_refused(tiny, tmp_path):
+    """torch.load does not check a zip entry's CRC-32: a flipped bit in a tensor's bytes loaded
+    as another weight. The reader checks every entry first."""
+    pytest.importorskip("torch", reason="reading .bin checkpoints needs torch")
+    import zipfile
+
+    src = export_torch(tiny, tmp_path / "m", weights_format="bin")
+    path = src / "pytorch_model.bin"
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)  # the largest tensor
+    data = bytearray(path.read_bytes())
+    head = info.header_offset  # local file header: 30 bytes, then the name and extra field
+    name_len = int.from_bytes(data[head + 26:head + 28], "little")
+    extra_len = int.from_bytes(data[head + 28:head + 30], "little")
+    data[head + 30 + name_len + extra_len + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: entry .* CRC-32"):
+        lmj.load(src)

@@ -131,6 +131,7 @@ def read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             f"{path}: reading a .bin checkpoint needs torch (pip install torch); prefer "
             ".safetensors"
         ) from None
+    _check_zip_crcs(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a plain state dict"
@@ -154,6 +155,25 @@ def read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         else:
             array = tensor.numpy()
         yield key, array
+
+
+def _check_zip_crcs(path: Path) -> None:
+    """A torch `.bin` (a zip archive since torch 1.6) records each entry's CRC-32, which
+    torch.load does not check: a flipped bit in a tensor's bytes would load as another value.
+    One sequential read checks them all. Legacy (non-zip) files carry no checksums."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as exc:  # noqa: BLE001 - any failure means a damaged archive
+        raise CheckpointError(f"{path}: damaged zip archive ({type(exc).__name__}: "
+                              f"{exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: entry {bad!r} fails its CRC-32 check (the file is "
+                              "damaged)")
 
 
 def weight_files(directory: Path) -> list[Path]:
