@@ -163,9 +163,9 @@ def _check_zip_crcs(path: Path) -> None:
     One sequential read checks them all. Legacy (non-zip) files carry no checksums."""
     import zipfile
 
-    if not zipfile.is_zipfile(path):
-        return
     try:
+        if not zipfile.is_zipfile(path):
+            return
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except Exception as exc:  # noqa: BLE001 - any failure means a damaged archive
