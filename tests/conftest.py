@@ -8,6 +8,26 @@ import pytest
 
 from longmamba_evals.tasks.text import DEFAULT_TEXT
 
+SLOW_TESTS = Path(__file__).with_name("slow_tests.txt")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the tests tests/slow_tests.txt lists (the slowest of a timed run; see
+    tests/list_slow_tests.py): `slow`, or `extended` (and slow), beside the marks in the code."""
+    if not SLOW_TESTS.exists():
+        return
+    listed = {}
+    for line in SLOW_TESTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            mark, nodeid = line.split(maxsplit=1)
+            listed[nodeid] = mark
+    for item in items:
+        mark = listed.get(item.nodeid)
+        if mark is not None:
+            item.add_marker(pytest.mark.slow)
+        if mark == "extended":
+            item.add_marker(pytest.mark.extended)
+
 
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory):

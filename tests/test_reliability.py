@@ -42,6 +42,30 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _default_signals() -> None:
+    """The usual dispositions of the converter's signals. A background job of a non-interactive
+    shell starts with SIGINT ignored and `nohup` ignores SIGHUP; the converter keeps an
+    ignored signal ignored (as it should), so the signal tests reset them first."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in _SIGNALS[1:]:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+@pytest.fixture(autouse=True)
+def _signals_not_ignored():
+    """Runs each test with the converter's signals not ignored (see `_default_signals`); the
+    converter processes the tests start inherit that (a handler becomes the default at exec)."""
+    before = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+    if signal.SIG_IGN in before.values():
+        _default_signals()
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
 def _convert(argv, capsys):
     code = convert_main([str(a) for a in argv])
     captured = capsys.readouterr()
