@@ -88,10 +88,16 @@ class _Common:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_conv > MAX_D_CONV:  # the taps are unrolled; released models use 4
+            raise ConfigError(f"d_conv must be at most {MAX_D_CONV} (the causal conv's width), "
+                              f"got {self.d_conv}")
         if self.pad_vocab_size_multiple < 1:
             raise ConfigError(
                 f"pad_vocab_size_multiple must be >= 1, got {self.pad_vocab_size_multiple}"
             )
+
+
+MAX_D_CONV = 64
 
 
 @dataclasses.dataclass(frozen=True)

@@ -119,3 +119,14 @@ def test_matmul_dtype_rounds_in_the_epilogue_on_gpu(monkeypatch):
     dots = [e for e in jax.make_jaxpr(biased.apply)(biased.init(jax.random.PRNGKey(0), x), x)
             .jaxpr.eqns if e.primitive.name == "dot_general"]
     assert [e.params["preferred_element_type"] for e in dots] == [jnp.float32]
+
+
+def test_an_impossible_conv_width_is_one_error():
+    """A converted config edited to d_conv = 2**31 made loading trace 2**31 conv taps (a hang,
+    found by the long fuzz run); any width above MAX_D_CONV is refused by name."""
+    from longmamba_jax.config import MAX_D_CONV, ConfigError
+
+    for config in (lmj.Mamba2Config, lmj.MambaConfig):
+        config.tiny(d_conv=MAX_D_CONV)
+        with pytest.raises(ConfigError, match="d_conv must be at most"):
+            config.tiny(d_conv=2**31)
