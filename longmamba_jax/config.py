@@ -165,6 +165,10 @@ class Mamba2Config(_Common):
     def __post_init__(self):
         object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
         self._validate()
+        for name in ("headdim", "ngroups", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.d_inner % self.headdim:
             raise ConfigError(
                 f"d_inner = expand·d_model = {self.d_inner} is not a multiple of headdim "

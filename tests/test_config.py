@@ -130,3 +130,10 @@ def test_an_impossible_conv_width_is_one_error():
         config.tiny(d_conv=MAX_D_CONV)
         with pytest.raises(ConfigError, match="d_conv must be at most"):
             config.tiny(d_conv=2**31)
+
+
+def test_zero_head_dim_is_one_error():
+    """headdim = 0 in a converted config was a ZeroDivisionError (found by the long fuzz run)."""
+    for name in ("headdim", "ngroups", "chunk_size"):
+        with pytest.raises(ConfigError, match=f"{name} must be a positive integer"):
+            lmj.Mamba2Config.tiny(**{name: 0})
