@@ -28,7 +28,7 @@ import numpy as np
 
 import longmamba_jax as lmj
 from longmamba_evals.bench.common import write_json
-from longmamba_evals.bench.model_setup import CONFIGS, DTYPES, SMALL, random_tokens
+from longmamba_evals.bench.model_setup import CONFIGS, DTYPES, model_config, random_tokens
 from longmamba_evals.bench.timing import timed
 from longmamba_evals.tasks.runner import device_name
 from longmamba_jax.generation.generate import _decode_loop
@@ -119,12 +119,11 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
 
+    config = model_config(args.arch, args.small)
     if args.small:
-        config = SMALL[args.arch]()
         prefill_lengths, batches = [128, 256], [1, 2]
         prompt_len, new_tokens, dtype = 64, 16, jnp.float32
     else:
-        config = CONFIGS[args.arch]()
         prefill_lengths = [int(x) for x in args.prefill_lengths.split(",") if x]
         batches = [int(x) for x in args.decode_batches.split(",") if x]
         prompt_len, new_tokens, dtype = args.prompt_len, args.new_tokens, DTYPES[args.dtype]

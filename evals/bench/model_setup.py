@@ -23,6 +23,11 @@ CONFIGS = {
     # state-spaces/mamba-1.4b
     "mamba1": lambda: lmj.MambaConfig(d_model=2048, n_layer=48, vocab_size=50277, d_state=16,
                                       expand=2),
+    # state-spaces/mamba2-130m and mamba-130m: where a 1K-token call is bound by launches
+    "mamba2-130m": lambda: lmj.Mamba2Config(d_model=768, n_layer=24, vocab_size=50277,
+                                            d_state=128, headdim=64, expand=2, ngroups=1),
+    "mamba1-130m": lambda: lmj.MambaConfig(d_model=768, n_layer=24, vocab_size=50277,
+                                           d_state=16, expand=2),
 }
 SMALL = {  # CPU smoke runs
     "mamba2": lambda: lmj.Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16,
@@ -34,8 +39,9 @@ DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
 
 def model_config(arch: str, small: bool):
-    """The config of `arch` ("mamba2" or "mamba1"), full size or `small`."""
-    return (SMALL if small else CONFIGS)[arch]()
+    """The config of `arch` (a key of CONFIGS), full size or `small` (the 130m shapes' small
+    config is their architecture's)."""
+    return SMALL[arch.split("-")[0]]() if small else CONFIGS[arch]()
 
 
 def random_params(arch: str, small: bool):

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +40,9 @@ import numpy as np
 
 import longmamba_jax as lmj
 from longmamba_evals.bench.common import write_json
-from longmamba_evals.bench.model_setup import peak_bytes
+from longmamba_evals.bench.model_setup import peak_bytes, synthetic_longmamba
 from longmamba_evals.bench.model_setup import random_tokens as _tokens
-from longmamba_evals.bench.timing import timed
+from longmamba_evals.bench.timing import paired_ratio, time_paired, timed
 from longmamba_evals.tasks.runner import device_name
 from longmamba_jax.generation.generate import _decode_loop
 from longmamba_jax.generation.sampling import Greedy
@@ -92,6 +93,23 @@ def jax_decode(params, *, batch: int, prompt_len: int, new_tokens: int, backend:
     return {"impl": "jax", "kind": "decode", "batch": batch, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "median_s": t, "tokens_per_s": batch * steps / t,
             "step_ms": 1e3 * t / steps, "compile_s": max(first - t, 0.0), "times_s": times}
+
+
+def jax_longmamba_overhead(params, length: int, *, backend: str, rounds: int) -> dict:
+    """LongMamba's prefill overhead: `prefill` with a LongMamba-shaped filter on the Mamba2
+    layers (half the heads global, θ = their median Δ; `synthetic_longmamba`) against plain,
+    interleaved round by round."""
+    tokens = _tokens(1, length, params.config.vocab_size)
+    method = synthetic_longmamba(params, min(length, 2048))
+    plain = jax.jit(lambda p, t: lmj.prefill(p, t, backend=backend))
+    filtered = jax.jit(lambda p, t: lmj.prefill(p, t, method=method, backend=backend))
+    medians, per_round = time_paired({"plain": (plain, (params, tokens)),
+                                      "longmamba": (filtered, (params, tokens))}, rounds=rounds)
+    return {"impl": "jax", "kind": "longmamba", "batch": 1, "length": length,
+            "median_s": medians["longmamba"], "plain_median_s": medians["plain"],
+            "tokens_per_s": length / medians["longmamba"],
+            "overhead_pct": 100 * (paired_ratio(per_round, "longmamba", "plain") - 1),
+            "compile_s": 0.0}
 
 
 def _official_kernels() -> str:
@@ -187,6 +205,12 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--longmamba-lengths", default="16384",
+                   help="prefill lengths at which LongMamba's overhead is measured")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (overhead)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="no new torch row after this many seconds (the rest are recorded as "
+                        "skipped)")
     p.add_argument("--no-torch", dest="torch", action="store_false",
                    help="skip transformers' torch Zamba2 (it runs only with CUDA anyway)")
     p.add_argument("--no-jax", dest="jax", action="store_false",
@@ -197,11 +221,13 @@ def main(argv=None) -> dict:
     if args.small:
         config, dtype = small_config(), jnp.float32
         lengths, batches, prompt_len, new_tokens = [64, 2048], [1, 2], 32, 8
+        longmamba_lengths = [256]
     else:
         config, dtype = zamba2_1p2b(), jnp.bfloat16
         lengths = [int(x) for x in args.prefill_lengths.split(",") if x]
         batches = [int(x) for x in args.decode_batches.split(",") if x]
         prompt_len, new_tokens = args.prompt_len, args.new_tokens
+        longmamba_lengths = [int(x) for x in args.longmamba_lengths.split(",") if x]
     shapes = jax.eval_shape(lambda: lmj.init_params(config, 0, dtype).weights)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
     if args.jax:
@@ -212,6 +238,11 @@ def main(argv=None) -> dict:
     for length in lengths if args.jax else []:
         rows.append(jax_prefill(params, length, backend=args.backend, repeats=args.repeats))
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
+    for length in longmamba_lengths if args.jax else []:
+        rows.append(jax_longmamba_overhead(params, length, backend=args.backend,
+                                           rounds=args.rounds))
+        print(f"LongMamba prefill overhead at {length}: {rows[-1]['overhead_pct']:+.2f}%",
+              flush=True)
     for batch in batches if args.jax else []:
         rows.append(jax_decode(params, batch=batch, prompt_len=prompt_len,
                                new_tokens=new_tokens, backend=args.backend,
@@ -250,13 +281,20 @@ def main(argv=None) -> dict:
             model = torch_model(config, torch)
             torch_note = (f"transformers Zamba2ForCausalLM, bf16, torch {torch.__version__}, "
                           f"{kernels}")
+            start = time.perf_counter()
+            spent = lambda: (args.budget_s is not None
+                             and time.perf_counter() - start > args.budget_s)
+            skipped = {"impl": "torch", "error": "skipped: time budget spent"}
             for length in lengths:
-                rows.append(torch_prefill(model, length, torch, args.repeats))
+                rows.append({**skipped, "kind": "prefill", "batch": 1, "length": length}
+                            if spent() else torch_prefill(model, length, torch, args.repeats))
                 print(_table(rows[-1:]).splitlines()[-1], flush=True)
             for batch in batches:
-                rows.append(torch_decode(model, batch=batch, prompt_len=prompt_len,
-                                         new_tokens=new_tokens, torch=torch,
-                                         repeats=args.repeats))
+                rows.append({**skipped, "kind": "decode", "batch": batch,
+                             "prompt_len": prompt_len, "new_tokens": new_tokens} if spent()
+                            else torch_decode(model, batch=batch, prompt_len=prompt_len,
+                                              new_tokens=new_tokens, torch=torch,
+                                              repeats=args.repeats))
                 print(_table(rows[-1:]).splitlines()[-1], flush=True)
     print(f"\ntorch: {torch_note}\n")
     print(_table(rows))

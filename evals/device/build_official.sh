@@ -129,10 +129,45 @@ nv cc_stubs "$BUILD/cc_stubs.cu" "$CC_DEFS" "-I$CC/csrc"
 cxx cc_binding "$CC/csrc/causal_conv1d.cpp" "$CC_DEFS" "-I$CC/csrc"
 SS_OBJS=(ss_binding ss_fwd_fp32 ss_fwd_bf16 ss_stubs) CC_OBJS=(cc_binding cc_fwd cc_update cc_stubs)
 if [ "$BACKWARD" = 1 ]; then
-  nv ss_bwd_fp32 "$SS/selective_scan_bwd_fp32_real.cu" "$SS_DEFS" "-I$SS"
-  nv ss_bwd_bf16 "$SS/selective_scan_bwd_bf16_real.cu" "$SS_DEFS" "-I$SS"
-  nv cc_bwd "$CC/csrc/causal_conv1d_bwd.cu" "$CC_DEFS" "-I$CC/csrc"
-  SS_OBJS+=(ss_bwd_fp32 ss_bwd_bf16) CC_OBJS+=(cc_bwd)
+  # The scan's backward (selective_scan_bwd_{fp32,bf16}_real.cu) instantiates every
+  # selective_scan_bwd_launch<threads, items> of its length dispatch in one file, 6-7 minutes
+  # of one core: here one unit per (dtype, launch) compiles in parallel, and a dispatch unit
+  # repeats selective_scan_bwd_cuda's length switch over them. The kernels are the same
+  # templates, instantiated with the same arguments.
+  for itype in float:fp32 at::BFloat16:bf16; do
+    t="${itype%:*}" tag="${itype##*:}"
+    {
+      printf '#include <c10/util/BFloat16.h>\n#include <cuda_runtime.h>\n#include "selective_scan.h"\n'
+      echo 'template<int kNThreads, int kNItems, typename input_t, typename weight_t> void selective_scan_bwd_launch(SSMParamsBwd &params, cudaStream_t stream);'
+      echo 'template<typename input_t, typename weight_t> void selective_scan_bwd_cuda(SSMParamsBwd &params, cudaStream_t stream);'
+      echo "template<> void selective_scan_bwd_cuda<$t, float>(SSMParamsBwd &params, cudaStream_t stream) {"
+      echo "  if (params.seqlen <= 128) { selective_scan_bwd_launch<32, 4, $t, float>(params, stream); }"
+      echo "  else if (params.seqlen <= 256) { selective_scan_bwd_launch<32, 8, $t, float>(params, stream); }"
+      echo "  else if (params.seqlen <= 512) { selective_scan_bwd_launch<32, 16, $t, float>(params, stream); }"
+      echo "  else if (params.seqlen <= 1024) { selective_scan_bwd_launch<64, 16, $t, float>(params, stream); }"
+      echo "  else { selective_scan_bwd_launch<128, 16, $t, float>(params, stream); }"
+      echo "}"
+    } > "$BUILD/ss_bwd_${tag}_dispatch.cu"
+    nv "ss_bwd_${tag}_dispatch" "$BUILD/ss_bwd_${tag}_dispatch.cu" "$SS_DEFS" "-I$SS"
+    SS_OBJS+=("ss_bwd_${tag}_dispatch")
+    for launch in 32,4 32,8 32,16 64,16 128,16; do
+      u="ss_bwd_${tag}_${launch/,/_}"
+      printf '#include "selective_scan_bwd_kernel.cuh"\ntemplate void selective_scan_bwd_launch<%s, %s, float>(SSMParamsBwd &params, cudaStream_t stream);\n' \
+        "$launch" "$t" > "$BUILD/$u.cu"
+      nv "$u" "$BUILD/$u.cu" "$SS_DEFS" "-I$SS"
+      SS_OBJS+=("$u")
+    done
+  done
+  # the conv's backward: one unit per explicit instantiation line of causal_conv1d_bwd.cu
+  # (the file without its other instantiation lines), in parallel for the same reason
+  n=0
+  while IFS= read -r line; do
+    u="cc_bwd_$n" n=$((n + 1))
+    grep -vxF -- "$(grep '^template void causal_conv1d_' "$CC/csrc/causal_conv1d_bwd.cu" \
+      | grep -vxF -- "$line")" "$CC/csrc/causal_conv1d_bwd.cu" > "$BUILD/$u.cu"
+    nv "$u" "$BUILD/$u.cu" "$CC_DEFS" "-I$CC/csrc"
+    CC_OBJS+=("$u")
+  done < <(grep '^template void causal_conv1d_' "$CC/csrc/causal_conv1d_bwd.cu")
 fi
 failed=0
 for i in "${!pids[@]}"; do
