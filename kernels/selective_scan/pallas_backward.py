@@ -109,6 +109,19 @@ def _gate(dout, z, exp2):
     return dout * z * sig, (z, sig)
 
 
+def _program_block(a_ref, thr_ref, bias_ref, *, block_e, z_off, fast, has_bias):
+    """What passes 1 and 3 read first: the program ids (batch, channel block, segment), the
+    channel block's slices (z's offset by z_off), the exp2/fma pair, A·log2(e) per state ([e_blk]
+    each), the filter thresholds and Δ's bias (None without one)."""
+    bi, ei, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    e_sl = pl.ds(ei * block_e, block_e)
+    z_sl = pl.ds(z_off + ei * block_e, block_e)
+    exp2, fma = _math(fast)
+    a = [a_ref[j, e_sl] for j in range(a_ref.shape[0])]
+    bias = bias_ref[e_sl] if has_bias else None
+    return bi, ei, si, e_sl, z_sl, exp2, fma, a, thr_ref[e_sl], bias
+
+
 def _local_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, bias_ref, z_ref, dout_ref,
                   r_ref, ck_ref, cks_ref, hend_ref, gloc_ref, sdt_ref, *, block_e, block_t,
                   seg_steps, length, fast, has_bias, softplus, has_z, z_off):
@@ -116,14 +129,9 @@ def _local_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, bias_ref, z_ref, 
     of block_t tokens, the final local state, the adjoint sent out of the segment's start
     (Σ_t (Π_{k<=t} a_k) dy_t C_t) and Σ Δ."""
     f32 = jnp.float32
-    bi, ei, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    e_sl = pl.ds(ei * block_e, block_e)
-    z_sl = pl.ds(z_off + ei * block_e, block_e)
-    n = a_ref.shape[0]
-    exp2, fma = _math(fast)
-    a = [a_ref[j, e_sl] for j in range(n)]  # A log2(e) per state: [e_blk] each
-    thr = thr_ref[e_sl]
-    bias = bias_ref[e_sl] if has_bias else None
+    bi, ei, si, e_sl, z_sl, exp2, fma, a, thr, bias = _program_block(
+        a_ref, thr_ref, bias_ref, block_e=block_e, z_off=z_off, fast=fast, has_bias=has_bias)
+    n = len(a)
     zero = jnp.zeros((block_e,), f32)
 
     def block(k, carry):
@@ -212,14 +220,9 @@ def _main_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, bias_ref, z
     """Pass 3: one segment's blocks from the last, each rebuilt from its checkpoint and walked
     backwards with the adjoint in registers."""
     f32 = jnp.float32
-    bi, ei, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    e_sl = pl.ds(ei * block_e, block_e)
-    z_sl = pl.ds(z_off + ei * block_e, block_e)
-    n = a_ref.shape[0]
-    exp2, fma = _math(fast)
-    a = [a_ref[j, e_sl] for j in range(n)]
-    thr = thr_ref[e_sl]
-    bias = bias_ref[e_sl] if has_bias else None
+    bi, ei, si, e_sl, z_sl, exp2, fma, a, thr, bias = _program_block(
+        a_ref, thr_ref, bias_ref, block_e=block_e, z_off=z_off, fast=fast, has_bias=has_bias)
+    n = len(a)
     d = d_ref[e_sl] if has_d else None
     zero = jnp.zeros((block_e,), f32)
 
