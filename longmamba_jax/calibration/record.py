@@ -214,7 +214,7 @@ def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
     state and the conv window restart from zero, so every recorded Δ is what its document
     gives alone from the later of its own start and the window's start. The rule is then
     applied per window, over all of its train_len tokens (docs/design.md, "LongMamba
-    calibration", "Packed streams"). A stream of one document is a plain stream.
+    calibration", packed streams). A stream of one document is a plain stream.
 
     Args:
       params: the model.
