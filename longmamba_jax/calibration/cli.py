@@ -1,7 +1,10 @@
 """The calibration command: `longmamba-calibrate` or `python -m longmamba_jax.calibration`.
 
     longmamba-calibrate --model SRC --text FILE --tokenizer NAME_OR_DIR|bytes --train-len N \\
-        --out FILE [--num-windows 100] [--clamp-top 0.10] [--aggregate mean]
+        --out FILE [--num-windows 100] [--clamp-top 0.10] [--aggregate mean] [--separator SEP]
+
+With `--separator`, the text is split into documents there and calibrated as a packed stream
+(each document starts from a zero state: docs/design.md, "LongMamba calibration").
 """
 
 from __future__ import annotations
@@ -12,6 +15,17 @@ import sys
 import numpy as np
 
 from longmamba_jax.calibration.record import calibrate
+
+
+def _unescape(separator: str) -> str:
+    """`--separator` with backslash escapes (\\n, \\t, \\x00, ...) read; never empty."""
+    try:
+        sep = separator.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--separator {separator!r}: {e.reason}") from None
+    if not sep:
+        raise ValueError("--separator must not be empty")
+    return sep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aggregate", choices=("mean", "max"), default="mean")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--separator", default=None,
+                        help="split --text into documents at this string (backslash escapes "
+                             "such as \\n are read) and calibrate them as packed documents, "
+                             "each starting from a zero state")
     args = parser.parse_args(argv)
 
     from longmamba_jax.model_spec import parse_model_spec
@@ -38,9 +56,19 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
         params = parse_model_spec(args.model).load(vocab_size=tokenizer.vocab_size)
         with open(args.text, encoding="utf-8", errors="replace") as f:
-            tokens = np.asarray(tokenizer.encode(f.read()), np.int64)
-        print(f"{args.text}: {tokens.size} tokens; {args.num_windows} windows of "
-              f"{args.train_len}", file=sys.stderr)
+            text = f.read()
+        if args.separator is None:
+            tokens = np.asarray(tokenizer.encode(text), np.int64)
+            described = f"{tokens.size} tokens"
+        else:
+            tokens = [np.asarray(tokenizer.encode(doc), np.int64)
+                      for doc in text.split(_unescape(args.separator)) if doc]
+            if not tokens:
+                raise ValueError(f"{args.text} has no text between the separators")
+            described = (f"{len(tokens)} documents, {sum(d.size for d in tokens)} tokens "
+                         f"(packed)")
+        print(f"{args.text}: {described}; {args.num_windows} windows of {args.train_len}",
+              file=sys.stderr)
         cal = calibrate(params, tokens, train_len=args.train_len, num_windows=args.num_windows,
                         clamp_top=args.clamp_top, aggregate=args.aggregate,
                         backend=args.backend, batch_size=args.batch_size)
