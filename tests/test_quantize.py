@@ -331,3 +331,24 @@ def test_unsupported_paths_raise(models, tmp_path):
     with pytest.raises(ValueError, match="training needs the float weights"):
         lmj.training.init_train_state(q, optax.adamw(1e-3))
     assert not (tmp_path / "export").exists() and not (tmp_path / "converted").exists()
+
+
+def test_evals_cli_quantize(tmp_path, small_text):
+    """`python -m evals perplexity --quantize int8` runs the quantized model and says so."""
+    import json
+
+    from longmamba_evals.tasks.cli import build_parser, run
+
+    common = ["perplexity", "--model", "tiny-random:mamba2", "--tokenizer", "bytes",
+              "--lengths", "40", "--windows", "2", "--eval-tokens", "8", "--text", small_text,
+              "--no-plot", "--no-progress"]
+    res = {}
+    for flag in ([], ["--quantize", "int8"]):
+        out = tmp_path / (flag[-1] if flag else "float")
+        (r,) = run(build_parser().parse_args(common + flag + ["--out", str(out)]))
+        res[bool(flag)] = r["curves"]["perplexity"]["y"][0]
+        saved = json.loads((out / "perplexity_vanilla.json").read_text())
+        assert saved["settings"].get("quantize") == (flag[-1] if flag else None)
+    assert res[True] != res[False] and abs(res[True] / res[False] - 1) < 0.05
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(common + ["--quantize", "int4", "--out", "o"])
