@@ -31,6 +31,7 @@ from longmamba_jax.hybrid import BambaConfig, HybridCache, Zamba2Config
 from longmamba_jax.lm import LanguageModel
 from longmamba_jax.methods import DeciMamba, LongMamba
 from longmamba_jax.model import Cache, Params, apply_model, empty_cache, forward, init_params
+from longmamba_jax.quantization import quantize
 from longmamba_jax.sharding import make_mesh, shard, shard_cache, shard_train_state
 from longmamba_jax.sharding.context_parallel import (
     forward_context_parallel,
@@ -48,6 +49,6 @@ __all__ = [
     "export_torch", "forward", "forward_context_parallel", "generate", "GenerateOutput",
     "HybridCache", "init_params", "LanguageModel", "load", "LongMamba", "make_mesh",
     "Mamba2Config", "MambaConfig", "Params", "prefill", "prefill_chunked",
-    "prefill_context_parallel", "resolve_backend", "shard", "shard_cache", "shard_train_state",
-    "stream_generate", "training", "Zamba2Config",
+    "prefill_context_parallel", "quantize", "resolve_backend", "shard", "shard_cache",
+    "shard_train_state", "stream_generate", "training", "Zamba2Config",
 ]

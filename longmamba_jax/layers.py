@@ -35,8 +35,36 @@ def matmul_dtype(param_dtype) -> jnp.dtype:
     return f32
 
 
+def int8_matmul(x, kernel, scale, dtype, equation: str = "...i,io->...o"):
+    """einsum(equation, x, kernel) · scale for a weight-only int8 kernel: fp32 [..., o].
+
+    The kernel is converted to the compute `dtype` inside the product (XLA fuses the convert
+    into the matmul, so only the int8 bytes are read), accumulated in fp32 and multiplied by
+    its per-output-channel `scale` (fp32 [o]) (docs/generation.md, "Weight-only int8")."""
+    y = jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype), preferred_element_type=f32)
+    return y * scale
+
+
+def linear(x, kernel, bias=None, scale=None, *, dtype=None):
+    """x [..., i] @ kernel [i, o] (+ bias), rounded once to `dtype` (default: the kernel's).
+
+    A float kernel runs in its own dtype with fp32 accumulation (`matmul_dtype`); an int8
+    kernel (from `longmamba_jax.quantize`, with its per-output-channel `scale`) in `dtype`."""
+    if scale is None:
+        dtype = kernel.dtype if dtype is None else dtype
+        # with a bias, y + bias is rounded once, as in torch's addmm
+        out = f32 if bias is not None else matmul_dtype(kernel.dtype)
+        y = jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel, preferred_element_type=out)
+    else:
+        y = int8_matmul(x, kernel, scale, dtype)
+    if bias is not None:
+        y = y + bias
+    return y.astype(dtype)
+
+
 class Linear(nn.Module):
-    """y = x @ kernel (+ bias); kernel [in, out] is torch's weight transposed."""
+    """y = x @ kernel (+ bias); kernel [in, out] is torch's weight transposed. Quantized weights
+    (`longmamba_jax.quantize`) hold an int8 kernel and its per-output-channel "scale" [out]."""
 
     features: int
     use_bias: bool = False
@@ -48,12 +76,11 @@ class Linear(nn.Module):
             "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
             self.param_dtype,
         )
-        # with a bias, y + bias is rounded once, as in torch's addmm
-        out = f32 if self.use_bias else matmul_dtype(kernel.dtype)
-        y = jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel, preferred_element_type=out)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        return y.astype(self.param_dtype)
+        scale = (self.get_variable("params", "scale") if self.has_variable("params", "scale")
+                 else None)
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        return linear(x, kernel, bias, scale, dtype=self.param_dtype)
 
 
 class RMSNorm(nn.Module):

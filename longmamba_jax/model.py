@@ -21,7 +21,7 @@ import numpy as np
 
 from longmamba_jax.backends import resolve_backend
 from longmamba_jax.config import Config, Mamba2Config, MambaConfig
-from longmamba_jax.layers import rms_norm
+from longmamba_jax.layers import int8_matmul, rms_norm
 from longmamba_jax.mixers import Block, ScanBackend, row_ends
 from longmamba_jax.packing import document_lengths, resolve_segment_ids
 from longmamba_jax.selection import SelectionRule
@@ -40,6 +40,8 @@ class Params:
     Layout (paths mirror the torch keys; `kernel` is a torch weight transposed):
       embedding/weight [V, d]; layers/norm/weight [L, d]; layers/mixer/... [L, ...];
       norm_f/weight [d]; lm_head/kernel [d, V] (absent when tied to the embedding).
+    Quantized weights (`longmamba_jax.quantize`) hold int8 kernels with an fp32 "scale" beside
+    each (and an int8 lm_head even when tied; the embedding itself stays as it was).
     """
 
     weights: dict
@@ -50,7 +52,11 @@ class Params:
         return self.weights["embedding"]["weight"].dtype
 
     def astype(self, dtype) -> Params:
-        return Params(jax.tree.map(lambda a: a.astype(dtype), self.weights), self.config)
+        """The weights cast to `dtype`; the int8 kernels of quantized weights and their fp32
+        scales (`longmamba_jax.quantize`) stay as they are."""
+        from longmamba_jax.quantization import cast_floats
+
+        return Params(cast_floats(self.weights, dtype), self.config)
 
     def __repr__(self) -> str:
         """A summary (the weights would print megabytes): architecture, size, dtype."""
@@ -138,15 +144,21 @@ def init_params(config: Config, seed: int = 0, dtype=f32) -> Params:
 
 def lm_head(params: Params, h):
     """Final RMSNorm and the (tied or untied) head: h [b, l, d] fp32 -> fp32 logits [b, l, V].
-    The logits are rounded to the parameter dtype first, as torch computes them in it."""
+    The logits are rounded to the parameter dtype first, as torch computes them in it. A tied
+    model's head is the embedding, unless quantizing gave it an int8 lm_head of its own."""
     cfg, w = params.config, params.weights
     h = rms_norm(h, w["norm_f"]["weight"], cfg.norm_eps)  # fp32 in, fp32 out
-    if cfg.tie_embeddings:
-        head = w["embedding"]["weight"]
-        logits = jnp.einsum("bld,vd->blv", h.astype(head.dtype), head, preferred_element_type=f32)
+    head = w.get("lm_head")
+    if head is None:  # tied
+        table = w["embedding"]["weight"]
+        logits = jnp.einsum("bld,vd->blv", h.astype(table.dtype), table,
+                            preferred_element_type=f32)
+    elif "scale" in head:  # int8 [d, V] with its per-column scale [V]
+        logits = int8_matmul(h, head["kernel"], head["scale"], params.dtype, "bld,dv->blv")
     else:
-        head = w["lm_head"]["kernel"]
-        logits = jnp.einsum("bld,dv->blv", h.astype(head.dtype), head, preferred_element_type=f32)
+        kernel = head["kernel"]
+        logits = jnp.einsum("bld,dv->blv", h.astype(kernel.dtype), kernel,
+                            preferred_element_type=f32)
     return logits.astype(params.dtype).astype(f32)
 
 

@@ -6,6 +6,7 @@
     python -m evals perplexity ... [--text FILE] [--windows 10] [--eval-tokens 100]
     python -m evals longbench  ... --data-dir DIR [--datasets hotpotqa,...] [--e] [--max-length]
     python -m evals latency    ... [--repeats 5] [--warmup 1]
+    (any task) ... --quantize int8     weight-only int8 projections (`longmamba_jax.quantize`)
 
 `--method` takes one method or a comma list (`vanilla,longmamba,decimamba`); each method's run
 is saved as OUT/{task}_{method}.json/.md, and OUT/{task}.md/.png compare every method found in
@@ -64,6 +65,9 @@ def _common(p: argparse.ArgumentParser, default_lengths: str | None) -> None:
                    help="checkpoint dir or hub id (longmamba_jax.load), 'demo' (the bundled "
                    "model), or tiny-random:mamba1|mamba2")
     g.add_argument("--tokenizer", required=True, help="'bytes' or a local HF tokenizer dir")
+    g.add_argument("--quantize", choices=["int8"], default=None,
+                   help="run the model with weight-only int8 projections "
+                   "(longmamba_jax.quantize; docs/generation.md, \"Weight-only int8\")")
     g.add_argument("--method", type=_methods, default=["vanilla"],
                    help="vanilla|longmamba|longmamba-RULE|decimamba, or a comma list "
                    "(default: vanilla); RULE: a LongMamba token-selection rule (threshold, "
@@ -187,6 +191,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"--data-parallel must be >= 1, got {args.data_parallel}")
     tokenizer = load_tokenizer(args.tokenizer)
     params = load_model(args.model, tokenizer, seed=args.seed)
+    if args.quantize:  # after loading; a calibration made on the fly is of these weights
+        import longmamba_jax as lm
+
+        params = lm.quantize(params)
     if calibration is None and any(base_name(m) == "longmamba" for m in args.method):
         calibration = _calibration_on_the_fly(args, params, tokenizer)
     specs = [_spec(args, m, calibration) for m in args.method]
@@ -245,6 +253,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             results.append(r)
     for r in results:
         r["settings"] = {"model": args.model, **r["settings"]}
+        if args.quantize:
+            r["settings"]["quantize"] = args.quantize
         paths = save_run(args.out, r, plot=not args.no_plot)
         print(f"saved {paths['json']}", file=sys.stderr)
     return results

@@ -61,6 +61,9 @@ def save_converted(params, out_dir, *, manifest: dict) -> Path:
     Returns:
       The output directory.
     """
+    from longmamba_jax.quantization import refuse_quantized
+
+    refuse_quantized(params, "saving a converted checkpoint")
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir}: exists and is not an empty directory")

@@ -276,7 +276,9 @@ def export_torch(params, out_dir, *, layout: str = "transformers",
       The output directory.
     """
     from longmamba_jax.checkpoints.atomic import atomic_directory
+    from longmamba_jax.quantization import refuse_quantized
 
+    refuse_quantized(params, "export_torch")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if weights_format not in WEIGHTS_FORMATS:

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from longmamba_jax.config import Mamba2Config
-from longmamba_jax.layers import rms_norm, silu
+from longmamba_jax.layers import int8_matmul, rms_norm, silu
 from longmamba_jax.mixers import Block, ScanBackend, weightless_rms_norm
 from longmamba_jax.model import Cache, LayerFilters, Params, lm_head
 from longmamba_kernels.common import filter_threshold
@@ -111,18 +111,21 @@ def prepare_fused(params: Params, filters: LayerFilters | None) -> tuple[dict, .
     return tuple(out)
 
 
-def _linear(x, w: dict):
-    """x [b, i] @ kernel [i, o] (+ bias), fp32 accumulation, rounded to the kernel dtype (as
-    `layers.Linear`). One row is padded to two: see the module docstring (XLA's vector × matrix
-    rewrite)."""
+def _linear(x, w: dict, dtype):
+    """x [b, i] @ kernel [i, o] (+ bias), fp32 accumulation, rounded to `dtype` (as
+    `layers.Linear`; an int8 kernel times its "scale", `layers.int8_matmul`). One row is padded
+    to two: see the module docstring (XLA's vector × matrix rewrite)."""
     kernel = w["kernel"]
     b = x.shape[0]
     xp = jnp.pad(x, ((0, 1), (0, 0))) if b == 1 else x
-    y = jnp.einsum("bi,io->bo", xp.astype(kernel.dtype), kernel,
-                   preferred_element_type=f32)[:b]  # [b, o]
+    if "scale" in w:
+        y = int8_matmul(xp, kernel, w["scale"], dtype)[:b]  # [b, o] fp32
+    else:
+        y = jnp.einsum("bi,io->bo", xp.astype(kernel.dtype), kernel,
+                       preferred_element_type=f32)[:b]  # [b, o]
     if "bias" in w:
         y = y + w["bias"]
-    return y.astype(kernel.dtype)
+    return y.astype(dtype)
 
 
 def _conv_step(x, conv_state, w: dict):
@@ -138,8 +141,8 @@ def _conv_step(x, conv_state, w: dict):
 
 def _mamba2_mixer_step(cfg: Mamba2Config, prep: dict, u, conv, ssm, i: int, backend):
     w = prep["w"]["mixer"]
-    pd = w["in_proj"]["kernel"].dtype
-    zxbcdt = _linear(u, w["in_proj"])  # [b, in_proj_dim]
+    pd = u.dtype  # the parameter dtype (the kernels may be int8)
+    zxbcdt = _linear(u, w["in_proj"], pd)  # [b, in_proj_dim]
     g, conv_i, ssm = ssd_decode_step(
         zxbcdt, conv, ssm, w["conv1d"]["kernel"], w["conv1d"].get("bias"), w["dt_bias"],
         prep["A"], w["D"], prep["threshold"], layer=i, ngroups=cfg.ngroups,
@@ -150,25 +153,25 @@ def _mamba2_mixer_step(cfg: Mamba2Config, prep: dict, u, conv, ssm, i: int, back
     b = u.shape[0]
     y = rms_norm(g.reshape(b, cfg.d_inner), w["norm"]["weight"], cfg.norm_eps,
                  cfg.d_inner // cfg.ngroups)  # [b, E] pd
-    return _linear(y.astype(pd), w["out_proj"]), conv_i, ssm
+    return _linear(y.astype(pd), w["out_proj"], pd), conv_i, ssm
 
 
 def _mamba1_mixer_step(cfg, prep: dict, u, conv, ssm, i: int):
     w = prep["w"]["mixer"]
-    pd = w["in_proj"]["kernel"].dtype
+    pd = u.dtype  # the parameter dtype (the kernels may be int8)
     n, r = cfg.d_state, cfg.dt_rank
-    x, z = jnp.split(_linear(u, w["in_proj"]), 2, axis=-1)  # [b, e] each
+    x, z = jnp.split(_linear(u, w["in_proj"], pd), 2, axis=-1)  # [b, e] each
     x, conv_i = _conv_step(x, conv[i], w["conv1d"])
     x = silu(x).astype(pd)
-    dt_raw, B, C = jnp.split(_linear(x, w["x_proj"]), [r, r + n], axis=-1)
+    dt_raw, B, C = jnp.split(_linear(x, w["x_proj"], pd), [r, r + n], axis=-1)
     if cfg.mixer_rms_eps is not None:  # FalconMamba
         dt_raw, B, C = (weightless_rms_norm(a, cfg.mixer_rms_eps) for a in (dt_raw, B, C))
-    dt = _linear(dt_raw, {"kernel": w["dt_proj"]["kernel"]})  # the DtProj matmul, rounded
+    dt = _linear(dt_raw, {"kernel": w["dt_proj"]["kernel"]}, pd)  # the DtProj matmul, rounded
     dt = jax.nn.softplus(dt.astype(f32) + w["dt_proj"]["bias"].astype(f32))  # [b, e]
     y, s = selective_state_step(ssm[i], x, dt, prep["A"], B, C, w["D"],
                                 threshold=prep["threshold"])
     y = y * silu(z.astype(f32))
-    return _linear(y.astype(pd), w["out_proj"]), conv_i, ssm.at[i].set(s)
+    return _linear(y.astype(pd), w["out_proj"], pd), conv_i, ssm.at[i].set(s)
 
 
 def step_fused(params: Params, prepared: tuple[dict, ...], cache: Cache, token,

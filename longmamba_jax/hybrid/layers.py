@@ -14,21 +14,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from longmamba_jax import layers
 from longmamba_jax.hybrid.attention import attention, rope
-from longmamba_jax.layers import matmul_dtype, rms_norm
+from longmamba_jax.layers import rms_norm
 from longmamba_jax.mixers import Block, Mamba2Mixer, ScanBackend
 
 f32 = jnp.float32
 
 
 def linear(x, w: dict):
-    """x @ kernel (+ bias), rounded once to the kernel dtype (as `layers.Linear`)."""
-    kernel = w["kernel"]
-    out = f32 if "bias" in w else matmul_dtype(kernel.dtype)
-    y = jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel, preferred_element_type=out)
-    if "bias" in w:
-        y = y + w["bias"]
-    return y.astype(kernel.dtype)
+    """x @ kernel (+ bias), rounded once to the kernel dtype (as `layers.Linear`); an int8 kernel
+    (`longmamba_jax.quantize`) runs in x's dtype, which is the parameter dtype at every call."""
+    scale = w.get("scale")
+    return layers.linear(x, w["kernel"], w.get("bias"), scale,
+                         dtype=None if scale is None else x.dtype)
 
 
 def lora(x, w: dict):

@@ -48,6 +48,11 @@ def default_rules(config) -> Rules:
         (r"layers/mixer/out_proj/kernel", P(None, TENSOR, FSDP)),
         (r"layers/mixer/out_proj/bias", P()),
         (r"layers/mixer/(A_log|D)", P(None, TENSOR)),
+        # per-output-channel scales of int8 kernels (`longmamba_jax.quantize`): split as the
+        # kernels' output columns
+        (r"lm_head/scale", P(TENSOR)),
+        (r"layers/mixer/in_proj/scale", P(None, TENSOR)),
+        (r"layers/mixer/out_proj/scale", P()),
     ]
     if isinstance(config, Mamba2Config):
         return rules + [

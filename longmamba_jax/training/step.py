@@ -52,6 +52,9 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation, *,
     whatever dtype they were loaded in) and the optimizer's initial state."""
     if not isinstance(params, Params):
         raise TypeError(f"params must be longmamba_jax.Params, got {type(params).__name__}")
+    from longmamba_jax.quantization import refuse_quantized
+
+    refuse_quantized(params, "training")
     params = params.astype(master_dtype)
     return TrainState(params, optimizer.init(params.weights), jnp.zeros((), jnp.int32),
                       jax.random.PRNGKey(seed))
