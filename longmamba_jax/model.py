@@ -21,7 +21,7 @@ import numpy as np
 
 from longmamba_jax.backends import resolve_backend
 from longmamba_jax.config import Config, Mamba2Config, MambaConfig
-from longmamba_jax.layers import int8_matmul, rms_norm
+from longmamba_jax.layers import int8_matmul, matmul_dtype, rms_norm
 from longmamba_jax.mixers import Block, ScanBackend, row_ends
 from longmamba_jax.packing import document_lengths, resolve_segment_ids
 from longmamba_jax.selection import SelectionRule
@@ -144,21 +144,23 @@ def init_params(config: Config, seed: int = 0, dtype=f32) -> Params:
 
 def lm_head(params: Params, h):
     """Final RMSNorm and the (tied or untied) head: h [b, l, d] fp32 -> fp32 logits [b, l, V].
-    The logits are rounded to the parameter dtype first, as torch computes them in it. A tied
-    model's head is the embedding, unless quantizing gave it an int8 lm_head of its own."""
+    The logits are rounded to the parameter dtype first, as torch computes them in it (on a GPU
+    in the matmul's epilogue, `matmul_dtype`, so that a gradient's two head matmuls run in that
+    dtype too, not in fp32). A tied model's head is the embedding, unless quantizing gave it an
+    int8 lm_head of its own."""
     cfg, w = params.config, params.weights
     h = rms_norm(h, w["norm_f"]["weight"], cfg.norm_eps)  # fp32 in, fp32 out
     head = w.get("lm_head")
     if head is None:  # tied
         table = w["embedding"]["weight"]
         logits = jnp.einsum("bld,vd->blv", h.astype(table.dtype), table,
-                            preferred_element_type=f32)
+                            preferred_element_type=matmul_dtype(table.dtype))
     elif "scale" in head:  # int8 [d, V] with its per-column scale [V]
         logits = int8_matmul(h, head["kernel"], head["scale"], params.dtype, "bld,dv->blv")
     else:
         kernel = head["kernel"]
         logits = jnp.einsum("bld,dv->blv", h.astype(kernel.dtype), kernel,
-                            preferred_element_type=f32)
+                            preferred_element_type=matmul_dtype(kernel.dtype))
     return logits.astype(params.dtype).astype(f32)
 
 

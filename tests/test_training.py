@@ -311,3 +311,28 @@ def test_compiled_pallas_grads_and_bf16_step(arch):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.05
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bf16_head_gradient_matmuls_stay_in_bf16_where_matmuls_round_in_bf16(monkeypatch, tied):
+    """With bf16 weights on a GPU (where `matmul_dtype` rounds in the matmul), the head's two
+    gradient matmuls (d hidden, d weight: 2·l·d·V each) must run in bf16, as torch autocast runs
+    them, not in fp32: an fp32 head output would make the cotangent, and so both matmuls, fp32."""
+    import re
+
+    from longmamba_jax import layers
+    from longmamba_jax.model import lm_head
+
+    cfg = lmj.MambaConfig(d_model=32, n_layer=1, vocab_size=200, d_state=4,
+                          tie_embeddings=tied)
+    params = lmj.init_params(cfg, 0, jnp.bfloat16)
+    h = jnp.ones((1, 8, 32), jnp.float32)
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    loss = lambda p, h: jnp.sum(lm_head(p, h) ** 2)
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, h).as_text()
+    vocab = cfg.padded_vocab_size
+    dots = [line for line in hlo.splitlines() if "dot_general" in line and f"{vocab}x" in line]
+    assert len(dots) == 3  # the forward and the two gradient matmuls
+    for line in dots:
+        operands = re.search(r":\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)", line)
+        assert operands and all("bf16" in t for t in operands.groups()), line
