@@ -63,6 +63,7 @@ class LongMamba:
         train_len = self.calibration.train_len
         selection = SelectionRule(self.rule, train_len if self.k is None else self.k)
         object.__setattr__(self, "_selection", selection)
+        object.__setattr__(self, "_filters", {})  # (fingerprint, S) -> LayerFilters | None
         if self.filter_decode and selection.adaptive:
             raise ValueError(f"filter_decode=True needs rule='threshold' (the rule {self.rule!r} "
                              "reads the whole prompt's Δ, which a decode step does not have)")
@@ -118,6 +119,15 @@ class LongMamba:
         cal.check_compatible(config.fingerprint, n, [config.channels] * n)
         if not self.active(seq_len):
             return None
+        key = (config.fingerprint, int(seq_len))
+        if key not in self._filters:  # host work (θ_S or α_S per channel) once per length
+            if len(self._filters) > 64:
+                self._filters.clear()
+            self._filters[key] = self._layer_filters(int(seq_len))
+        return self._filters[key]
+
+    def _layer_filters(self, seq_len: int) -> LayerFilters | None:
+        cal = self.calibration
         is_global = np.stack([np.asarray(g, bool)
                               for g in cal.global_channels(self.channel_threshold)])
         if not is_global.any():

@@ -250,3 +250,29 @@ def test_budget_keeps_what_alpha_keeps_on_long_prompts():
     for s in (40, 400, 4000):
         np.testing.assert_allclose(one.keep_fractions(s)[0] * s,
                                    one.decay[0] / one.clamp_values[0] + 1, rtol=1e-5)
+
+
+def test_per_length_host_work_is_done_once(monkeypatch):
+    """α_S and a method's filter arrays are solved once per prompt length: a second prefill of
+    the same length reads them back (a per-channel solve on the host each call cost the 'alpha'
+    and 'offline' rules ten times the prefill itself on a GPU)."""
+    from longmamba_jax.calibration import artifact
+
+    params, cal = _calibrated("mamba2")
+    calls = []
+    solve = artifact.exact_cut_rows
+    monkeypatch.setattr(artifact, "exact_cut_rows", lambda *a: calls.append(1) or solve(*a))
+    first = cal.keep_fractions(40)
+    solved = len(calls)
+    assert solved > 0
+    second = cal.keep_fractions(40)
+    assert len(calls) == solved
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+    cal.keep_fractions(41)
+    assert len(calls) > solved  # another length is solved for
+    method = lmj.LongMamba(cal, rule="alpha", channel_threshold=-1.0)  # every channel global
+    filters = method.layer_filters(params.config, 40)
+    assert filters is not None
+    assert method.layer_filters(params.config, 40) is filters
+    assert method.layer_filters(params.config, 48) is not filters

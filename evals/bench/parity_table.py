@@ -1,14 +1,20 @@
-"""Prints the parity table of the README: `longmamba_jax.forward` vs transformers' torch models.
+"""Prints the parity tables of the README: `longmamba_jax.forward` vs transformers' torch models.
 
-    python evals/bench/parity_table.py
+    python evals/bench/parity_table.py                 # Mamba / Mamba2, then the families
+    python evals/bench/parity_table.py --families-only
 
 Tiny random checkpoints (every weight perturbed away from its init) are written with
 `save_pretrained`, loaded through `longmamba_jax.load`, and compared at several lengths; the
-worst relative error ‖ours − torch‖ / ‖torch‖ per model, backend and dtype is printed.
+worst relative error ‖ours − torch‖ / ‖torch‖ per model, backend and dtype is printed. The
+other families (FalconMamba, Codestral Mamba's geometry, Zamba2, Bamba) start from this
+library's tiny configs (`config.tiny_config`), perturbed, written with `export_torch` in the
+transformers layout and read back by transformers' own class of each; fp32, `reference` backend.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import tempfile
 
 import numpy as np
@@ -49,7 +55,57 @@ def build(arch, overrides, seed=0):
     return model.eval()
 
 
-def main():
+def families() -> list[tuple[str, float, float]]:
+    """Per family, at (1, 3), (2, 19) and (1, 40) tokens: the worst fp32 relative error against
+    transformers, and transformers' own fp32 against its fp64."""
+    import jax
+
+    from longmamba_jax.config import tiny_config
+
+    configs = {"falcon_mamba": tiny_config("falcon_mamba"),
+               "codestral (ngroups 8)": tiny_config("mamba2", d_model=64, headdim=8, ngroups=8,
+                                                       tie_embeddings=False),
+               "zamba2": tiny_config("zamba2"), "bamba": tiny_config("bamba")}
+    rows = []
+    for name, config in configs.items():
+        params = lmj.init_params(config, 0)
+        leaves, treedef = jax.tree.flatten(params.weights)
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        noisy = [w + 0.1 * jax.random.normal(k, w.shape, w.dtype)
+                 for w, k in zip(leaves, keys, strict=True)]
+        params = dataclasses.replace(params, weights=jax.tree.unflatten(treedef, noisy))
+        with tempfile.TemporaryDirectory() as d:
+            lmj.export_torch(params, d, force=True)
+            model = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+        # torch in fp64: how far fp32 itself is from exact on this model (its conditioning)
+        model64 = transformers.AutoModelForCausalLM.from_config(model.config).double().eval()
+        model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+        worst = torch_own = 0.0
+        for batch, length in [(1, 3), (2, 19), (1, 40)]:
+            tokens = torch.as_tensor(np.random.default_rng(length).integers(
+                0, config.vocab_size, (batch, length)))
+            with torch.no_grad():
+                ref, ref64 = model(tokens).logits.numpy(), model64(tokens).logits.numpy()
+            ours = np.asarray(lmj.forward(params, tokens.numpy(), backend="reference"))
+            worst = max(worst, rel_err(ours[..., :ref.shape[-1]], ref))
+            torch_own = max(torch_own, rel_err(ref, ref64))
+        rows.append((name, worst, torch_own))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--families-only", action="store_true")
+    args = p.parse_args(argv)
+    if not args.families_only:
+        mamba_table()
+    print("\n| family | ours vs torch, fp32 | torch fp32 vs torch fp64 |")
+    print("|---|---|---|")
+    for name, err, torch_own in families():
+        print(f"| {name} | {err:.1e} | {torch_own:.1e} |")
+
+
+def mamba_table():
     rows = []
     for name, (arch, overrides) in MODELS.items():
         model = build(arch, overrides)

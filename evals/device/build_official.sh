@@ -9,8 +9,8 @@
 # - `causal_conv1d_cuda` (causal_conv1d 1.7.0): its forward and update kernels as shipped, and
 #   the `causal_conv1d` Python package next to it, so mamba_ssm takes its fused paths.
 # With BACKWARD=1 the backward passes are built too (the scan's for fp32 and bf16 inputs with
-# real A, the conv's for every dtype: what torch autograd of MambaLMHeadModel calls; a few
-# minutes more). fp16 and complex A for the scan are never compiled. What is not built is
+# real A, the conv's for every dtype: what torch autograd of MambaLMHeadModel calls; about
+# 85 s in all on 16 cores). fp16 and complex A for the scan are never compiled. What is not built is
 # linked to stubs that raise a RuntimeError naming it, so nothing calls them silently. Flags are
 # those of the packages' setup.py, for sm_$ARCH only. About 40 s on 16 cores (forward only).
 #

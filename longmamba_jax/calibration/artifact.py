@@ -70,7 +70,8 @@ class Calibration:
         self._arrays = arrays
         channels = list(header["channels"])
         self._bounds = np.concatenate([[0], np.cumsum(channels)]).astype(np.int64)
-        self._cache: dict[int, list[np.ndarray]] = {}
+        self._cache: dict[int, np.ndarray] = {}  # θ_S, flat over layers, per S
+        self._alpha_cache: dict[int, np.ndarray] = {}  # α_S, the same
         if header["storage"] == "exact":
             self._curves = [arrays[f"curves_{i}"].astype(np.float64) for i in range(len(channels))]
             self._wdecay = [arrays[f"window_decay_{i}"] for i in range(len(channels))]
@@ -237,12 +238,16 @@ class Calibration:
             raise ValueError(
                 "this calibration stores θ on a grid, without the kept fractions α that the "
                 "'alpha' and 'offline' rules need; calibrate again with storage='exact'")
-        out = []
-        for y, wd in zip(self._curves, self._wdecay, strict=True):
-            w, c, length = y.shape
-            _, alpha = exact_cut_rows(y.reshape(w * c, length), wd.reshape(-1), s)
-            out.append(aggregate_windows(alpha.reshape(w, c), self._header["aggregate"]))
-        return [a.astype(np.float32) for a in out]
+        if s not in self._alpha_cache:  # a solve per channel and window: once per length
+            out = []
+            for y, wd in zip(self._curves, self._wdecay, strict=True):
+                w, c, length = y.shape
+                _, alpha = exact_cut_rows(y.reshape(w * c, length), wd.reshape(-1), s)
+                out.append(aggregate_windows(alpha.reshape(w, c), self._header["aggregate"]))
+            if len(self._alpha_cache) > 64:
+                self._alpha_cache.clear()
+            self._alpha_cache[s] = np.concatenate(out).astype(np.float32)
+        return self._split(self._alpha_cache[s])
 
     def _exact_layer(self, i: int, s: int) -> np.ndarray:
         y, wd, cst = self._curves[i], self._wdecay[i], self._const[i]
