@@ -4,6 +4,7 @@ selective scan on one mamba-1.4b layer), for a profiler to look at.
     ncu --kernel-name regex:ssd_chunk_scan python evals/bench/profile_ssd.py --length 16384
     bash evals/device/profile_ssd.sh        # on a GPU: the ncu report in $OUT
     OP=selective_scan bash evals/device/profile_ssd.sh   # the selective scan, with SASS
+    GRAD=1 bash evals/device/profile_ssd.sh   # forward + backward: time per kernel (ncu)
 
 Inputs are those of `scan.py` (random, bf16 x/B/C). Prints the median time of the calls
 after the first (which compiles)."""
@@ -33,6 +34,8 @@ def main(argv=None) -> None:
                     help="SSDPallasConfig (or SelectiveScanPallasConfig) fields, e.g. "
                          "segments=2,precompute_cb=False")
     ap.add_argument("--interpret", action="store_true")
+    ap.add_argument("--grad", action="store_true",
+                    help="forward + backward (the VJP for a random dy), as training runs it")
     a = ap.parse_args(argv)
     if a.op == "ssd":
         config = SSDPallasConfig(**parse_fields(a.config))
@@ -43,7 +46,15 @@ def main(argv=None) -> None:
         config = SelectiveScanPallasConfig(**parse_fields(a.config))
         args, _ = ss_inputs(a.length)
         f = jax.jit(lambda *x: selective_scan_pallas(*x, config=config, interpret=a.interpret))
-    print(config, flush=True)
+    if a.grad:
+        forward = f
+
+        def f(*x):
+            y, vjp = jax.vjp(lambda *v: forward(*v)[0], *x)
+            return vjp(jax.numpy.ones_like(y))
+
+        f = jax.jit(f)
+    print(config, "forward + backward" if a.grad else "forward", flush=True)
     jax.block_until_ready(args)
     first, times = timed(lambda: f(*args), a.reps)
     print(f"{a.op} l={a.length}: {statistics.median(times) * 1e3:.3f} ms per call "
