@@ -19,7 +19,26 @@ PIPE_METRICS=sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,\
 sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,\
 sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active
 
-if [ "${OP:-ssd}" = selective_scan ] && command -v ncu >/dev/null; then
+if [ "${GRAD:-0}" = 1 ] && command -v ncu >/dev/null; then
+  # GRAD=1: forward + backward (the VJP) of OP at L, every kernel's device time summed by name
+  # over the two calls (compile call + 1) and halved: where a training step's scan time goes.
+  f="$OUT/ncu_grad_${OP:-ssd}_L${L}.csv"
+  ncu --clock-control none --csv --metrics gpu__time_duration.sum \
+    $PY evals/bench/profile_ssd.py --op "${OP:-ssd}" --grad --length "$L" --reps 1 > "$f" 2>&1
+  echo "== ${OP:-ssd} forward + backward at L=$L (ncu exit code $?): kernel, launches, us per call"
+  $PY - "$f" <<'PYEOF'
+import collections, csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and r[-3] == "gpu__time_duration.sum"]
+time, count = collections.Counter(), collections.Counter()
+for r in rows:
+    us = float(r[-1].replace(",", "")) / (1e3 if r[-2] in ("ns", "nsecond") else 1)
+    time[r[4][:70]] += us / 2
+    count[r[4][:70]] += 1
+for name, us in time.most_common(25):
+    print(f"  {name:70s} {count[name] // 2:4d} {us:10.1f}")
+print(f"  total {sum(time.values()):.1f} us per call")
+PYEOF
+elif [ "${OP:-ssd}" = selective_scan ] && command -v ncu >/dev/null; then
   IFS=';' read -ra cfgs <<< "${CONFIGS:-}"
   [ ${#cfgs[@]} -eq 0 ] && cfgs=("")  # CONFIGS unset or empty: the default config
   for c in "${cfgs[@]}"; do
@@ -39,25 +58,6 @@ if [ "${OP:-ssd}" = selective_scan ] && command -v ncu >/dev/null; then
       > "$OUT/ss_${tag}_sass.csv" 2>&1 || echo "sass page failed: $(head -c 300 "$OUT/ss_${tag}_sass.csv")"
     rm -f "$OUT/ss_$tag.ncu-rep"
   done
-elif [ "${GRAD:-0}" = 1 ] && command -v ncu >/dev/null; then
-  # GRAD=1: forward + backward (the VJP) of OP at L, every kernel's device time summed by name
-  # over the two calls (compile call + 1) and halved: where a training step's scan time goes.
-  f="$OUT/ncu_grad_${OP:-ssd}_L${L}.csv"
-  ncu --clock-control none --csv --metrics gpu__time_duration.sum \
-    $PY evals/bench/profile_ssd.py --op "${OP:-ssd}" --grad --length "$L" --reps 1 > "$f" 2>&1
-  echo "== ${OP:-ssd} forward + backward at L=$L (ncu exit code $?): kernel, launches, us per call"
-  $PY - "$f" <<'PYEOF'
-import collections, csv, sys
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and r[-3] == "gpu__time_duration.sum"]
-time, count = collections.Counter(), collections.Counter()
-for r in rows:
-    us = float(r[-1].replace(",", "")) / (1e3 if r[-2] in ("ns", "nsecond") else 1)
-    time[r[4][:70]] += us / 2
-    count[r[4][:70]] += 1
-for name, us in time.most_common(25):
-    print(f"  {name:70s} {count[name] // 2:4d} {us:10.1f}")
-print(f"  total {sum(time.values()):.1f} us per call")
-PYEOF
 elif [ -n "${DURATIONS:-}" ] && command -v ncu >/dev/null; then
   # DURATIONS="cfg1;cfg2": every kernel's device time in one call (compile call + 1) per
   # SSDPallasConfig (fields as in --config), e.g. the states pass, the fold and the scan apart.
