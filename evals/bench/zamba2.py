@@ -200,7 +200,7 @@ def _table(rows: list[dict]) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", default="auto", choices=lmj.BACKENDS)
-    p.add_argument("--prefill-lengths", default="4096,16384,65536")
+    p.add_argument("--prefill-lengths", default="4096,16384,65536,131072")
     p.add_argument("--decode-batches", default="1,8")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=256)
