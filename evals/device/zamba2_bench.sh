@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine: evals/bench/zamba2.py on the Zamba2-1.2B-shaped random model (prefill
 # 4K/16K/64K/128K, LongMamba's prefill overhead at 16K, decode batch 1 and 8), longmamba_jax
-# and then transformers' torch Zamba2 (with mamba_ssm's kernels, built first when their sources are in
-# .official/) in a process of its own, each under its own time limit; then the merged table.
+# and then transformers' torch Zamba2 (with mamba_ssm's kernels, built first when their
+# sources are in .official/) in a process of its own, each under its own time limit; then the merged table.
 # Results under $OUT: zamba2.json (merged), zamba2_jax.json, zamba2_torch.json, zamba2.log,
 # device.txt.
 #
