@@ -196,16 +196,46 @@ def test_ssd_grads_default_blocks_interpret():
                                           n=128),
                                   SSDCase(l=333, filt=False, init=False, b=1, h=8, p=64, g=1,
                                           n=128)], ids=["ragged_filter_init", "plain"])
+@pytest.mark.parametrize("states_block_n", [None, 32])
 @pytest.mark.gpu
 @gpu_only
-def test_ssd_grads_gpu(case, dtype):
-    """Compiled, default blocks, mamba2-like heads (p = 64, n = 128)."""
+def test_ssd_grads_gpu(case, dtype, states_block_n):
+    """Compiled, default blocks (and the states pass split over n), mamba2-like heads (p = 64,
+    n = 128)."""
     args = ssd_args(case, dtype, seed=7)
     ct = _random_like(jax.random.key(8), jax.eval_shape(_ssd_ref, *_upcast(args)))
-    kernel = functools.partial(_ssd_kernel, fwd=SSDPallasConfig(), bwd=SSDBackwardConfig(),
+    kernel = functools.partial(_ssd_kernel, fwd=SSDPallasConfig(),
+                               bwd=SSDBackwardConfig(states_block_n=states_block_n),
                                interpret=False)
     check_vjps(kernel, _ssd_ref, args, {"dS present": ct, "dS absent": _zero_state(ct)},
                dtype, SSD_NAMES, "ssd gpu")
+
+
+SSD_BWD_SPLIT_N = dataclasses.replace(SSD_BWD, states_block_n=16)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_ssd_grads_states_pass_split_over_n(packed):
+    """The states pass split over the state's columns (n = 40, padded to 48 → 64, in blocks of
+    16: four programs per head and block of p), filter and initial state on, 37 tokens; with
+    `packed`, documents of `PACK_LENGTHS[:4]` + the rest: every gradient equals the reference's
+    (each document alone when packed)."""
+    case = SSDCase(l=37, filt=True, init=True, n=40)
+    args = ssd_args(case, F32, seed=13)
+    if not packed:
+        kernel = functools.partial(_ssd_kernel, bwd=SSD_BWD_SPLIT_N)
+        ref = _ssd_ref
+    else:
+        lengths = (1, 3, 12, 1, 20)
+        ids = _pack_ids(lengths, args[0].shape[0])
+        kernel = lambda *a: ssd_pallas(*a[:6], initial_state=a[6], threshold=a[7],
+                                       segment_ids=ids, interpret=True, config=SSD_FWD,
+                                       backward_config=SSD_BWD_SPLIT_N)
+        ref = _documents_alone(_ssd_ref, lengths, (0, 1, 3, 4),
+                               lambda a, first: (*a[:6], a[6] if first else None, a[7]))
+    ct = _random_like(jax.random.key(14), jax.eval_shape(ref, *args))
+    check_vjps(kernel, ref, args, {"dS present": ct, "dS absent": _zero_state(ct)}, F32,
+               SSD_NAMES, "ssd states split over n")
 
 
 # Packed documents: the gradient of a packed loss is the sum of the documents' gradients. The
@@ -550,6 +580,14 @@ def test_ssd_backward_lowers_for_cuda(dtype):
     text = _cuda_text(_grad_of_sum(kernel, 7), *_ssd_model_args(dtype))
     assert {"ssd_bwd_states", "ssd_bwd_dx", "ssd_bwd_dbc"} <= _kernel_names(text)
     assert "__nv_expf" not in text  # decays as exp2, as in the forward
+
+
+def test_ssd_backward_states_split_over_n_lowers_for_cuda():
+    """The states pass split over n (blocks of 32 of the model's 128) lowers for CUDA."""
+    kernel = functools.partial(_ssd_kernel, fwd=SSDPallasConfig(),
+                               bwd=SSDBackwardConfig(states_block_n=32), interpret=False)
+    text = _cuda_text(_grad_of_sum(kernel, 7), *_ssd_model_args(BF16))
+    assert "ssd_bwd_states" in _kernel_names(text)
 
 
 @pytest.mark.parametrize("fwd", [SelectiveScanPallasConfig(), SelectiveScanMosaicConfig()],

@@ -27,6 +27,7 @@ would start after the budget is spent (recorded as skipped).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longmamba_evals.bench.common import K, lengths, write_json
+from longmamba_evals.bench.common import K, lengths, parse_fields, write_json
 from longmamba_evals.bench.timing import time_fn, timed
 
 __all__ = ["main"]
@@ -83,7 +84,7 @@ def _layer_inputs(op, length, shape, seed=0):
     return (x, dt, A, B, C, D), dy
 
 
-def _our_layer_fn(op, interpret, quick, chunk):
+def _our_layer_fn(op, interpret, quick, chunk, backward_fields=None):
     if op == "ssd":
         from longmamba_kernels.ssd.pallas_backward import SSDBackwardConfig
         from longmamba_kernels.ssd.pallas_triton import SSDPallasConfig, ssd_pallas
@@ -94,6 +95,9 @@ def _our_layer_fn(op, interpret, quick, chunk):
             config=SSDPallasConfig(chunk=16, block_p=16),
             backward_config=SSDBackwardConfig(chunk=16, block_p=16, states_block_p=16,
                                               block_n=16))
+        if backward_fields:  # a variant of the backward blocks (--ssd-backward-variants)
+            base = kw.get("backward_config", SSDBackwardConfig())
+            kw["backward_config"] = dataclasses.replace(base, **backward_fields)
         return lambda *a: ssd_pallas(*a, interpret=interpret, y_dtype=jnp.bfloat16, **kw)[0]
     from longmamba_kernels.selective_scan import selective_scan_pallas
     from longmamba_kernels.selective_scan.pallas_backward import SelectiveScanBackwardConfig
@@ -107,9 +111,14 @@ def _our_layer_fn(op, interpret, quick, chunk):
 
 
 def ours_layers(args, budget, rows):
-    for op, shape in (("ssd", QUICK_SSD if args.quick else SSD_SHAPE),
-                      ("selective_scan", QUICK_SS if args.quick else SS_SHAPE)):
-        fn = _our_layer_fn(op, args.interpret, args.quick, shape.get("chunk", 256))
+    ssd_shape = QUICK_SSD if args.quick else SSD_SHAPE
+    variants = [(f"ssd[{v}]", ssd_shape, parse_fields(v))
+                for v in args.ssd_backward_variants.split(";") if v]
+    for op, shape, fields in [("ssd", ssd_shape, None),
+                              ("selective_scan", QUICK_SS if args.quick else SS_SHAPE, None),
+                              *variants]:
+        fn = _our_layer_fn(op.split("[")[0], args.interpret, args.quick,
+                           shape.get("chunk", 256), fields)
 
         @jax.jit
         def fwd_bwd(inputs, dy, fn=fn):
@@ -123,7 +132,7 @@ def ours_layers(args, budget, rows):
                 rows.append({**row, "skipped": "time budget spent"})
                 continue
             try:
-                inputs, dy = _layer_inputs(op, length, shape)
+                inputs, dy = _layer_inputs(op.split("[")[0], length, shape)
                 t, _ = time_fn(fwd_bwd, inputs, dy, reps=args.reps, batches=3)
                 tf, _ = time_fn(fwd, inputs, reps=args.reps, batches=3)
                 grads = fwd_bwd(inputs, dy)
@@ -361,7 +370,9 @@ def table(rows) -> str:
 
     out = ["| layer | length | ours fwd+bwd ms | mamba_ssm fwd+bwd ms | ours fwd ms |",
            "|---|---|---|---|---|"]
-    for op in ("ssd", "selective_scan"):
+    variants = sorted({r["op"] for r in rows if r.get("section") == "layer"
+                       and r.get("op", "").startswith("ssd[")})
+    for op in ("ssd", "selective_scan", *variants):
         for length in sorted({r["length"] for r in rows
                               if r.get("section") == "layer" and r.get("op") == op}):
             out.append(f"| {op} | {size(length)} | "
@@ -398,6 +409,9 @@ def _parser():
     p.add_argument("--reps", type=int, default=10, help="launches per timing batch (layers)")
     p.add_argument("--step-reps", type=int, default=3, help="timed training steps")
     p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument("--ssd-backward-variants", default="",
+                   help="';'-separated SSDBackwardConfig fields, each timed as one more SSD "
+                        "layer row, e.g. 'states_block_n=32;states_block_n=64'")
     p.add_argument("--official-src", default=".official")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes on CPU (Pallas interpreter with small blocks)")

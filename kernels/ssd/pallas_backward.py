@@ -53,6 +53,10 @@ class SSDBackwardConfig:
         [b, l/s, h, p, n]: a larger s means fewer of them, larger [s, s] tiles.
       block_p: head-dim rows per program of the dx / dΔ kernel (power of two >= 16).
       states_block_p: head-dim rows per program of the states pass (power of two >= 16).
+      states_block_n: state columns per program of the states pass (power of two >= 16; None:
+        all of them). The states pass is the only sequential one (it walks every chunk, twice);
+        its recursions are elementwise in (p, n), so splitting n multiplies its programs, and
+        so the latency it can hide, at batch 1 (64 heads × p/states_block_p programs otherwise).
       block_n: state columns per program of the dB / dC kernel (power of two >= 16).
       num_warps: warps per program.
       num_stages: Triton software-pipelining depth of the loops.
@@ -63,14 +67,17 @@ class SSDBackwardConfig:
     chunk: int = 64
     block_p: int = 32
     states_block_p: int = 16
+    states_block_n: int | None = None
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 2
     fp32_states: bool = False
 
     def __post_init__(self):
-        for name in ("chunk", "block_p", "states_block_p", "block_n"):
+        for name in ("chunk", "block_p", "states_block_p", "states_block_n", "block_n"):
             v = getattr(self, name)
+            if v is None and name == "states_block_n":
+                continue
             if v < 16 or v & (v - 1):
                 raise ValueError(f"SSDBackwardConfig.{name} must be a power of two >= 16, got {v}")
         for name in ("num_warps", "num_stages"):
@@ -124,18 +131,19 @@ def _through(a_last, docs):
 
 
 def _states_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, s0_ref, dy_ref, dsf_ref,
-                   doc_ref, sp_ref, dsn_ref, ds0_ref, *, chunk, block_p, n_chunks,
+                   doc_ref, sp_ref, dsn_ref, ds0_ref, *, chunk, block_p, block_n, n_chunks,
                    heads_per_group, has_init, dot_dtype):
     """S_prev[c] (the state before chunk c) forward, then dS[c] (the gradient of the state after
-    chunk c) backward, for one batch row × head × block of p; and d initial_state."""
+    chunk c) backward, for one batch row × head × block of p × block of n; and d initial_state."""
     f32 = jnp.float32
-    bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, hi = pl.program_id(0), pl.program_id(1)
+    pi, ni = pl.program_id(2), pl.program_id(3)
     gi = hi // heads_per_group
-    p_sl = pl.ds(pi * block_p, block_p)
-    n = b_ref.shape[-1]
+    p_sl, n_sl = pl.ds(pi * block_p, block_p), pl.ds(ni * block_n, block_n)
     dot = _dot(dot_dtype)
     a, thr = a_ref[hi], thr_ref[hi]
-    s = s0_ref[bi, hi, p_sl, :].astype(f32) if has_init else jnp.zeros((block_p, n), f32)
+    s = (s0_ref[bi, hi, p_sl, n_sl].astype(f32) if has_init
+         else jnp.zeros((block_p, block_n), f32))
 
     def docs(ci):
         return None if doc_ref is None else chunk_documents(doc_ref, bi, ci * chunk, chunk)
@@ -144,11 +152,11 @@ def _states_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, s0_ref, dy_ref, 
         t_sl = pl.ds(ci * chunk, chunk)
         dt, a_cum, a_last = _decays(dt_ref, bi, t_sl, hi, a, thr)
         dc = docs(ci)
-        sp_ref[bi, ci, hi, p_sl, :] = s.astype(sp_ref.dtype)
+        sp_ref[bi, ci, hi, p_sl, n_sl] = s.astype(sp_ref.dtype)
         x = x_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
         w = (x * (dt * _to_end(a_cum, a_last, dc))[:, None]).astype(dot_dtype)
         return (jnp.exp2(_through(a_last, dc)) * s
-                + dot(w.T, b_ref[bi, t_sl, gi, :].astype(dot_dtype)))
+                + dot(w.T, b_ref[bi, t_sl, gi, n_sl].astype(dot_dtype)))
 
     jax.lax.fori_loop(0, n_chunks, forward, s)
 
@@ -157,14 +165,14 @@ def _states_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, s0_ref, dy_ref, 
         t_sl = pl.ds(ci * chunk, chunk)
         _, a_cum, a_last = _decays(dt_ref, bi, t_sl, hi, a, thr)
         dc = docs(ci)
-        dsn_ref[bi, ci, hi, p_sl, :] = ds.astype(dsn_ref.dtype)
+        dsn_ref[bi, ci, hi, p_sl, n_sl] = ds.astype(dsn_ref.dtype)
         dy = dy_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
         w = (dy * _carried(a_cum, dc)[:, None]).astype(dot_dtype)
         return (jnp.exp2(_through(a_last, dc)) * ds
-                + dot(w.T, c_ref[bi, t_sl, gi, :].astype(dot_dtype)))
+                + dot(w.T, c_ref[bi, t_sl, gi, n_sl].astype(dot_dtype)))
 
-    ds = jax.lax.fori_loop(0, n_chunks, backward, dsf_ref[bi, hi, p_sl, :].astype(f32))
-    ds0_ref[bi, hi, p_sl, :] = ds
+    ds = jax.lax.fori_loop(0, n_chunks, backward, dsf_ref[bi, hi, p_sl, n_sl].astype(f32))
+    ds0_ref[bi, hi, p_sl, n_sl] = ds
 
 
 def _dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, dy_ref, sp_ref, dsn_ref,
@@ -267,6 +275,7 @@ def ssd_backward(x, dt, A, B, C, D, initial_state, threshold, dy, d_final, doc=N
     pp, np_ = _pow2_at_least_16(p), _pow2_at_least_16(n)
     block_p, states_bp = min(config.block_p, pp), min(config.states_block_p, pp)
     block_n = min(config.block_n, np_)
+    states_bn = np_ if config.states_block_n is None else min(config.states_block_n, np_)
     n_chunks = -(-length // chunk)
     padded = n_chunks * chunk
     pad_pn = lambda a, size: pad_axis(pad_time(a, chunk), a.ndim - 1, size)
@@ -290,9 +299,10 @@ def ssd_backward(x, dt, A, B, C, D, initial_state, threshold, dy, d_final, doc=N
     states = jax.ShapeDtypeStruct((b, n_chunks, h, pp, np_), state_dtype)
     sp, dsn, ds0 = call(
         with_optional_ref(functools.partial(
-            _states_kernel, chunk=chunk, block_p=states_bp, n_chunks=n_chunks,
-            heads_per_group=h // g, has_init=has_init, dot_dtype=dot_dtype), 9, packed),
-        grid=(b, h, pp // states_bp),
+            _states_kernel, chunk=chunk, block_p=states_bp, block_n=states_bn,
+            n_chunks=n_chunks, heads_per_group=h // g, has_init=has_init, dot_dtype=dot_dtype),
+            9, packed),
+        grid=(b, h, pp // states_bp, np_ // states_bn),
         out_shape=[states, states, jax.ShapeDtypeStruct((b, h, pp, np_), f32)],
         name="ssd_bwd_states",
     )(xs, dts, a2, Bs, Cs, thr, s0, dys, dsf, *docs)
