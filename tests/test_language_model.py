@@ -175,6 +175,25 @@ def test_cli_generates_what_language_model_does(exported, capsys, restore_compil
     assert "longmamba-generate: error:" in capsys.readouterr().err
 
 
+def test_cli_quantize_generates_what_the_quantized_model_does(exported, capsys, monkeypatch,
+                                                               restore_compile_cache_flag):
+    """`--quantize int8` generates with `quantize`d params what `LanguageModel` does."""
+    from longmamba_jax import quantization
+
+    directory, _, _ = exported
+    lm = lmj.LanguageModel.from_pretrained(directory)
+    lm.params = lmj.quantize(lm.params)
+    want = lm.generate("the cat", max_new_tokens=N)
+    generated_with = []
+    real = lmj.LanguageModel.generate
+    monkeypatch.setattr(lmj.LanguageModel, "generate", lambda self, *a, **k: (
+        generated_with.append(quantization.is_quantized(self.params)) or real(self, *a, **k)))
+    assert cli_main(["--model", str(directory), "--prompt", "the cat", "--max-new-tokens",
+                     str(N), "--no-stream", "--quantize", "int8", "--no-compile-cache"]) == 0
+    assert generated_with == [True]
+    assert capsys.readouterr().out == want + "\n"
+
+
 def test_cli_help(capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["--help"])

@@ -44,6 +44,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                              "tiny-random)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="cast the weights (default: as stored)")
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="weight-only int8 projections after loading "
+                             "(longmamba_jax.quantize; docs/generation.md)")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--no-stream", action="store_true",
                         help="print the text at the end instead of as it is produced")
@@ -68,6 +71,10 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             args.model, tokenizer=args.tokenizer, calibration=args.calibration,
             method=args.method, dtype=None if args.dtype is None else getattr(jnp, args.dtype),
             backend=args.backend)
+        if args.quantize:
+            from longmamba_jax.quantization import quantize
+
+            lm.params = quantize(lm.params)
         if args.verbose:
             print(f"{lm!r} (loaded in {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
         t1 = time.perf_counter()
