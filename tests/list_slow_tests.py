@@ -20,7 +20,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-LINE = re.compile(r"^\s*([0-9.]+)s (setup|call|teardown)\s+(\S+)")
+LINE = re.compile(r"^\s*([0-9.]+)s (setup|call|teardown)\s+(\S.*?)\s*$")  # ids may hold spaces
 OUT = Path(__file__).with_name("slow_tests.txt")
 ALWAYS_DEFAULT = (  # whole files, or single tests: one of each feature's checks stays in CI
     "tests/test_parity.py", "tests/test_reliability.py", "tests/test_fuzz_readers.py",
