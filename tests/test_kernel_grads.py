@@ -226,13 +226,7 @@ def test_ssd_grads_states_pass_split_over_n(packed):
         kernel = functools.partial(_ssd_kernel, bwd=SSD_BWD_SPLIT_N)
         ref = _ssd_ref
     else:
-        lengths = (1, 3, 12, 1, 20)
-        ids = _pack_ids(lengths, args[0].shape[0])
-        kernel = lambda *a: ssd_pallas(*a[:6], initial_state=a[6], threshold=a[7],
-                                       segment_ids=ids, interpret=True, config=SSD_FWD,
-                                       backward_config=SSD_BWD_SPLIT_N)
-        ref = _documents_alone(_ssd_ref, lengths, (0, 1, 3, 4),
-                               lambda a, first: (*a[:6], a[6] if first else None, a[7]))
+        kernel, ref = _ssd_packed((1, 3, 12, 1, 20), args[0].shape[0], SSD_BWD_SPLIT_N)
     ct = _random_like(jax.random.key(14), jax.eval_shape(ref, *args))
     check_vjps(kernel, ref, args, {"dS present": ct, "dS absent": _zero_state(ct)}, F32,
                SSD_NAMES, "ssd states split over n")
@@ -266,6 +260,18 @@ def _documents_alone(ref, lengths, time_args, make_args):
     return fn
 
 
+def _ssd_packed(lengths, b, bwd):
+    """The SSD kernel on documents of `lengths` packed in each of b rows (backward blocks
+    `bwd`), and the reference running each document alone (the first from the initial state)."""
+    ids = _pack_ids(lengths, b)
+    kernel = lambda *a: ssd_pallas(*a[:6], initial_state=a[6], threshold=a[7],
+                                   segment_ids=ids, interpret=True, config=SSD_FWD,
+                                   backward_config=bwd)
+    alone = _documents_alone(_ssd_ref, lengths, (0, 1, 3, 4),
+                             lambda a, first: (*a[:6], a[6] if first else None, a[7]))
+    return kernel, alone
+
+
 @pytest.mark.parametrize("init", [True, pytest.param(False, marks=pytest.mark.slow)],
                          ids=["init", "no_init"])
 def test_ssd_grads_packed_documents(init):
@@ -273,12 +279,7 @@ def test_ssd_grads_packed_documents(init):
     (x, Δ, A, B, C, D, the initial state) of a packed loss on y and the final state equals the
     sum over the documents run alone."""
     args = ssd_args(SSDCase(l=sum(PACK_LENGTHS), filt=True, init=init), F32, seed=41)
-    ids = _pack_ids(PACK_LENGTHS, args[0].shape[0])
-    kernel = lambda *a: ssd_pallas(*a[:6], initial_state=a[6], threshold=a[7],
-                                   segment_ids=ids, interpret=True, config=SSD_FWD,
-                                   backward_config=SSD_BWD)
-    alone = _documents_alone(_ssd_ref, PACK_LENGTHS, (0, 1, 3, 4),
-                             lambda a, first: (*a[:6], a[6] if first else None, a[7]))
+    kernel, alone = _ssd_packed(PACK_LENGTHS, args[0].shape[0], SSD_BWD)
     ct = _random_like(jax.random.key(42), jax.eval_shape(alone, *args))
     check_vjps(kernel, alone, args, {"dS present": ct}, F32, SSD_NAMES, "ssd packed")
 
