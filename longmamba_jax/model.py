@@ -21,7 +21,7 @@ import numpy as np
 
 from longmamba_jax.backends import resolve_backend
 from longmamba_jax.config import Config, Mamba2Config, MambaConfig
-from longmamba_jax.layers import int8_matmul, matmul_dtype, rms_norm
+from longmamba_jax.layers import linear, matmul_dtype, rms_norm
 from longmamba_jax.mixers import Block, ScanBackend, row_ends
 from longmamba_jax.packing import document_lengths, resolve_segment_ids
 from longmamba_jax.selection import SelectionRule
@@ -155,12 +155,8 @@ def lm_head(params: Params, h):
         table = w["embedding"]["weight"]
         logits = jnp.einsum("bld,vd->blv", h.astype(table.dtype), table,
                             preferred_element_type=matmul_dtype(table.dtype))
-    elif "scale" in head:  # int8 [d, V] with its per-column scale [V]
-        logits = int8_matmul(h, head["kernel"], head["scale"], params.dtype, "bld,dv->blv")
-    else:
-        kernel = head["kernel"]
-        logits = jnp.einsum("bld,dv->blv", h.astype(kernel.dtype), kernel,
-                            preferred_element_type=matmul_dtype(kernel.dtype))
+    else:  # [d, V], float or int8 with its per-column scale [V]
+        logits = linear(h, head["kernel"], scale=head.get("scale"), dtype=params.dtype)
     return logits.astype(params.dtype).astype(f32)
 
 

@@ -212,16 +212,12 @@ class Calibration:
                 f"seq_len={s} must exceed train_len={self.train_len}: LongMamba thresholds are "
                 "only defined past the training length"
             )
-        if s not in self._cache:
+        def solve():
             if self.storage == "exact":
-                out = [self._exact_layer(i, s) for i in range(self.n_layers)]
-                flat = np.concatenate(out).astype(np.float32)
-            else:
-                flat = self._grid_thresholds(s).astype(np.float32)
-            if len(self._cache) > 64:
-                self._cache.clear()
-            self._cache[s] = flat
-        return self._split(self._cache[s])
+                return np.concatenate([self._exact_layer(i, s) for i in range(self.n_layers)])
+            return self._grid_thresholds(s)
+
+        return self._per_length(self._cache, s, solve)
 
     def keep_fractions(self, seq_len: int) -> list[np.ndarray]:
         """α for a sequence of ``seq_len`` tokens: per channel the share of the S tokens the
@@ -238,16 +234,24 @@ class Calibration:
             raise ValueError(
                 "this calibration stores θ on a grid, without the kept fractions α that the "
                 "'alpha' and 'offline' rules need; calibrate again with storage='exact'")
-        if s not in self._alpha_cache:  # a solve per channel and window: once per length
+        def solve():  # a solve per channel and window
             out = []
             for y, wd in zip(self._curves, self._wdecay, strict=True):
                 w, c, length = y.shape
                 _, alpha = exact_cut_rows(y.reshape(w * c, length), wd.reshape(-1), s)
                 out.append(aggregate_windows(alpha.reshape(w, c), self._header["aggregate"]))
-            if len(self._alpha_cache) > 64:
-                self._alpha_cache.clear()
-            self._alpha_cache[s] = np.concatenate(out).astype(np.float32)
-        return self._split(self._alpha_cache[s])
+            return np.concatenate(out)
+
+        return self._per_length(self._alpha_cache, s, solve)
+
+    def _per_length(self, cache: dict, s: int, solve) -> list[np.ndarray]:
+        """Per layer, the float32 values `solve()` gives flat over layers for length s, solved
+        once per length (the last 64 lengths are kept)."""
+        if s not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            cache[s] = solve().astype(np.float32)
+        return self._split(cache[s])
 
     def _exact_layer(self, i: int, s: int) -> np.ndarray:
         y, wd, cst = self._curves[i], self._wdecay[i], self._const[i]

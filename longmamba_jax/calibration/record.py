@@ -19,6 +19,7 @@ from longmamba_jax.calibration.validate import check_int
 from longmamba_jax.config import MambaConfig
 from longmamba_jax.model import Params, apply_model
 from longmamba_jax.packing import resolve_segment_ids
+from longmamba_kernels.common import document_index
 
 
 def window_starts(n_tokens: int, train_len: int, num_windows: int) -> np.ndarray:
@@ -121,8 +122,7 @@ def check_segments(segment_ids, cu_seqlens, n_tokens: int) -> np.ndarray | None:
                          f"{n_tokens}-token stream)") from None
     if seg is None:
         return None
-    row = np.asarray(seg)[0]
-    doc = np.concatenate([[0], np.cumsum(row[1:] != row[:-1])]).astype(np.int32)
+    doc = np.asarray(document_index(seg))[0]
     return doc if doc[-1] > 0 else None
 
 
