@@ -38,7 +38,7 @@ import numpy as np
 
 import longmamba_jax as lmj
 from longmamba_evals.bench.common import rel_err, write_json
-from longmamba_evals.bench.model_decode import step_census
+from longmamba_evals.bench.model_decode import _decode_once, step_census
 from longmamba_evals.bench.model_setup import (
     model_config,
     random_params,
@@ -46,8 +46,6 @@ from longmamba_evals.bench.model_setup import (
 )
 from longmamba_evals.bench.timing import paired_ratio, time_paired
 from longmamba_evals.tasks.runner import device_name
-from longmamba_jax.generation.generate import _decode_loop
-from longmamba_jax.generation.sampling import Greedy
 
 ARCHS = ("mamba2", "mamba1")
 
@@ -79,14 +77,6 @@ def sec_sizes(args, out: dict, save) -> None:
     save()
 
 
-def _decode(params, cache, logits0, *, n: int, impl: str, backend):
-    """The greedy decode loop of `generate` (no EOS: every step runs) -> tokens [b, n]."""
-    return _decode_loop(params, cache, logits0, jax.random.PRNGKey(0), None,
-                        jnp.zeros((0,), jnp.int32), jnp.int32(0), sampler=Greedy(),
-                        max_new_tokens=n, backend=backend, return_logits=False,
-                        decode_impl=impl)[0]
-
-
 def sec_decode(args, arch: str, out: dict, save) -> None:
     """bf16 against int8 decode of `arch`, each batch × implementation a row of out["rows"]."""
     params = random_params(arch, args.small).astype(jnp.bfloat16)  # (fp32 when small)
@@ -106,8 +96,9 @@ def sec_decode(args, arch: str, out: dict, save) -> None:
                       f"{impl}", flush=True)
                 out.setdefault("skipped", []).append(f"{arch} b={batch} {impl}")
                 continue
-            run = jax.jit(functools.partial(_decode, n=args.new_tokens, impl=impl,
-                                            backend=backend))
+            # the greedy decode loop of `generate` (no EOS: every step runs)
+            run = jax.jit(functools.partial(_decode_once, new_tokens=args.new_tokens,
+                                            impl=impl, backend=backend))
             calls, row = {}, {"arch": arch, "batch": batch, "impl": impl,
                               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                               "prefill_logits_rel_err": logits_err}
