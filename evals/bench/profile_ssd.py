@@ -21,6 +21,7 @@ from longmamba_evals.bench.scan import ss_inputs, ssd_inputs
 from longmamba_evals.bench.timing import timed
 from longmamba_kernels.selective_scan import selective_scan_pallas
 from longmamba_kernels.selective_scan.pallas_triton import SelectiveScanPallasConfig
+from longmamba_kernels.ssd.pallas_backward import SSDBackwardConfig
 from longmamba_kernels.ssd.pallas_triton import SSDPallasConfig, ssd_pallas
 
 
@@ -33,6 +34,8 @@ def main(argv=None) -> None:
     ap.add_argument("--config", default="",
                     help="SSDPallasConfig (or SelectiveScanPallasConfig) fields, e.g. "
                          "segments=2,precompute_cb=False")
+    ap.add_argument("--backward-config", default="",
+                    help="SSDBackwardConfig fields for --grad, e.g. states_block_n=32")
     ap.add_argument("--interpret", action="store_true")
     ap.add_argument("--grad", action="store_true",
                     help="forward + backward (the VJP for a random dy), as training runs it")
@@ -40,8 +43,10 @@ def main(argv=None) -> None:
     if a.op == "ssd":
         config = SSDPallasConfig(**parse_fields(a.config))
         args, _ = ssd_inputs(a.length)
+        backward_config = SSDBackwardConfig(**parse_fields(a.backward_config))
         f = jax.jit(lambda *x: ssd_pallas(*x, config=config, y_dtype=a.y_dtype,
-                                          interpret=a.interpret))
+                                          interpret=a.interpret,
+                                          backward_config=backward_config))
     else:
         config = SelectiveScanPallasConfig(**parse_fields(a.config))
         args, _ = ss_inputs(a.length)
@@ -54,7 +59,8 @@ def main(argv=None) -> None:
             return vjp(jax.numpy.ones_like(y))
 
         f = jax.jit(f)
-    print(config, "forward + backward" if a.grad else "forward", flush=True)
+    print(config, f"forward + backward ({backward_config})" if a.grad and a.op == "ssd"
+          else "forward + backward" if a.grad else "forward", flush=True)
     jax.block_until_ready(args)
     first, times = timed(lambda: f(*args), a.reps)
     print(f"{a.op} l={a.length}: {statistics.median(times) * 1e3:.3f} ms per call "

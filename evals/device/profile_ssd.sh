@@ -6,6 +6,7 @@
 # gets the SASS from ncu instead.)
 #   DURATIONS="segments=2,precompute_cb=False;" bash evals/device/profile_ssd.sh   # kernel times
 #   GRAD=1 L=65536 bash evals/device/profile_ssd.sh   # forward + backward, time per kernel
+#   GRAD=1 BWD_CONFIGS=";states_block_n=32" ...       # one such run per SSDBackwardConfig
 #   OP=selective_scan CONFIGS=";prefetch=False,fast_math=False" bash evals/device/profile_ssd.sh
 #     # selective scan: per config (fields ; separated, empty = default) the ncu details page
 #     # and the SASS with per-instruction counts and stall samples (CSV)
@@ -22,10 +23,16 @@ sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active
 if [ "${GRAD:-0}" = 1 ] && command -v ncu >/dev/null; then
   # GRAD=1: forward + backward (the VJP) of OP at L, every kernel's device time summed by name
   # over the two calls (compile call + 1) and halved: where a training step's scan time goes.
-  f="$OUT/ncu_grad_${OP:-ssd}_L${L}.csv"
+  # BWD_CONFIGS="cfg1;cfg2": one run per SSDBackwardConfig (fields as in --backward-config).
+  IFS=';' read -ra bcfgs <<< "${BWD_CONFIGS:-}"
+  [ ${#bcfgs[@]} -eq 0 ] && bcfgs=("")
+  for c in "${bcfgs[@]}"; do
+  f="$OUT/ncu_grad_${OP:-ssd}_L${L}_$(echo "$c" | tr ',=' '__').csv"
   ncu --clock-control none --csv --metrics gpu__time_duration.sum \
-    $PY evals/bench/profile_ssd.py --op "${OP:-ssd}" --grad --length "$L" --reps 1 > "$f" 2>&1
-  echo "== ${OP:-ssd} forward + backward at L=$L (ncu exit code $?): kernel, launches, us per call"
+    $PY evals/bench/profile_ssd.py --op "${OP:-ssd}" --grad --length "$L" --reps 1 \
+    --backward-config "$c" > "$f" 2>&1
+  echo "== ${OP:-ssd} forward + backward at L=$L, backward config '$c' (ncu exit code $?):"
+  echo "   kernel, launches, us per call"
   $PY - "$f" <<'PYEOF'
 import collections, csv, sys
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and r[-3] == "gpu__time_duration.sum"]
@@ -38,6 +45,7 @@ for name, us in time.most_common(25):
     print(f"  {name:70s} {count[name] // 2:4d} {us:10.1f}")
 print(f"  total {sum(time.values()):.1f} us per call")
 PYEOF
+  done
 elif [ "${OP:-ssd}" = selective_scan ] && command -v ncu >/dev/null; then
   IFS=';' read -ra cfgs <<< "${CONFIGS:-}"
   [ ${#cfgs[@]} -eq 0 ] && cfgs=("")  # CONFIGS unset or empty: the default config
