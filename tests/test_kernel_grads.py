@@ -51,6 +51,9 @@ GRAD_TOL = {F32: (1e-5, 1e-4), BF16: (1e-2, 5e-2)}
 # small blocks, so short sequences span several chunks / segments / blocks
 SSD_FWD = SSDPallasConfig(chunk=16, block_p=16)
 SSD_BWD = SSDBackwardConfig(chunk=16, block_p=16, states_block_p=16, block_n=16)
+# the backward's other layout at the model's blocks: one head per dx program, p in blocks of
+# 32, one chunk per step of the states pass
+SSD_BWD_ONE_HEAD = SSDBackwardConfig(block_p=32, heads_per_program=1, states_unroll=1)
 SS_FWD = SelectiveScanPallasConfig(block_e=8, block_t=2, segments=3)
 SS_MOSAIC_FWD = SelectiveScanMosaicConfig(block_t=16, unroll=4, stages=2)
 SS_BWD = SelectiveScanBackwardConfig(block_e=8, block_t=2, segment=8)
@@ -196,40 +199,40 @@ def test_ssd_grads_default_blocks_interpret():
                                           n=128),
                                   SSDCase(l=333, filt=False, init=False, b=1, h=8, p=64, g=1,
                                           n=128)], ids=["ragged_filter_init", "plain"])
-@pytest.mark.parametrize("states_block_n", [None, 32])
+@pytest.mark.parametrize("bwd", [SSDBackwardConfig(), SSD_BWD_ONE_HEAD],
+                         ids=["default", "one_head"])
 @pytest.mark.gpu
 @gpu_only
-def test_ssd_grads_gpu(case, dtype, states_block_n):
-    """Compiled, default blocks (and the states pass split over n), mamba2-like heads (p = 64,
-    n = 128)."""
+def test_ssd_grads_gpu(case, dtype, bwd):
+    """Compiled, default blocks (and one head per dx program, one chunk per states step, p in
+    blocks of 32), mamba2-like heads (p = 64, n = 128)."""
     args = ssd_args(case, dtype, seed=7)
     ct = _random_like(jax.random.key(8), jax.eval_shape(_ssd_ref, *_upcast(args)))
     kernel = functools.partial(_ssd_kernel, fwd=SSDPallasConfig(),
-                               bwd=SSDBackwardConfig(states_block_n=states_block_n),
-                               interpret=False)
+                               bwd=bwd, interpret=False)
     check_vjps(kernel, _ssd_ref, args, {"dS present": ct, "dS absent": _zero_state(ct)},
                dtype, SSD_NAMES, "ssd gpu")
 
 
-SSD_BWD_SPLIT_N = dataclasses.replace(SSD_BWD, states_block_n=16)
+SSD_BWD_OTHER = dataclasses.replace(SSD_BWD, states_unroll=3, heads_per_program=1)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_ssd_grads_states_pass_split_over_n(packed):
-    """The states pass split over the state's columns (n = 40, padded to 48 → 64, in blocks of
-    16: four programs per head and block of p), filter and initial state on, 37 tokens; with
-    `packed`, documents of `PACK_LENGTHS[:4]` + the rest: every gradient equals the reference's
-    (each document alone when packed)."""
+def test_ssd_grads_other_backward_blocks(packed):
+    """Three chunks per states step (37 tokens: all three chunks of 16 in one step, where the
+    default two leave one after the loop), one head per dx program, n = 40 (padded to 48 → 64),
+    filter and initial state on; with `packed`, documents of `PACK_LENGTHS[:4]` + the rest:
+    every gradient equals the reference's (each document alone when packed)."""
     case = SSDCase(l=37, filt=True, init=True, n=40)
     args = ssd_args(case, F32, seed=13)
     if not packed:
-        kernel = functools.partial(_ssd_kernel, bwd=SSD_BWD_SPLIT_N)
+        kernel = functools.partial(_ssd_kernel, bwd=SSD_BWD_OTHER)
         ref = _ssd_ref
     else:
-        kernel, ref = _ssd_packed((1, 3, 12, 1, 20), args[0].shape[0], SSD_BWD_SPLIT_N)
+        kernel, ref = _ssd_packed((1, 3, 12, 1, 20), args[0].shape[0], SSD_BWD_OTHER)
     ct = _random_like(jax.random.key(14), jax.eval_shape(ref, *args))
     check_vjps(kernel, ref, args, {"dS present": ct, "dS absent": _zero_state(ct)}, F32,
-               SSD_NAMES, "ssd states split over n")
+               SSD_NAMES, "ssd other backward blocks")
 
 
 # Packed documents: the gradient of a packed loss is the sum of the documents' gradients. The
@@ -583,12 +586,13 @@ def test_ssd_backward_lowers_for_cuda(dtype):
     assert "__nv_expf" not in text  # decays as exp2, as in the forward
 
 
-def test_ssd_backward_states_split_over_n_lowers_for_cuda():
-    """The states pass split over n (blocks of 32 of the model's 128) lowers for CUDA."""
-    kernel = functools.partial(_ssd_kernel, fwd=SSDPallasConfig(),
-                               bwd=SSDBackwardConfig(states_block_n=32), interpret=False)
+def test_ssd_backward_one_head_per_program_lowers_for_cuda():
+    """One head per dx program, one chunk per states step, p in blocks of 32: lowers for
+    CUDA."""
+    kernel = functools.partial(_ssd_kernel, fwd=SSDPallasConfig(), bwd=SSD_BWD_ONE_HEAD,
+                               interpret=False)
     text = _cuda_text(_grad_of_sum(kernel, 7), *_ssd_model_args(BF16))
-    assert "ssd_bwd_states" in _kernel_names(text)
+    assert {"ssd_bwd_states", "ssd_bwd_dx"} <= _kernel_names(text)
 
 
 @pytest.mark.parametrize("fwd", [SelectiveScanPallasConfig(), SelectiveScanMosaicConfig()],

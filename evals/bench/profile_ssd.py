@@ -35,7 +35,7 @@ def main(argv=None) -> None:
                     help="SSDPallasConfig (or SelectiveScanPallasConfig) fields, e.g. "
                          "segments=2,precompute_cb=False")
     ap.add_argument("--backward-config", default="",
-                    help="SSDBackwardConfig fields for --grad, e.g. states_block_n=32")
+                    help="SSDBackwardConfig fields for --grad, e.g. heads_per_program=1")
     ap.add_argument("--interpret", action="store_true")
     ap.add_argument("--grad", action="store_true",
                     help="forward + backward (the VJP for a random dy), as training runs it")

@@ -411,7 +411,7 @@ def _parser():
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--ssd-backward-variants", default="",
                    help="';'-separated SSDBackwardConfig fields, each timed as one more SSD "
-                        "layer row, e.g. 'states_block_n=32;states_block_n=64'")
+                        "layer row, e.g. 'heads_per_program=1;states_unroll=4'")
     p.add_argument("--official-src", default=".official")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes on CPU (Pallas interpreter with small blocks)")

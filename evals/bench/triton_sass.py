@@ -4,6 +4,8 @@ of each loop, from the kernel's own Triton IR compiled for the H100 (sm_90) by `
     pip install triton==3.6.0        # the version the GPU runs; works on a CPU-only machine
     python evals/bench/triton_sass.py --op selective_scan --config '{"layout": "tile"}'
     python evals/bench/triton_sass.py --op ssd --out ssd_sass    # keeps .ttir/.ttgir/.ptx/.sass
+    python evals/bench/triton_sass.py --op ssd --grad --config '{"heads_per_program": 1}'
+                                     # the SSD backward's kernels (SSDBackwardConfig fields)
 
 For each Pallas kernel of one call (mamba-1.4b layer for the selective scan: e = 4096, n = 16 or
 `--n`; mamba2-1.3b layer for SSD) it prints the registers, stack (spills) and shared memory
@@ -49,9 +51,9 @@ def sass_loops(sass: str):
     return loops
 
 
-def capture_triton_ir(op: str, fields: dict, length: int, n: int | None):
+def capture_triton_ir(op: str, fields: dict, length: int, n: int | None, grad: bool = False):
     """The Triton IR modules (text) of every Pallas kernel in one call of `op` with config
-    `fields`, lowered for CUDA on whatever machine this runs on."""
+    `fields`, lowered for CUDA on whatever machine this runs on (with `grad`, of its backward)."""
     import jax
     from jax._src.pallas.triton import lowering as triton_lowering
     from jax._src.pallas.triton import pallas_call_registration as registration
@@ -80,13 +82,23 @@ def capture_triton_ir(op: str, fields: dict, length: int, n: int | None):
         else:
             from longmamba_kernels.ssd.pallas_triton import SSDPallasConfig, ssd_pallas
 
-            config = SSDPallasConfig(**fields)
             args, _ = jax.eval_shape(lambda: ssd_inputs(length, n=n or 128))
             run = ssd_pallas
-        fn = lambda *a: run(*a, config=config)
+            if grad:
+                from longmamba_kernels.ssd.pallas_backward import SSDBackwardConfig
+
+                config = SSDBackwardConfig(**fields)
+                forward = lambda *a: ssd_pallas(*a, backward_config=config)[0]
+                fn = lambda *a: jax.vjp(forward, *a)[1](jax.numpy.ones(a[0].shape, "float32"))
+            else:
+                config = SSDPallasConfig(**fields)
+        if not grad:
+            fn = lambda *a: run(*a, config=config)
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = original
+    if grad:  # the backward's kernels only
+        captured = [m for m in captured if "@ssd_bwd" in m]
     return config, captured
 
 
@@ -97,7 +109,11 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=16384)
     ap.add_argument("--n", type=int, default=None, help="state size (default: the layer's)")
     ap.add_argument("--out", default=None, help="folder for the .ttir/.ttgir/.ptx/.sass files")
+    ap.add_argument("--grad", action="store_true",
+                    help="the SSD backward's kernels (--config: SSDBackwardConfig fields)")
     args = ap.parse_args(argv)
+    if args.grad and args.op != "ssd":
+        ap.error("--grad is for --op ssd")
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -107,7 +123,7 @@ def main(argv=None):
         fields = json.loads(args.config)
     except json.JSONDecodeError as err:
         ap.error(f"--config is not JSON ({err}): {args.config!r}")
-    config, modules = capture_triton_ir(args.op, fields, args.length, args.n)
+    config, modules = capture_triton_ir(args.op, fields, args.length, args.n, args.grad)
     print(f"{args.op} l={args.length}: {config}; jax lowering, triton {triton.__version__}, "
           "sm_90")
     out = args.out or os.path.join("/tmp", f"triton_sass_{os.getpid()}")
@@ -115,12 +131,15 @@ def main(argv=None):
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     cuobjdump = lambda *a: subprocess.run((os.path.join(tools, "cuobjdump"),) + a,
                                           capture_output=True, text=True, check=True).stdout
+    grad = args.grad
     for i, ttir in enumerate(modules):
         path = os.path.join(out, f"kernel{i}.ttir")
         with open(path, "w") as f:
             f.write(ttir)
+        warps = (config.states_num_warps if grad and "@ssd_bwd_states" in ttir
+                 else config.num_warps)
         compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(
-            num_warps=config.num_warps, num_stages=config.num_stages))
+            num_warps=warps, num_stages=config.num_stages))
         for kind in ("ttgir", "ptx"):
             with open(os.path.join(out, f"kernel{i}.{kind}"), "w") as f:
                 f.write(compiled.asm[kind])

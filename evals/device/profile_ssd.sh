@@ -6,7 +6,7 @@
 # gets the SASS from ncu instead.)
 #   DURATIONS="segments=2,precompute_cb=False;" bash evals/device/profile_ssd.sh   # kernel times
 #   GRAD=1 L=65536 bash evals/device/profile_ssd.sh   # forward + backward, time per kernel
-#   GRAD=1 BWD_CONFIGS=";states_block_n=32" ...       # one such run per SSDBackwardConfig
+#   GRAD=1 BWD_CONFIGS=";heads_per_program=1" ...       # one such run per SSDBackwardConfig
 #   OP=selective_scan CONFIGS=";prefetch=False,fast_math=False" bash evals/device/profile_ssd.sh
 #     # selective scan: per config (fields ; separated, empty = default) the ncu details page
 #     # and the SASS with per-instruction counts and stall samples (CSV)

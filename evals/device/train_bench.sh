@@ -12,7 +12,7 @@
 # about 85 s on 16 cores (one unit per kernel configuration, in parallel), less than ours.
 # Knobs (environment): OURS_BUDGET_S (default 200), OFFICIAL_BUDGET_S (default 200), REMAT
 # (layer | none), SSD_BACKWARD_VARIANTS (more SSD layer rows with other backward blocks, ';'
-# separated; default states_block_n=32, empty for none), PY. The official stack's CUDA extensions are built with their backward
+# separated; default the one-head layout, empty for none), PY. The official stack's CUDA extensions are built with their backward
 # passes (BACKWARD=1 build_official.sh, about 85 s once per machine), so mamba_ssm trains
 # through its fused paths as shipped.
 set -uo pipefail
@@ -33,7 +33,7 @@ build_pid=$!
 # the process
 timeout $((OURS_BUDGET_S + 60)) $PY evals/bench/train.py --impl ours --out "$OUT/train_ours.json" \
   --budget-s "$OURS_BUDGET_S" --remat "${REMAT:-layer}" --reps 5 --step-reps 3 \
-  --ssd-backward-variants "${SSD_BACKWARD_VARIANTS-states_block_n=32}" \
+  --ssd-backward-variants "${SSD_BACKWARD_VARIANTS-heads_per_program=1,states_unroll=1,states_num_warps=8}" \
   2>&1 | tee "$OUT/bench.log"
 rc_ours=${PIPESTATUS[0]}
 

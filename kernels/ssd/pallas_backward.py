@@ -52,13 +52,17 @@ class SSDBackwardConfig:
       chunk: s, tokens per chunk (power of two >= 16). The states the backward keeps are
         [b, l/s, h, p, n]: a larger s means fewer of them, larger [s, s] tiles.
       block_p: head-dim rows per program of the dx / dΔ kernel (power of two >= 16).
+      heads_per_program: heads of one group each dx / dΔ program walks, computing the group's
+        C Bᵀ of the chunk once for all of them (a divisor of the heads per group is used: the
+        largest one not above this).
       states_block_p: head-dim rows per program of the states pass (power of two >= 16).
-      states_block_n: state columns per program of the states pass (power of two >= 16; None:
-        all of them). The states pass is the only sequential one (it walks every chunk, twice);
-        its recursions are elementwise in (p, n), so splitting n multiplies its programs, and
-        so the latency it can hide, at batch 1 (64 heads × p/states_block_p programs otherwise).
+      states_unroll: chunks per iteration of the states pass's two walks (>= 1). The walks are
+        the only sequential part; several chunks per iteration let one chunk's loads overlap
+        another's work.
+      states_num_warps: warps per program of the states pass (its programs should all fit on
+        the GPU at once: batch × heads × p/states_block_p of them).
       block_n: state columns per program of the dB / dC kernel (power of two >= 16).
-      num_warps: warps per program.
+      num_warps: warps per program of the other two kernels.
       num_stages: Triton software-pipelining depth of the loops.
       fp32_states: keep S_prev and dS in fp32 for bf16 inputs too (default: the matmul dtype,
         as they only enter bf16 matmuls there).
@@ -66,21 +70,22 @@ class SSDBackwardConfig:
 
     chunk: int = 64
     block_p: int = 32
+    heads_per_program: int = 4
     states_block_p: int = 16
-    states_block_n: int | None = None
+    states_unroll: int = 2
+    states_num_warps: int = 4
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 2
     fp32_states: bool = False
 
     def __post_init__(self):
-        for name in ("chunk", "block_p", "states_block_p", "states_block_n", "block_n"):
+        for name in ("chunk", "block_p", "states_block_p", "block_n"):
             v = getattr(self, name)
-            if v is None and name == "states_block_n":
-                continue
             if v < 16 or v & (v - 1):
                 raise ValueError(f"SSDBackwardConfig.{name} must be a power of two >= 16, got {v}")
-        for name in ("num_warps", "num_stages"):
+        for name in ("heads_per_program", "states_unroll", "states_num_warps", "num_warps",
+                     "num_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"SSDBackwardConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -130,20 +135,34 @@ def _through(a_last, docs):
     return a_last if docs is None else jnp.where(docs[3], a_last, -jnp.inf)
 
 
+def _walk(step, n_chunks, unroll, carry):
+    """carry after step(ci, carry) for ci = 0 .. n_chunks − 1, `unroll` steps per loop
+    iteration (the remainder after the loop)."""
+    def block(k, c):
+        for u in range(unroll):
+            c = step(k * unroll + u, c)
+        return c
+
+    n_main = n_chunks // unroll
+    carry = jax.lax.fori_loop(0, n_main, block, carry)
+    for ci in range(n_main * unroll, n_chunks):
+        carry = step(ci, carry)
+    return carry
+
+
 def _states_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, s0_ref, dy_ref, dsf_ref,
-                   doc_ref, sp_ref, dsn_ref, ds0_ref, *, chunk, block_p, block_n, n_chunks,
+                   doc_ref, sp_ref, dsn_ref, ds0_ref, *, chunk, block_p, n_chunks, unroll,
                    heads_per_group, has_init, dot_dtype):
     """S_prev[c] (the state before chunk c) forward, then dS[c] (the gradient of the state after
-    chunk c) backward, for one batch row × head × block of p × block of n; and d initial_state."""
+    chunk c) backward, for one batch row × head × block of p; and d initial_state."""
     f32 = jnp.float32
-    bi, hi = pl.program_id(0), pl.program_id(1)
-    pi, ni = pl.program_id(2), pl.program_id(3)
+    bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     gi = hi // heads_per_group
-    p_sl, n_sl = pl.ds(pi * block_p, block_p), pl.ds(ni * block_n, block_n)
+    p_sl = pl.ds(pi * block_p, block_p)
     dot = _dot(dot_dtype)
     a, thr = a_ref[hi], thr_ref[hi]
-    s = (s0_ref[bi, hi, p_sl, n_sl].astype(f32) if has_init
-         else jnp.zeros((block_p, block_n), f32))
+    n = sp_ref.shape[-1]
+    s = (s0_ref[bi, hi, p_sl, :].astype(f32) if has_init else jnp.zeros((block_p, n), f32))
 
     def docs(ci):
         return None if doc_ref is None else chunk_documents(doc_ref, bi, ci * chunk, chunk)
@@ -152,72 +171,82 @@ def _states_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, s0_ref, dy_ref, 
         t_sl = pl.ds(ci * chunk, chunk)
         dt, a_cum, a_last = _decays(dt_ref, bi, t_sl, hi, a, thr)
         dc = docs(ci)
-        sp_ref[bi, ci, hi, p_sl, n_sl] = s.astype(sp_ref.dtype)
+        sp_ref[bi, ci, hi, p_sl, :] = s.astype(sp_ref.dtype)
         x = x_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
         w = (x * (dt * _to_end(a_cum, a_last, dc))[:, None]).astype(dot_dtype)
         return (jnp.exp2(_through(a_last, dc)) * s
-                + dot(w.T, b_ref[bi, t_sl, gi, n_sl].astype(dot_dtype)))
+                + dot(w.T, b_ref[bi, t_sl, gi, :].astype(dot_dtype)))
 
-    jax.lax.fori_loop(0, n_chunks, forward, s)
+    _walk(forward, n_chunks, unroll, s)
 
     def backward(i, ds):
         ci = n_chunks - 1 - i
         t_sl = pl.ds(ci * chunk, chunk)
         _, a_cum, a_last = _decays(dt_ref, bi, t_sl, hi, a, thr)
         dc = docs(ci)
-        dsn_ref[bi, ci, hi, p_sl, n_sl] = ds.astype(dsn_ref.dtype)
+        dsn_ref[bi, ci, hi, p_sl, :] = ds.astype(dsn_ref.dtype)
         dy = dy_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
         w = (dy * _carried(a_cum, dc)[:, None]).astype(dot_dtype)
         return (jnp.exp2(_through(a_last, dc)) * ds
-                + dot(w.T, c_ref[bi, t_sl, gi, n_sl].astype(dot_dtype)))
+                + dot(w.T, c_ref[bi, t_sl, gi, :].astype(dot_dtype)))
 
-    ds = jax.lax.fori_loop(0, n_chunks, backward, dsf_ref[bi, hi, p_sl, n_sl].astype(f32))
-    ds0_ref[bi, hi, p_sl, n_sl] = ds
+    ds = _walk(backward, n_chunks, unroll, dsf_ref[bi, hi, p_sl, :].astype(f32))
+    ds0_ref[bi, hi, p_sl, :] = ds
 
 
 def _dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, dy_ref, sp_ref, dsn_ref,
                doc_ref, dx_ref, da_ref, ddt_ref, *, chunk, block_p, n_chunks, heads_per_group,
-               has_d, dot_dtype):
-    """dx, and the p block's parts of da and x·d(Δx), for one (batch row, chunk) × head × block
-    of p."""
+               heads_per_program, has_d, dot_dtype):
+    """dx, and the p block's parts of da and x·d(Δx), for one (batch row, chunk) × block of
+    `heads_per_program` heads of one group × block of p: C Bᵀ once, then head by head."""
     f32 = jnp.float32
-    pid0, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    pid0, hb, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, ci = pid0 // n_chunks, pid0 % n_chunks
-    gi = hi // heads_per_group
+    h0 = hb * heads_per_program
+    gi = h0 // heads_per_group
     p_sl, t_sl = pl.ds(pi * block_p, block_p), pl.ds(ci * chunk, chunk)
     dot = _dot(dot_dtype)
-    dt, a_cum, a_last = _decays(dt_ref, bi, t_sl, hi, a_ref[hi], thr_ref[hi])
-    x = x_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
-    dy = dy_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
-    bm = b_ref[bi, t_sl, gi, :].astype(dot_dtype)  # [s, n]
-    cm = c_ref[bi, t_sl, gi, :].astype(dot_dtype)  # [s, n]
-    sp = sp_ref[bi, ci, hi, p_sl, :]  # [p_blk, n] state before the chunk
-    dsn = dsn_ref[bi, ci, hi, p_sl, :]  # [p_blk, n] gradient of the state after it
+    load_bc = lambda: (b_ref[bi, t_sl, gi, :].astype(dot_dtype),  # [s, n] each
+                       c_ref[bi, t_sl, gi, :].astype(dot_dtype))
+    bm, cm = load_bc()
+    cb = dot(cm, bm.T)  # [i, j], shared by the group's heads
     docs = None if doc_ref is None else chunk_documents(doc_ref, bi, ci * chunk, chunk)
-    decay = _causal_decay(a_cum, chunk, docs)  # [i, j]
-    cb = dot(cm, bm.T)  # [i, j]
-    to_end = _to_end(a_cum, a_last, docs)  # [s]
-    bds = dot(bm, dsn.astype(dot_dtype).T)  # [s, p_blk]
-    dxdt = dot((cb * decay).astype(dot_dtype).T, dy.astype(dot_dtype)) + to_end[:, None] * bds
-    dx = dt[:, None] * dxdt
-    if has_d:
-        dx = dx + d_ref[hi] * dy
-    dx_ref[bi, t_sl, hi, p_sl] = dx.astype(dx_ref.dtype)
-    xdt = x * dt[:, None]
-    # da_t, the gradient of the log-decay a_t = Δ_t A, summed without cancellation
-    w = dot(dy.astype(dot_dtype), xdt.astype(dot_dtype).T) * decay * cb  # [i, j]
     idx = jnp.arange(chunk)
     ge = idx[:, None] >= idx[None, :]  # [i, t]: i >= t
-    below = jnp.cumsum(w, axis=1) - w  # [i, t]: Σ_{j<t} w_ij
-    da = jnp.sum(jnp.where(ge, below, 0.0), axis=0)  # Σ_{i>=t, j<t} w_ij
-    y_off = _carried(a_cum, docs)[:, None] * dot(cm, sp.astype(dot_dtype).T)  # [s, p_blk]
-    off = jnp.sum(dy * y_off, axis=1)  # [s]
-    da = da + jnp.sum(jnp.where(ge, off[:, None], 0.0), axis=0)  # Σ_{i>=t} off_i
-    v = jnp.sum(xdt * to_end[:, None] * bds, axis=1)  # [s]
-    da = da + jnp.sum(jnp.where(ge, 0.0, v[:, None]), axis=0)  # Σ_{j<t} v_j
-    da = da + jnp.exp2(_through(a_last, docs)) * jnp.sum(dsn.astype(f32) * sp.astype(f32))
-    da_ref[pi, bi, hi, t_sl] = da
-    ddt_ref[pi, bi, hi, t_sl] = jnp.sum(x * dxdt, axis=1)
+    diag = idx[:, None] == idx[None, :]
+
+    def head(r, carry):
+        hi = h0 + r
+        dt, a_cum, a_last = _decays(dt_ref, bi, t_sl, hi, a_ref[hi], thr_ref[hi])
+        x = x_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
+        dy = dy_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
+        sp = sp_ref[bi, ci, hi, p_sl, :]  # [p_blk, n] state before the chunk
+        dsn = dsn_ref[bi, ci, hi, p_sl, :]  # [p_blk, n] gradient of the state after it
+        bm, cm = load_bc()  # again per head (cached): fewer registers held across the loop
+        m = cb * _causal_decay(a_cum, chunk, docs)  # [i, j]
+        to_end = _to_end(a_cum, a_last, docs)  # [s]
+        bds = dot(bm, dsn.astype(dot_dtype).T)  # [s, p_blk]
+        dxdt = dot(m.astype(dot_dtype).T, dy.astype(dot_dtype)) + to_end[:, None] * bds
+        dx = dt[:, None] * dxdt
+        if has_d:
+            dx = dx + d_ref[hi] * dy
+        dx_ref[bi, t_sl, hi, p_sl] = dx.astype(dx_ref.dtype)
+        xdt = x * dt[:, None]
+        # da_t, the gradient of the log-decay a_t = Δ_t A, summed without cancellation:
+        # Σ_{i>=t} (Σ_{j<t} w_ij + off_i) + Σ_{j<t} v_j, the last one put on the diagonal
+        w = dot(dy.astype(dot_dtype), xdt.astype(dot_dtype).T) * m  # [i, j]
+        y_off = _carried(a_cum, docs)[:, None] * dot(cm, sp.astype(dot_dtype).T)  # [s, p_blk]
+        off = jnp.sum(dy * y_off, axis=1)  # [s]
+        v = jnp.sum(xdt * to_end[:, None] * bds, axis=1)  # [s]
+        z = jnp.cumsum(w, axis=1) - w + off[:, None]  # [i, t]
+        z = z + jnp.where(diag, (jnp.cumsum(v) - v)[None, :], 0.0)
+        da = jnp.sum(jnp.where(ge, z, 0.0), axis=0)
+        da = da + jnp.exp2(_through(a_last, docs)) * jnp.sum(dsn.astype(f32) * sp.astype(f32))
+        da_ref[pi, bi, hi, t_sl] = da
+        ddt_ref[pi, bi, hi, t_sl] = jnp.sum(x * dxdt, axis=1)
+        return carry
+
+    jax.lax.fori_loop(0, heads_per_program, head, 0)
 
 
 def _dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, dy_ref, sp_ref, dsn_ref,
@@ -275,7 +304,9 @@ def ssd_backward(x, dt, A, B, C, D, initial_state, threshold, dy, d_final, doc=N
     pp, np_ = _pow2_at_least_16(p), _pow2_at_least_16(n)
     block_p, states_bp = min(config.block_p, pp), min(config.states_block_p, pp)
     block_n = min(config.block_n, np_)
-    states_bn = np_ if config.states_block_n is None else min(config.states_block_n, np_)
+    heads_per_group = h // g
+    hpp = max(d for d in range(1, min(config.heads_per_program, heads_per_group) + 1)
+              if heads_per_group % d == 0)
     n_chunks = -(-length // chunk)
     padded = n_chunks * chunk
     pad_pn = lambda a, size: pad_axis(pad_time(a, chunk), a.ndim - 1, size)
@@ -294,16 +325,18 @@ def ssd_backward(x, dt, A, B, C, D, initial_state, threshold, dy, d_final, doc=N
     docs = [jnp.pad(doc, ((0, 0), (0, padded - length)), mode="edge")] if packed else []
     from jax.experimental.pallas import triton as plgpu
 
-    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
-    call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
+    params = lambda warps: plgpu.CompilerParams(num_warps=warps, num_stages=config.num_stages)
+    call = functools.partial(pl.pallas_call, compiler_params=params(config.num_warps),
+                             interpret=interpret)
     states = jax.ShapeDtypeStruct((b, n_chunks, h, pp, np_), state_dtype)
-    sp, dsn, ds0 = call(
+    sp, dsn, ds0 = pl.pallas_call(
         with_optional_ref(functools.partial(
-            _states_kernel, chunk=chunk, block_p=states_bp, block_n=states_bn,
-            n_chunks=n_chunks, heads_per_group=h // g, has_init=has_init, dot_dtype=dot_dtype),
-            9, packed),
-        grid=(b, h, pp // states_bp, np_ // states_bn),
+            _states_kernel, chunk=chunk, block_p=states_bp, n_chunks=n_chunks,
+            unroll=config.states_unroll, heads_per_group=heads_per_group, has_init=has_init,
+            dot_dtype=dot_dtype), 9, packed),
+        grid=(b, h, pp // states_bp),
         out_shape=[states, states, jax.ShapeDtypeStruct((b, h, pp, np_), f32)],
+        compiler_params=params(config.states_num_warps), interpret=interpret,
         name="ssd_bwd_states",
     )(xs, dts, a2, Bs, Cs, thr, s0, dys, dsf, *docs)
     n_pb = pp // block_p
@@ -311,8 +344,9 @@ def ssd_backward(x, dt, A, B, C, D, initial_state, threshold, dy, d_final, doc=N
     dx, da, ddt = call(
         with_optional_ref(functools.partial(
             _dx_kernel, chunk=chunk, block_p=block_p, n_chunks=n_chunks,
-            heads_per_group=h // g, has_d=has_d, dot_dtype=dot_dtype), 10, packed),
-        grid=(b * n_chunks, h, n_pb),
+            heads_per_group=heads_per_group, heads_per_program=hpp, has_d=has_d,
+            dot_dtype=dot_dtype), 10, packed),
+        grid=(b * n_chunks, h // hpp, n_pb),
         out_shape=[jax.ShapeDtypeStruct((b, padded, h, pp), x.dtype), partial_shape,
                    partial_shape],
         name="ssd_bwd_dx",
@@ -320,7 +354,7 @@ def ssd_backward(x, dt, A, B, C, D, initial_state, threshold, dy, d_final, doc=N
     dB, dC = call(
         with_optional_ref(functools.partial(
             _dbc_kernel, chunk=chunk, block_n=block_n, n_chunks=n_chunks,
-            heads_per_group=h // g, dot_dtype=dot_dtype), 9, packed),
+            heads_per_group=heads_per_group, dot_dtype=dot_dtype), 9, packed),
         grid=(b * n_chunks, g, np_ // block_n),
         out_shape=[jax.ShapeDtypeStruct((b, padded, g, np_), f32)] * 2,
         name="ssd_bwd_dbc",
