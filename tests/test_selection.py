@@ -6,6 +6,7 @@ inside the model on every backend."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -123,6 +124,163 @@ def test_bound_keeps_the_decay_budget():
         dropped = d[0, :, c][out[0, :, c] == 0]
         assert kept[c] + dropped.max() > decay[c]
     np.testing.assert_array_equal(out[..., 3], d[..., 3])  # a budget above Σ Δ keeps all
+
+
+# ------------------------------------------------------------------------------------------
+# The thresholds against the sort that defines them: `keep_threshold` finds them by bisection,
+# bit for bit the values this sort-based formula gives.
+
+THRESHOLD_RULES = ("channelwise_topk", "alpha", "offline", "bound", "budget")
+
+
+def _sorted_desc(dt):
+    return -jnp.sort(-dt, axis=1)
+
+
+def _sorted_value_at(v, index):
+    length = v.shape[1]
+    index = jnp.broadcast_to(index, (v.shape[0], v.shape[2]))
+    got = jnp.take_along_axis(v, jnp.clip(index, 0, length - 1)[:, None, :], axis=1)[:, 0]
+    return jnp.where(index < length, got, -jnp.inf)
+
+
+def sorted_keep_threshold(dt, param, rule):
+    """The thresholds read off Δ sorted along l (t = v[n], v descending)."""
+    length = dt.shape[1]
+    if rule.kind == "channelwise_topk":
+        q = 1.0 - min(rule.k, length) / length
+        pos = q * (length - 1)
+        lo, frac = int(pos // 1), pos - int(pos // 1)
+        asc = jnp.sort(dt, axis=1)
+        hi = min(lo + 1, length - 1)
+        return asc[:, lo] + frac * (asc[:, hi] - asc[:, lo])
+    v = _sorted_desc(dt)
+    if rule.kind == "alpha":
+        n = jnp.ceil(jnp.minimum(param * length, length)).astype(jnp.int32)
+        return _sorted_value_at(v, n)
+    if rule.kind == "budget":
+        return _sorted_value_at(v, jnp.ceil(jnp.minimum(param, length)).astype(jnp.int32))
+    if rule.kind == "offline":
+        j = jnp.minimum(jnp.floor(param * length), length - 1).astype(jnp.int32)
+        return jnp.nextafter(_sorted_value_at(v, j), -jnp.inf)
+    if rule.kind == "bound":
+        n = jnp.sum(jnp.cumsum(v, axis=1) <= param, axis=1)
+        return _sorted_value_at(v, n.astype(jnp.int32))
+    raise AssertionError(rule.kind)
+
+
+def _assert_same_bits(got, want, msg=""):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32), err_msg=msg)
+
+
+def _tied_delta(kind, b, length, c, seed):
+    """Δ with many equal values and zeros (padding): multiples of 1/64 for "bound" (every sum
+    exact in fp32, so the bound's cut does not depend on summation order), bf16-rounded and
+    clipped values for the others."""
+    rng = np.random.default_rng(seed)
+    if kind == "bound":
+        d = rng.integers(0, 24, size=(b, length, c)) / 64
+    else:
+        d = rng.gamma(0.6, 0.05, size=(b, length, c))
+        d = np.asarray(jnp.asarray(d, jnp.bfloat16).astype(jnp.float32))
+        d = np.clip(d, 2.0**-7, 0.1)
+    d[:, length - length // 5:, 0] = 0.0  # padded tail in channel 0
+    return d.astype(np.float32)
+
+
+def _edge_params(kind, d):
+    """One param per channel, covering keep-nothing, keep-everything, out-of-range and cuts at a
+    run of ties."""
+    length, c = d.shape[1], d.shape[2]
+    rng = np.random.default_rng(5)
+    if kind == "alpha":
+        base = [0.0, 1.0, 1.7, -0.2, 0.5, 1 / length, 1 - 1 / length]
+        base += list(rng.uniform(0, 1, c))
+    elif kind == "offline":
+        base = [0.0, 1.0, 2.0, -0.5, 0.5, 1 / length, 1 - 1 / length]
+        base += list(rng.uniform(0, 1, c))
+    elif kind == "budget":
+        base = [0.0, length, length + 3, -2.0, 0.5, 1.0, length - 1]
+        base += list(rng.uniform(0, length, c))
+    elif kind == "bound":
+        # decay at an exact prefix sum of the sorted Δ (a cut inside a run of ties), 0, < 0,
+        # the total, a little under it, past it
+        v = -np.sort(-d[0], axis=0)
+        sums = np.cumsum(v, axis=0)
+        total = sums[-1]
+        base = [0.0, -1.0, total[2], total[3] * (1 - 2**-12), 1e9, sums[length // 2, 5],
+                sums[length // 3, 6] + 1 / 128]
+        base += list(rng.uniform(0, 1, c) * total)
+    else:
+        base = [0.0] * c
+    return np.asarray(base[:c], np.float32)
+
+
+@pytest.mark.parametrize("kind", THRESHOLD_RULES)
+@pytest.mark.parametrize("length", [1, 2, 300])
+def test_thresholds_equal_the_sorted_formula_with_ties(kind, length):
+    d = _tied_delta(kind, 2, length, 9, seed=length)
+    param = _edge_params(kind, d)
+    ks = (1, 2, 5, 37, length - 1, length, length + 10) if kind == "channelwise_topk" else (9,)
+    for k in ks:
+        if k < 1:
+            continue
+        rule = SelectionRule(kind, k)
+        got = keep_threshold(jnp.asarray(d), jnp.asarray(param), rule)
+        want = sorted_keep_threshold(jnp.asarray(d), jnp.asarray(param), rule)
+        _assert_same_bits(got, want, f"{kind} k={k} param={param}")
+
+
+@pytest.mark.parametrize("kind", THRESHOLD_RULES)
+def test_thresholds_equal_the_sorted_formula_on_random_delta(kind):
+    """Continuous Δ of a wide range (no ties; sums rounded in fp32), and an all-zero row."""
+    d = _delta(2, 517, 16, seed=9)
+    d[1, :, 3] = 0.0
+    param = _param(kind, d, np.random.default_rng(2))
+    for k in (1, 100, 400):
+        rule = SelectionRule(kind, k)
+        got = keep_threshold(jnp.asarray(d), jnp.asarray(param), rule)
+        want = sorted_keep_threshold(jnp.asarray(d), jnp.asarray(param), rule)
+        _assert_same_bits(got, want, f"{kind} k={k}")
+
+
+def test_threshold_edges_by_hand():
+    d = jnp.asarray(np.array([[[0.5], [0.25], [0.25], [0.0]]], np.float32))  # [1, 4, 1]
+
+    def t(kind, p, k=9):
+        return float(keep_threshold(d, jnp.asarray([p], jnp.float32), SelectionRule(kind, k))[0, 0])
+
+    assert t("budget", 0) == 0.5  # keep none: t = max
+    assert t("budget", 1) == 0.25 and t("budget", 2) == 0.25  # a tie: both or neither
+    assert t("budget", 3) == 0.0 and t("budget", 4) == -np.inf and t("budget", 40) == -np.inf
+    assert t("alpha", 0.5) == 0.25 and t("alpha", 1.0) == -np.inf
+    assert t("offline", 0.0) == np.nextafter(np.float32(0.5), np.float32(-np.inf))
+    assert t("offline", 1.0) == np.nextafter(np.float32(0.0), np.float32(-np.inf))
+    assert t("bound", 0.5) == 0.25 and t("bound", 0.75) == 0.25  # 0.5 + 0.25 ≤ 0.75 < 1.0
+    assert t("bound", 1.0) == -np.inf and t("bound", 0.4) == 0.5 and t("bound", -1) == 0.5
+    assert t("channelwise_topk", 0, k=4) == 0.0  # quantile 0: the minimum
+    assert t("channelwise_topk", 0, k=2) == 0.25  # the median of 0, .25, .25, .5
+    assert t("channelwise_topk", 0, k=3) == 0.1875  # quantile 1/4: 0 + 0.75 · (0.25 − 0)
+    one = jnp.asarray([[[0.3]]], jnp.float32)  # L = 1
+    for kind in THRESHOLD_RULES:
+        for p in (0.0, 0.5, 1.0, 2.0):
+            rule = SelectionRule(kind, 1)
+            got = keep_threshold(one, jnp.asarray([p], jnp.float32), rule)
+            want = sorted_keep_threshold(one, jnp.asarray([p], jnp.float32), rule)
+            _assert_same_bits(got, want, f"L=1 {kind} {p}")
+
+
+@pytest.mark.parametrize("kind", THRESHOLD_RULES)
+def test_thresholds_are_found_without_a_sort(kind):
+    d = jnp.asarray(_delta(1, 64, 4, seed=1))
+    param = jnp.asarray(_param(kind, np.asarray(d), np.random.default_rng(0)))
+    rule = SelectionRule(kind, 9)
+    text = jax.jit(keep_threshold, static_argnums=2).lower(d, param, rule).as_text()
+    assert "sort" not in text
+    assert "while" not in text
+    reference = jax.jit(sorted_keep_threshold, static_argnums=2).lower(d, param, rule).as_text()
+    assert "sort" in reference  # the check can fail
 
 
 def test_rule_arguments_are_checked():
