@@ -214,18 +214,16 @@ def test_ssd_grads_gpu(case, dtype, bwd):
                dtype, SSD_NAMES, "ssd gpu")
 
 
-SSD_BWD_OTHER = dataclasses.replace(SSD_BWD, states_unroll=3, heads_per_program=1, block_p=32,
-                                    sub_p=16)
+SSD_BWD_OTHER = dataclasses.replace(SSD_BWD, states_unroll=3, heads_per_program=1)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 def test_ssd_grads_other_backward_blocks(packed):
     """Three chunks per states step (37 tokens: all three chunks of 16 in one step, where the
-    default two leave one after the loop), one head per dx program, p = 32 in two pieces of 16
-    per dx program, n = 40 (padded to 48 → 64), filter and initial state on; with `packed`,
-    documents of `PACK_LENGTHS[:4]` + the rest: every gradient equals the reference's (each
-    document alone when packed)."""
-    case = SSDCase(l=37, filt=True, init=True, p=32, n=40)
+    default two leave one after the loop), one head per dx program, n = 40 (padded to 48 → 64),
+    filter and initial state on; with `packed`, documents of `PACK_LENGTHS[:4]` + the rest:
+    every gradient equals the reference's (each document alone when packed)."""
+    case = SSDCase(l=37, filt=True, init=True, n=40)
     args = ssd_args(case, F32, seed=13)
     if not packed:
         kernel = functools.partial(_ssd_kernel, bwd=SSD_BWD_OTHER)

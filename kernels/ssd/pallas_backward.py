@@ -53,8 +53,6 @@ class SSDBackwardConfig:
       chunk: s, tokens per chunk (power of two >= 16). The states the backward keeps are
         [b, l/s, h, p, n]: a larger s means fewer of them, larger [s, s] tiles.
       block_p: head-dim rows per program of the dx / dΔ kernel (power of two >= 16).
-      sub_p: of those, the rows handled at once (power of two >= 16): a head's [s, s] work
-        (decay, da's sums) is done once per block of p, its [s, p] work per piece.
       heads_per_program: heads of one group each dx / dΔ program walks, computing the group's
         C Bᵀ of the chunk once for all of them (a divisor of the heads per group is used: the
         largest one not above this).
@@ -72,9 +70,8 @@ class SSDBackwardConfig:
     """
 
     chunk: int = 64
-    block_p: int = 64
-    sub_p: int = 32
-    heads_per_program: int = 2
+    block_p: int = 32
+    heads_per_program: int = 4
     states_block_p: int = 16
     states_unroll: int = 2
     states_num_warps: int = 4
@@ -84,7 +81,7 @@ class SSDBackwardConfig:
     fp32_states: bool = False
 
     def __post_init__(self):
-        for name in ("chunk", "block_p", "sub_p", "states_block_p", "block_n"):
+        for name in ("chunk", "block_p", "states_block_p", "block_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"SSDBackwardConfig.{name} must be a power of two >= 16, got {v}")
@@ -199,17 +196,16 @@ def _states_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, thr_ref, s0_ref, dy_ref, 
 
 
 def _dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, dy_ref, sp_ref, dsn_ref,
-               doc_ref, dx_ref, da_ref, ddt_ref, *, chunk, block_p, sub_p, n_chunks,
-               heads_per_group, heads_per_program, has_d, dot_dtype):
+               doc_ref, dx_ref, da_ref, ddt_ref, *, chunk, block_p, n_chunks, heads_per_group,
+               heads_per_program, has_d, dot_dtype):
     """dx, and the p block's parts of da and x·d(Δx), for one (batch row, chunk) × block of
-    `heads_per_program` heads of one group × block of p: C Bᵀ once, then head by head, each
-    head's block of p in pieces of `sub_p` rows."""
+    `heads_per_program` heads of one group × block of p: C Bᵀ once, then head by head."""
     f32 = jnp.float32
     pid0, hb, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, ci = pid0 // n_chunks, pid0 % n_chunks
     h0 = hb * heads_per_program
     gi = h0 // heads_per_group
-    t_sl = pl.ds(ci * chunk, chunk)
+    p_sl, t_sl = pl.ds(pi * block_p, block_p), pl.ds(ci * chunk, chunk)
     dot = _dot(dot_dtype)
     load_bc = lambda: (b_ref[bi, t_sl, gi, :].astype(dot_dtype),  # [s, n] each
                        c_ref[bi, t_sl, gi, :].astype(dot_dtype))
@@ -223,42 +219,32 @@ def _dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, thr_ref, dy_ref, sp_re
     def head(r, carry):
         hi = h0 + r
         dt, a_cum, a_last = _decays(dt_ref, bi, t_sl, hi, a_ref[hi], thr_ref[hi])
+        x = x_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
+        dy = dy_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, p_blk]
+        sp = sp_ref[bi, ci, hi, p_sl, :]  # [p_blk, n] state before the chunk
+        dsn = dsn_ref[bi, ci, hi, p_sl, :]  # [p_blk, n] gradient of the state after it
         bm, cm = load_bc()  # again per head (cached): fewer registers held across the loop
         m = cb * _causal_decay(a_cum, chunk, docs)  # [i, j]
-        mt = m.astype(dot_dtype).T
         to_end = _to_end(a_cum, a_last, docs)  # [s]
-        carried = _carried(a_cum, docs)  # [s]
-        w = jnp.zeros((chunk, chunk), f32)
-        off = v = ddt = jnp.zeros((chunk,), f32)
-        passing = jnp.zeros((), f32)
-        # the block of p in sub-blocks: the head's [s, s] work once, the [s, p] work per piece
-        for k in range(block_p // sub_p):
-            p_sl = pl.ds(pi * block_p + k * sub_p, sub_p)
-            x = x_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, sub_p]
-            dy = dy_ref[bi, t_sl, hi, p_sl].astype(f32)  # [s, sub_p]
-            sp = sp_ref[bi, ci, hi, p_sl, :]  # [sub_p, n] state before the chunk
-            dsn = dsn_ref[bi, ci, hi, p_sl, :]  # [sub_p, n] gradient of the state after it
-            bds = dot(bm, dsn.astype(dot_dtype).T)  # [s, sub_p]
-            dxdt = dot(mt, dy.astype(dot_dtype)) + to_end[:, None] * bds
-            dx = dt[:, None] * dxdt
-            if has_d:
-                dx = dx + d_ref[hi] * dy
-            dx_ref[bi, t_sl, hi, p_sl] = dx.astype(dx_ref.dtype)
-            xdt = x * dt[:, None]
-            w = w + dot(dy.astype(dot_dtype), xdt.astype(dot_dtype).T)  # [i, j]
-            y_off = carried[:, None] * dot(cm, sp.astype(dot_dtype).T)  # [s, sub_p]
-            off = off + jnp.sum(dy * y_off, axis=1)
-            v = v + jnp.sum(xdt * to_end[:, None] * bds, axis=1)
-            ddt = ddt + jnp.sum(x * dxdt, axis=1)
-            passing = passing + jnp.sum(dsn.astype(f32) * sp.astype(f32))
+        bds = dot(bm, dsn.astype(dot_dtype).T)  # [s, p_blk]
+        dxdt = dot(m.astype(dot_dtype).T, dy.astype(dot_dtype)) + to_end[:, None] * bds
+        dx = dt[:, None] * dxdt
+        if has_d:
+            dx = dx + d_ref[hi] * dy
+        dx_ref[bi, t_sl, hi, p_sl] = dx.astype(dx_ref.dtype)
+        xdt = x * dt[:, None]
         # da_t, the gradient of the log-decay a_t = Δ_t A, summed without cancellation:
         # Σ_{i>=t} (Σ_{j<t} w_ij + off_i) + Σ_{j<t} v_j, the last one put on the diagonal
-        w = w * m
+        w = dot(dy.astype(dot_dtype), xdt.astype(dot_dtype).T) * m  # [i, j]
+        y_off = _carried(a_cum, docs)[:, None] * dot(cm, sp.astype(dot_dtype).T)  # [s, p_blk]
+        off = jnp.sum(dy * y_off, axis=1)  # [s]
+        v = jnp.sum(xdt * to_end[:, None] * bds, axis=1)  # [s]
         z = jnp.cumsum(w, axis=1) - w + off[:, None]  # [i, t]
         z = z + jnp.where(diag, (jnp.cumsum(v) - v)[None, :], 0.0)
         da = jnp.sum(jnp.where(ge, z, 0.0), axis=0)
-        da_ref[pi, bi, hi, t_sl] = da + jnp.exp2(_through(a_last, docs)) * passing
-        ddt_ref[pi, bi, hi, t_sl] = ddt
+        da = da + jnp.exp2(_through(a_last, docs)) * jnp.sum(dsn.astype(f32) * sp.astype(f32))
+        da_ref[pi, bi, hi, t_sl] = da
+        ddt_ref[pi, bi, hi, t_sl] = jnp.sum(x * dxdt, axis=1)
         return carry
 
     jax.lax.fori_loop(0, heads_per_program, head, 0)
@@ -318,7 +304,6 @@ def ssd_backward(x, dt, A, B, C, D, initial_state, threshold, dy, d_final, doc=N
     chunk = config.chunk
     pp, np_ = _pow2_at_least_16(p), _pow2_at_least_16(n)
     block_p, states_bp = min(config.block_p, pp), min(config.states_block_p, pp)
-    sub_p = min(config.sub_p, block_p)
     block_n = min(config.block_n, np_)
     heads_per_group = h // g
     hpp = max(d for d in range(1, min(config.heads_per_program, heads_per_group) + 1)
@@ -359,7 +344,7 @@ def ssd_backward(x, dt, A, B, C, D, initial_state, threshold, dy, d_final, doc=N
     partial_shape = jax.ShapeDtypeStruct((n_pb, b, h, padded), f32)
     dx, da, ddt = call(
         with_optional_ref(functools.partial(
-            _dx_kernel, chunk=chunk, block_p=block_p, sub_p=sub_p, n_chunks=n_chunks,
+            _dx_kernel, chunk=chunk, block_p=block_p, n_chunks=n_chunks,
             heads_per_group=heads_per_group, heads_per_program=hpp, has_d=has_d,
             dot_dtype=dot_dtype), 10, packed),
         grid=(b * n_chunks, h // hpp, n_pb),
