@@ -17,8 +17,8 @@ Three kernels: a states pass (one program per batch row × head × block of p wa
 forward writing S_prev, then backward writing dS: the only sequential part, one small matmul
 per chunk), then two chunk-parallel kernels: dx, dΔ and da per (chunk, block of a group's heads,
 block of p), sharing the chunk's C Bᵀ; dB and dC per (chunk, group, block of n), looping over the
-group's heads. Sums over p blocks are
-per-program partials summed in XLA. Design and costs: docs/kernels.md, "Backward passes".
+group's heads. Sums over p blocks are per-program partials summed in XLA. Design and costs:
+docs/kernels.md, "Backward passes".
 
 Packed documents: with the document index (int32 [b, l]) every kernel masks the chunk's terms as
 the forward does (`common.chunk_documents`): M and P to same-document pairs, exp(A⁺) to the
