@@ -84,10 +84,7 @@ class _Common:
         return self.n_layer
 
     def _validate(self) -> None:
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        self._positive_ints("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand")
         if self.d_conv > MAX_D_CONV:  # the taps are unrolled; released models use 4
             raise ConfigError(f"d_conv must be at most {MAX_D_CONV} (the causal conv's width), "
                               f"got {self.d_conv}")
@@ -95,6 +92,13 @@ class _Common:
             raise ConfigError(
                 f"pad_vocab_size_multiple must be >= 1, got {self.pad_vocab_size_multiple}"
             )
+
+    def _positive_ints(self, *names: str) -> None:
+        """ConfigError unless each named field is an int > 0 (a bool is not one)."""
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 MAX_D_CONV = 64
@@ -165,10 +169,7 @@ class Mamba2Config(_Common):
     def __post_init__(self):
         object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
         self._validate()
-        for name in ("headdim", "ngroups", "chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        self._positive_ints("headdim", "ngroups", "chunk_size")
         if self.d_inner % self.headdim:
             raise ConfigError(
                 f"d_inner = expand·d_model = {self.d_inner} is not a multiple of headdim "

@@ -137,3 +137,15 @@ def test_zero_head_dim_is_one_error():
     for name in ("headdim", "ngroups", "chunk_size"):
         with pytest.raises(ConfigError, match=f"{name} must be a positive integer"):
             lmj.Mamba2Config.tiny(**{name: 0})
+
+
+@pytest.mark.parametrize("config", [lmj.MambaConfig, lmj.Mamba2Config], ids=["mamba1", "mamba2"])
+def test_sizes_must_be_positive_ints_not_bools(config):
+    """Every size field refuses 0, a float and a bool (True is an int to Python) by name."""
+    names = ["d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand"]
+    if config is lmj.Mamba2Config:
+        names += ["headdim", "ngroups", "chunk_size"]
+    for name in names:
+        for bad in (0, 2.0, True):
+            with pytest.raises(ConfigError, match=f"{name} must be a positive integer"):
+                config.tiny(**{name: bad})
