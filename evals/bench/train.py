@@ -48,6 +48,9 @@ SSD_SHAPE = dict(h=64, p=64, n=128, g=1, chunk=256)
 SS_SHAPE = dict(e=4096, n=16)
 QUICK_SSD = dict(h=4, p=16, n=16, g=1, chunk=16)
 QUICK_SS = dict(e=16, n=8)
+# --remat: what `make_train_step(remat=...)` gets
+REMAT = {"layer": "layer", "none": None,
+         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class Budget:
@@ -155,7 +158,7 @@ def ours_steps(args, budget, rows):
         config = model_config(arch, args.quick)
         optimizer = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
         step = training.make_train_step(config, optimizer, backend=args.backend,
-                                        compute_dtype="bfloat16", remat=args.remat)
+                                        compute_dtype="bfloat16", remat=REMAT[args.remat])
         state = None
         for length in args.step_lengths:
             row = {"section": "step", "impl": "ours", "arch": arch, "length": length,
@@ -405,7 +408,9 @@ def _parser():
     p.add_argument("--layer-lengths", default=None, help="default 4K,16K,64K (quick: 64,128)")
     p.add_argument("--step-lengths", default=None, help="default 4K,16K (quick: 64)")
     p.add_argument("--backend", default=None, help="default pallas (quick: pallas-interpret)")
-    p.add_argument("--remat", default="layer", help="'layer' or 'none'")
+    p.add_argument("--remat", default="layer", choices=sorted(REMAT),
+                   help="per layer: recompute all ('layer'), keep the projections' outputs "
+                        "('dots'), or no remat ('none')")
     p.add_argument("--reps", type=int, default=10, help="launches per timing batch (layers)")
     p.add_argument("--step-reps", type=int, default=3, help="timed training steps")
     p.add_argument("--budget-s", type=float, default=None)
@@ -439,7 +444,6 @@ def main(argv=None) -> int:
     args.step_lengths = lengths(args.step_lengths or ("64" if args.quick else "4K,16K"))
     args.backend = args.backend or ("pallas-interpret" if args.quick else "pallas")
     args.interpret = args.backend == "pallas-interpret"
-    args.remat = None if args.remat == "none" else args.remat
     sections = [s for s in args.sections.split(",") if s]
     budget = Budget(args.budget_s)
     rows: list[dict] = []

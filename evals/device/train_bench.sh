@@ -11,7 +11,7 @@
 # (at most OFFICIAL_BUDGET_S + 45); 64K training steps are left out. The backward build takes
 # about 85 s on 16 cores (one unit per kernel configuration, in parallel), less than ours.
 # Knobs (environment): OURS_BUDGET_S (default 200), OFFICIAL_BUDGET_S (default 200), REMAT
-# (layer | none), SSD_BACKWARD_VARIANTS (more SSD layer rows with other backward blocks, ';'
+# (layer | dots | none), SSD_BACKWARD_VARIANTS (more SSD layer rows with other backward blocks, ';'
 # separated; default the one-head layout, empty for none), PY. The official stack's CUDA extensions are built with their backward
 # passes (BACKWARD=1 build_official.sh, about 85 s once per machine), so mamba_ssm trains
 # through its fused paths as shipped.
