@@ -330,14 +330,14 @@ def ssd_backward(x, dt, A, B, C, D, initial_state, threshold, dy, d_final, doc=N
     call = functools.partial(pl.pallas_call, compiler_params=params(config.num_warps),
                              interpret=interpret)
     states = jax.ShapeDtypeStruct((b, n_chunks, h, pp, np_), state_dtype)
-    sp, dsn, ds0 = pl.pallas_call(
+    sp, dsn, ds0 = call(
         with_optional_ref(functools.partial(
             _states_kernel, chunk=chunk, block_p=states_bp, n_chunks=n_chunks,
             unroll=config.states_unroll, heads_per_group=heads_per_group, has_init=has_init,
             dot_dtype=dot_dtype), 9, packed),
         grid=(b, h, pp // states_bp),
         out_shape=[states, states, jax.ShapeDtypeStruct((b, h, pp, np_), f32)],
-        compiler_params=params(config.states_num_warps), interpret=interpret,
+        compiler_params=params(config.states_num_warps),
         name="ssd_bwd_states",
     )(xs, dts, a2, Bs, Cs, thr, s0, dys, dsf, *docs)
     n_pb = pp // block_p
