@@ -22,6 +22,10 @@
 #   RUNS_FROM=dir ...             no training: evaluate dir/seed{S} for S in SEEDS, each holding
 #                                 model/ (config.json, model.safetensors), calibration.npz and
 #                                 train_config.json (what EVAL=0 brings back, unpacked)
+#   EVAL=rules ...                LongMamba's token-selection rules instead of the standard
+#                                 evaluation: evals/device/rules_eval.sh on every seed in parallel
+#                                 (SAMPLES keys per length and depth, BATCH, BACKEND), results in
+#                                 results.tar.gz under seed{S}/rules1/ and rules2/ (the methods in two halves)
 set -uo pipefail
 OUT=${OUT:?set OUT to the output directory}
 ARCH=${ARCH:-mamba2}
@@ -91,13 +95,39 @@ for s in "${SEED_LIST[@]}"; do
 done
 pack
 [ ${#RUNS[@]} -gt 0 ] || { stamp "training failed"; exit 1; }
-[ "$EVAL" = 1 ] || { stamp "done (EVAL=0: no evaluation)"; exit 0; }  # the trap stops the packer
+[ "$EVAL" = 0 ] && { stamp "done (EVAL=0: no evaluation)"; exit 0; }  # the trap stops the packer
 
 NOW=$(date +%s)
 DEADLINE=$(( T0 + CALL_LIMIT - 30 ))
 HARD=$(( T0 + CALL_LIMIT - 12 - NOW ))
-stamp "evaluate ${#RUNS[@]} runs in parallel: $SAMPLES keys per (length, depth), levers '$LEVERS'"
 PIDS=()
+if [ "$EVAL" = rules ]; then
+    stamp "token-selection rules on ${#RUNS[@]} runs in parallel: $SAMPLES keys per (length, depth)"
+    # two processes a seed (the methods split in halves, perplexity with the second), so that
+    # compiling, which takes most of this on a small model, runs on more cores
+    half1="vanilla,longmamba,longmamba-budget,longmamba-alpha,longmamba-channelwise_topk"
+    half2="longmamba-offline,longmamba-all_topk,longmamba-bound,longmamba-norm"
+    ppl="vanilla,longmamba,longmamba-alpha,longmamba-budget"
+    for d in "${RUNS[@]}"; do
+        for part in 1 2; do
+            if [ $part = 1 ]; then r=$half1; pr=""; else r=$half2; pr=$ppl; fi
+            mkdir -p "$d/rules$part"
+            OUT="$d/rules$part" MODEL="$d/model" CALIBRATION="$d/calibration.npz" RULES="$r" \
+                PPL_RULES="$pr" \
+                SAMPLES="$SAMPLES" BATCH="$BATCH" BACKEND="$BACKEND" SKIP_BENCH=1 \
+                XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$HARD" \
+                bash "$(dirname "${BASH_SOURCE[0]}")/rules_eval.sh" > "$d/rules_eval$part.log" 2>&1 &
+            PIDS+=($!)
+        done
+    done
+    for p in "${PIDS[@]}"; do wait "$p"; done
+    cat "${RUNS[@]/%//rules_eval1.log}" "${RUNS[@]/%//rules_eval2.log}" | grep "saved\|rror" | tail -n 60
+    kill $PACKER 2>/dev/null
+    pack
+    stamp "done"
+    exit 0
+fi
+stamp "evaluate ${#RUNS[@]} runs in parallel: $SAMPLES keys per (length, depth), levers '$LEVERS'"
 for d in "${RUNS[@]}"; do
     while [ "$(jobs -rp | wc -l)" -gt "$EVAL_JOBS" ]; do sleep 2; done  # the packer is one job
     XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$HARD" \

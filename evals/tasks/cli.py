@@ -169,7 +169,6 @@ def _spec(args, name: str, calibration=None) -> MethodSpec:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Runs the parsed command; returns the result dicts (also saved under `args.out`)."""
-    from longmamba_evals.tasks.outputs import save_run
     from longmamba_evals.tasks.runner import LMRunner, load_model
     from longmamba_jax.tokenizer import load_tokenizer
 
@@ -251,13 +250,21 @@ def run(args: argparse.Namespace) -> list[dict]:
                                   limit=args.limit, max_new_tokens=args.max_new_tokens,
                                   **common)
             results.append(r)
-    for r in results:
-        r["settings"] = {"model": args.model, **r["settings"]}
-        if args.quantize:
-            r["settings"]["quantize"] = args.quantize
-        paths = save_run(args.out, r, plot=not args.no_plot)
-        print(f"saved {paths['json']}", file=sys.stderr)
+            _save(args, r)  # each method as it finishes: a run cut short keeps what it did
+    if args.task == "latency":
+        for r in results:
+            _save(args, r)
     return results
+
+
+def _save(args: argparse.Namespace, result: dict) -> None:
+    from longmamba_evals.tasks.outputs import save_run
+
+    result["settings"] = {"model": args.model, **result["settings"]}
+    if args.quantize:
+        result["settings"]["quantize"] = args.quantize
+    paths = save_run(args.out, result, plot=not args.no_plot)
+    print(f"saved {paths['json']}", file=sys.stderr)
 
 
 class _PaddedBatches:
