@@ -14,7 +14,7 @@
 #   $OUT/model_seed{S}.safetensors     each seed's exported weights (bf16)
 #
 #   OUT=out ARCH=mamba2 SEEDS=0,1,2 bash evals/device/train_and_eval.sh
-# Knobs (environment): ARCH, SEEDS, TRAIN_ARGS, TRAIN_LEN, CALL_LIMIT, SAMPLES, MULTIPLES, BATCH,
+# Knobs (environment): ARCH, SEEDS, TRAIN_ARGS, RECALIBRATE, TRAIN_LEN, CALL_LIMIT, SAMPLES, MULTIPLES, BATCH,
 # BACKEND, LEVERS, EXTRA_EVAL, DATA_WORKERS, TRAIN_MEM_FRACTION, PY, RUN, EVAL, RUNS_FROM,
 # EVAL_JOBS.
 # Training and evaluation may be two runs (training alone can fill a time limit):
@@ -22,10 +22,13 @@
 #   RUNS_FROM=dir ...             no training: evaluate dir/seed{S} for S in SEEDS, each holding
 #                                 model/ (config.json, model.safetensors), calibration.npz and
 #                                 train_config.json (what EVAL=0 brings back, unpacked)
+#   RECALIBRATE=exact ...         calibrate every run again before evaluating, with that storage
+#                                 (exact: what the 'alpha' and 'offline' rules need)
 #   EVAL=rules ...                LongMamba's token-selection rules instead of the standard
 #                                 evaluation: evals/device/rules_eval.sh on every seed in parallel
-#                                 (SAMPLES keys per length and depth, BATCH, BACKEND), results in
-#                                 results.tar.gz under seed{S}/rules1/ and rules2/ (the methods in two halves)
+#                                 (SAMPLES keys per length and depth, BATCH, BACKEND; the methods
+#                                 of its two processes a seed: RULES_1, RULES_2 and PPL_RULES), in
+#                                 results.tar.gz under seed{S}/rules1/ and rules2/
 set -uo pipefail
 OUT=${OUT:?set OUT to the output directory}
 ARCH=${ARCH:-mamba2}
@@ -55,8 +58,9 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 LOG="$OUT/log.txt"
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 pack() {  # atomically, so a kill mid-way leaves the previous archive
+    # (an exact calibration of a Mamba-1 run is ~58 MB: RECALIBRATE's stay on the machine)
     tar czf "$OUT/results.tar.gz.part" -C "$RUN" --exclude=ckpt --exclude='*.safetensors' \
-        --exclude='*.tmp' . 2>/dev/null && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+        --exclude='*.tmp' ${RECALIBRATE:+--exclude=calibration.npz} . 2>/dev/null && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
 }
 
 (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
@@ -93,6 +97,17 @@ for s in "${SEED_LIST[@]}"; do
         stamp "seed $s: no calibrated model"
     fi
 done
+if [ -n "${RECALIBRATE:-}" ]; then
+    stamp "calibrate ${#RUNS[@]} runs again, storage $RECALIBRATE"
+    CAL_PIDS=()
+    for d in "${RUNS[@]}"; do
+        $PY -m longmamba_evals.short_train.train --recalibrate --calib-storage "$RECALIBRATE" \
+            --out "$d" >> "$d/recalibrate.log" 2>&1 &
+        CAL_PIDS+=($!)
+    done
+    for p in "${CAL_PIDS[@]}"; do wait "$p"; done
+    tail -q -n 2 "${RUNS[@]/%//recalibrate.log}" | tee -a "$LOG"
+fi
 pack
 [ ${#RUNS[@]} -gt 0 ] || { stamp "training failed"; exit 1; }
 [ "$EVAL" = 0 ] && { stamp "done (EVAL=0: no evaluation)"; exit 0; }  # the trap stops the packer
@@ -105,9 +120,9 @@ if [ "$EVAL" = rules ]; then
     stamp "token-selection rules on ${#RUNS[@]} runs in parallel: $SAMPLES keys per (length, depth)"
     # two processes a seed (the methods split in halves, perplexity with the second), so that
     # compiling, which takes most of this on a small model, runs on more cores
-    half1="vanilla,longmamba,longmamba-budget,longmamba-alpha,longmamba-channelwise_topk"
-    half2="longmamba-offline,longmamba-all_topk,longmamba-bound,longmamba-norm"
-    ppl="vanilla,longmamba,longmamba-alpha,longmamba-budget"
+    half1=${RULES_1:-vanilla,longmamba,longmamba-budget,longmamba-alpha,longmamba-channelwise_topk}
+    half2=${RULES_2:-longmamba-offline,longmamba-all_topk,longmamba-bound,longmamba-norm}
+    ppl=${PPL_RULES:-vanilla,longmamba,longmamba-alpha,longmamba-budget}
     for d in "${RUNS[@]}"; do
         for part in 1 2; do
             if [ $part = 1 ]; then r=$half1; pr=""; else r=$half2; pr=$ppl; fi

@@ -22,7 +22,7 @@ from pathlib import Path
 import longmamba_jax as lmj
 from longmamba_evals.short_train.evaluate import needle_report
 from longmamba_evals.short_train.train_config import TrainConfig
-from longmamba_evals.short_train.train_loop import export_and_calibrate, train_seeds
+from longmamba_evals.short_train.train_loop import export_and_calibrate, recalibrate, train_seeds
 
 __all__ = ["main"]
 
@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="processes that build batches ahead (default 0: inline)")
     p.add_argument("--no-export", action="store_true", help="skip export and calibration")
     p.add_argument("--calib-backend", default="associative")
+    p.add_argument("--calib-storage", choices=("auto", "exact", "grid"), default="auto",
+                   help="storage of the LongMamba calibration (exact: what the 'alpha' and "
+                        "'offline' selection rules need; auto: exact for small models)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="only calibrate the exported model of the run in OUT again (on the "
+                        "windows of its first calibration), with --calib-storage")
     p.add_argument("--diagnose", action="store_true",
                    help="only write OUT/needle_deltas.json for the run in OUT (Δ of key vs filler "
                         "in each global channel at 4x, 8x, 16x train_len)")
@@ -68,6 +74,9 @@ def main(argv=None) -> int:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in r.items()))
             return 0
+        if args.recalibrate:
+            recalibrate(args.out, backend=args.calib_backend, storage=args.calib_storage)
+            return 0
         seeds = ([int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds
                  else [tc.seed])
         if len(seeds) > 1 and "{seed}" not in args.out:
@@ -78,7 +87,7 @@ def main(argv=None) -> int:
         if not args.no_export:
             for s, out, params in zip(seeds, outs, runs, strict=True):
                 export_and_calibrate(params, dataclasses.replace(tc, seed=s), out,
-                                     backend=args.calib_backend)
+                                     backend=args.calib_backend, storage=args.calib_storage)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ from longmamba_evals.short_train.train_model import (
 from longmamba_jax import training
 from longmamba_jax.model import Params
 
-__all__ = ["export_and_calibrate", "train", "train_seeds"]
+__all__ = ["export_and_calibrate", "recalibrate", "train", "train_seeds"]
 
 
 def _save(step: int, state, meta: dict, out: Path) -> None:
@@ -234,7 +234,8 @@ def train_seeds(tc: TrainConfig, seeds, outs, *, stop_after: int | None = None,
 
 
 def export_and_calibrate(params: Params, tc: TrainConfig, out: str | os.PathLike, *,
-                         backend: str = "associative", quiet: bool = False):
+                         backend: str = "associative", storage: str = "auto",
+                         quiet: bool = False):
     """Writes OUT/model (native torch layout, bf16) and OUT/calibration.npz (calibrated on the
     re-loaded export, i.e. exactly the shipped model). Returns (loaded params, calibration)."""
     from longmamba_jax.checkpoints.export import export_torch
@@ -242,15 +243,39 @@ def export_and_calibrate(params: Params, tc: TrainConfig, out: str | os.PathLike
     out = Path(out)
     export_torch(params.astype(jnp.bfloat16), out / "model", layout="native", force=True)
     loaded = lmj.load(out / "model")
+    return loaded, calibrate_run(loaded, tc, out, backend=backend, storage=storage, quiet=quiet)
+
+
+def recalibrate(out: str | os.PathLike, *, backend: str = "associative",
+                storage: str = "auto", quiet: bool = False):
+    """Calibrates the exported model of the run in OUT again, on the same windows as its
+    first calibration (its own train_config.json), and overwrites OUT/calibration.npz: e.g.
+    with ``storage="exact"``, which the `alpha` and `offline` rules need."""
+    out = Path(out)
+    cfg_path = out / "train_config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{out} has no train_config.json (not a training run)")
+    saved = json.loads(cfg_path.read_text())
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    tc = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    return calibrate_run(lmj.load(out / "model"), tc, out, backend=backend, storage=storage,
+                         quiet=quiet)
+
+
+def calibrate_run(loaded: Params, tc: TrainConfig, out: Path, *, backend: str, storage: str,
+                  quiet: bool):
+    """Calibrates `loaded` on `calib_windows` training-format windows and writes
+    OUT/calibration.npz (atomically: a failure leaves the previous file)."""
     with open(tc.text, encoding="utf-8") as f:
         train_text, _ = split_text(f.read(), tc.val_frac)
     stream = TaskSampler(tc, train_text).calibration_stream(tc.calib_windows)
     cal = lmj.calibrate(loaded, stream, train_len=tc.train_len, num_windows=tc.calib_windows,
-                        backend=backend, progress=False)
+                        backend=backend, progress=False, storage=storage)
     cal.save(out / "calibration.npz")
     glob = cal.global_channels(0.05)
     _log(out, {"event": "calibrated", "global_channels_per_layer":
                [int(np.sum(g)) for g in glob],
                "decay_fraction_max_per_layer":
-               [round(float(np.max(f)), 4) for f in cal.decay_fraction]}, quiet)
-    return loaded, cal
+               [round(float(np.max(f)), 4) for f in cal.decay_fraction],
+               "storage": cal.storage}, quiet)
+    return cal

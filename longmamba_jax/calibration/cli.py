@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-windows", type=int, default=100)
     parser.add_argument("--clamp-top", type=float, default=0.10)
     parser.add_argument("--aggregate", choices=("mean", "max"), default="mean")
+    parser.add_argument("--storage", choices=("auto", "exact", "grid"), default="auto",
+                        help="exact: every channel's sorted curves, which the 'alpha' and "
+                             "'offline' rules need; grid: θ on a grid of lengths (small); auto: "
+                             "exact for small inputs")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--separator", default=None,
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         cal = calibrate(params, tokens, train_len=args.train_len, num_windows=args.num_windows,
                         clamp_top=args.clamp_top, aggregate=args.aggregate,
-                        backend=args.backend, batch_size=args.batch_size)
+                        backend=args.backend, batch_size=args.batch_size,
+                        storage=args.storage)
         cal.save(args.out)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

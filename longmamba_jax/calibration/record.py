@@ -199,7 +199,7 @@ def record_deltas(params: Params, tokens, *, train_len: int, num_windows: int = 
 def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
               clamp_top: float = 0.10, aggregate: str = "mean", backend: str = "auto",
               batch_size: int = 4, progress: bool = True, segment_ids=None,
-              cu_seqlens=None) -> Calibration:
+              cu_seqlens=None, storage: str = "auto") -> Calibration:
     """LongMamba calibration of `params` on a token stream, plain or packed (docs/design.md,
     "LongMamba calibration").
 
@@ -232,6 +232,9 @@ def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
         one document, a new one starts where the id changes.
       cu_seqlens: [0, n_1, n_1 + n_2, ..., n], the document boundaries (instead of
         segment_ids).
+      storage: "exact" (every channel's sorted curves: what the `alpha` and `offline` rules
+        need), "grid" (θ on a grid of lengths: small), or "auto" (exact for small inputs);
+        docs/design.md, "LongMamba calibration".
 
     Returns:
       a `Calibration` matched to this model's config (fingerprint, layers, channels) and
@@ -248,7 +251,7 @@ def calibrate(params: Params, tokens, *, train_len: int, num_windows: int = 100,
     num_windows = check_int("num_windows", num_windows, minimum=1)
     stream, doc = prepare_stream(params, tokens, train_len, segment_ids, cu_seqlens)
     builder = CalibrationBuilder(layer_A(params), train_len=train_len, num_windows=num_windows,
-                                 clamp_top=clamp_top, aggregate=aggregate)
+                                 clamp_top=clamp_top, aggregate=aggregate, storage=storage)
     for dt in _delta_batches(params, stream, doc, train_len=train_len, num_windows=num_windows,
                              backend=backend, batch_size=batch_size, progress=progress):
         builder.add(list(dt))
