@@ -3,6 +3,7 @@ implementation of the published rule, the 1% bound of the grid storage, and the 
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -217,6 +218,9 @@ def test_save_load_round_trip(tmp_path, realistic, storage):
         for a, b in zip(cal.thresholds(s), back.thresholds(s), strict=True):
             np.testing.assert_array_equal(a, b)
     assert not list(tmp_path.glob(".calibration-*"))  # no temp file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temp file's private mode
 
 
 def test_header_and_mismatch_refusal(tmp_path):

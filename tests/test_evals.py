@@ -450,6 +450,30 @@ def test_cli_passkey_smoke(tmp_path, calibration_file):
         assert f"| {method} |" in summary
 
 
+def test_cli_saves_each_method_as_it_finishes(tmp_path, monkeypatch):
+    """A run that fails (or is killed) at its second method keeps the first method's results."""
+    from longmamba_evals.tasks.cli import main
+
+    calls = []
+    real = perplexity.run_perplexity
+
+    def failing_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(perplexity, "run_perplexity", failing_second)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(["perplexity", "--model", "tiny-random:mamba2", "--tokenizer", "bytes", "--method",
+              "vanilla,decimamba", "--decimamba-layers", "1", "--lengths", "120", "--windows", "1",
+              "--eval-tokens", "4", "--backend", "reference", "--no-progress", "--no-plot",
+              "--out", str(out)])
+    assert (out / "perplexity_vanilla.json").is_file()
+    assert not (out / "perplexity_decimamba.json").exists()
+
+
 def test_cli_calibrates_longmamba_on_the_fly(tmp_path, capsys):
     """`--method longmamba` without --calibration on a tiny random model: calibrated on the task's
     text, with a note saying so; on a checkpoint without --train-len: one clear error."""

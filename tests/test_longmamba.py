@@ -162,3 +162,34 @@ def test_calibrate_cli(tmp_path):
                  "--backend", "associative"]) == 0
     cal = lmj.Calibration.load(out)
     assert cal.train_len == 32 and cal.n_layers == cfg.n_layer
+    assert cal.storage == "exact"  # auto: a small input
+    grid = tmp_path / "grid.npz"
+    assert main(["--model", str(model_dir), "--text", str(text), "--tokenizer", "bytes",
+                 "--train-len", "32", "--num-windows", "4", "--out", str(grid),
+                 "--backend", "associative", "--storage", "grid"]) == 0
+    assert lmj.Calibration.load(grid).storage == "grid"
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_calibrate_storage_option(arch):
+    """`calibrate(storage=...)` stores what was asked: each is `from_deltas` with that storage on
+    the recorded Δ, and only the exact storage has the kept fractions α (what the alpha and
+    offline rules read)."""
+    params = lmj.init_params(CONFIGS[arch](), seed=4)
+    stream = _stream(400, params.config.vocab_size)
+    kw = dict(train_len=16, num_windows=6, backend="reference")
+    deltas = record_deltas(params, stream, progress=False, **kw)
+    for storage in ("exact", "grid"):
+        via = calibrate(params, stream, storage=storage, progress=False, **kw)
+        direct = Calibration.from_deltas(deltas, layer_A(params), train_len=16, storage=storage)
+        assert via.storage == storage
+        for s in (17, 40, 300):
+            for a, b in zip(direct.thresholds(s), via.thresholds(s), strict=True):
+                np.testing.assert_allclose(b, a, rtol=1e-6)
+        if storage == "exact":
+            assert len(via.keep_fractions(300)) == params.config.n_layer
+        else:
+            with pytest.raises(ValueError, match="storage='exact'"):
+                via.keep_fractions(300)
+    with pytest.raises(ValueError, match="storage"):
+        calibrate(params, stream, storage="sorted", progress=False, **kw)

@@ -14,7 +14,7 @@ import longmamba_jax as lmj
 from longmamba_evals.short_train import train as T
 from longmamba_evals.short_train.train_config import TrainConfig
 from longmamba_evals.short_train.train_data import TaskSampler
-from longmamba_evals.short_train.train_loop import train, train_seeds
+from longmamba_evals.short_train.train_loop import export_and_calibrate, train, train_seeds
 from longmamba_evals.short_train.train_model import decay_mask, mamba_init
 from longmamba_evals.tasks.passkey import INSTRUCTION, make_prompt
 from longmamba_evals.tasks.text import DEFAULT_TEXT, Filler
@@ -175,6 +175,28 @@ def test_time_budget_fixes_the_step_count(small_text, tmp_path):
     log = [json.loads(x) for x in (tmp_path / "short" / "train_log.jsonl").read_text().split("\n")
            if x]
     assert log[-1]["event"] == "done" and log[-1]["total_steps"] == 1
+
+
+def test_export_calibrates_with_the_asked_storage_and_recalibrates(small_text, tmp_path, capsys):
+    """A run's export calibrates with --calib-storage; --recalibrate calibrates the exported
+    model again on the same windows (its own train_config.json) with another storage: the
+    same θ as a first calibration with that storage, and the α the alpha/offline rules need."""
+    tc = _tiny(small_text, steps=2, val_every=2, calib_windows=4)
+    run, twin = tmp_path / "run", tmp_path / "twin"
+    params = train(tc, run, quiet=True)
+    _, grid = export_and_calibrate(params, tc, run, storage="grid", quiet=True)
+    assert grid.storage == "grid"
+    _, exact = export_and_calibrate(params, tc, twin, storage="exact", quiet=True)
+    assert T.main(["--recalibrate", "--calib-storage", "exact", "--out", str(run)]) == 0
+    again = lmj.Calibration.load(run / "calibration.npz")
+    assert again.storage == "exact"
+    for s in (300, 2000):
+        for a, b in zip(exact.thresholds(s), again.thresholds(s), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-6)
+        for a, b in zip(exact.keep_fractions(s), again.keep_fractions(s), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-6)
+    assert T.main(["--recalibrate", "--out", str(tmp_path / "none")]) == 2
+    assert "has no train_config.json" in capsys.readouterr().err
 
 
 def test_resume_refuses_other_settings(small_text, tmp_path):

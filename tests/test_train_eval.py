@@ -111,3 +111,62 @@ def test_aggregate_mean_spread_and_goal(tmp_path):
     assert "LongMamba − vanilla, mean over 8× and 16×: 32 ± 18 (20–45) points" in md
     with pytest.raises(FileNotFoundError, match="train_config"):
         A.load_seed_runs([tmp_path])
+
+
+def _rules_run(root: Path, arch: str, seed: int, accuracy: dict, ppl: dict | None = None) -> Path:
+    """A run directory as EVAL=rules leaves it: train_config.json and, under rules1/passkey/,
+    one eval-CLI passkey result per method (a gzipped one too), whose samples hold per depth at
+    200 tokens `accuracy[method][depth]` correct out of 10."""
+    import gzip
+
+    d = root / f"{arch}_seed{seed}"
+    (d / "rules1" / "passkey").mkdir(parents=True)
+    (d / "rules2" / "perplexity").mkdir(parents=True)
+    (d / "train_config.json").write_text(json.dumps({"arch": arch, "seed": seed,
+                                                       "train_len": 100}))
+    for i, (method, by_depth) in enumerate(accuracy.items()):
+        samples = [{"length": 200, "depth": depth, "correct": k < hits}
+                   for depth, hits in by_depth.items() for k in range(10)]
+        samples += [{"length": 400, "depth": 0.0, "correct": True}]
+        r = {"task": "passkey", "method": method, "samples": samples,
+             "curves": {"accuracy": {"x": [200, 400],
+                                     "y": [10.0 * np.mean(list(by_depth.values())), 100.0]}}}
+        path = d / "rules1" / "passkey" / f"passkey_{method}.json"
+        if i % 2:
+            with gzip.open(str(path) + ".gz", "wt", encoding="utf-8") as f:
+                json.dump(r, f)
+        else:
+            path.write_text(json.dumps(r))
+    for method, (short, long) in (ppl or {}).items():
+        (d / "rules2" / "perplexity" / f"perplexity_{method}.json").write_text(json.dumps(
+            {"task": "perplexity", "method": method,
+             "curves": {"perplexity": {"x": [100, 200], "y": [short, long]}}}))
+    return d
+
+
+def test_rules_summary_tables(tmp_path):
+    from longmamba_evals.short_train import rules_summary as R
+
+    runs = [_rules_run(tmp_path, "mamba2", 0,
+                       {"vanilla": {0.0: 0, 1.0: 10}, "longmamba-budget": {0.0: 9, 1.0: 10}},
+                       {"vanilla": (5.0, 4.0), "longmamba-budget": (5.0, 4.2)}),
+            _rules_run(tmp_path, "mamba2", 1,
+                       {"vanilla": {0.0: 2, 1.0: 10}, "longmamba-budget": {0.0: 7, 1.0: 10}},
+                       {"vanilla": (6.0, 4.4)})]
+    s = R.summarize(R.load_rule_runs(runs), depth_length=200)["mamba2"]
+    assert s["seeds"] == [0, 1] and s["lengths"] == [200, 400]
+    assert s["accuracy"]["vanilla"][200] == [50.0, 60.0]
+    assert [r["depths"] for r in s["by_depth"]["longmamba-budget"]] == [
+        {0.0: 90.0, 1.0: 100.0}, {0.0: 70.0, 1.0: 100.0}]
+    assert s["perplexity"]["longmamba-budget"] == {100: [5.0], 200: [4.2]}
+    md = R._markdown({"mamba2": s})
+    assert "| vanilla | 55 (50–60) | 100 (100–100) | 2 |" in md
+    assert "| `budget` | 80 | 100 | 70 |" in md  # depth 0: mean of 90 and 70; worst cell 70
+    assert "| vanilla | 5.50 (5.00–6.00) | 4.20 (4.00–4.40) | 2 |" in md
+    assert "| `budget` | 5.00 | 4.20 | 1 |" in md
+    assert R.main([str(runs[0]), str(runs[1]), "--out", str(tmp_path / "out"), "--no-plot",
+                   "--depth-length", "200"]) == 0
+    assert "## mamba2: accuracy (%) by depth at 2× L_train (200 tokens)" in (
+        tmp_path / "out" / "rules_summary.md").read_text()
+    with pytest.raises(FileNotFoundError, match="train_config"):
+        R.load_rule_runs([tmp_path])

@@ -323,6 +323,9 @@ class Calibration:
                 f.write(buf.getvalue())
                 f.flush()
                 os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a calibration is not
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
