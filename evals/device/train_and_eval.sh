@@ -101,8 +101,9 @@ if [ -n "${RECALIBRATE:-}" ]; then
     stamp "calibrate ${#RUNS[@]} runs again, storage $RECALIBRATE"
     CAL_PIDS=()
     for d in "${RUNS[@]}"; do
-        $PY -m longmamba_evals.short_train.train --recalibrate --calib-storage "$RECALIBRATE" \
-            --out "$d" >> "$d/recalibrate.log" 2>&1 &
+        # in parallel: none may take JAX's default 75% of the GPU
+        XLA_PYTHON_CLIENT_PREALLOCATE=false $PY -m longmamba_evals.short_train.train \
+            --recalibrate --calib-storage "$RECALIBRATE" --out "$d" >> "$d/recalibrate.log" 2>&1 &
         CAL_PIDS+=($!)
     done
     for p in "${CAL_PIDS[@]}"; do wait "$p"; done

@@ -178,12 +178,12 @@ def _plot(arch: str, s: dict, path: str) -> None:
     for i, (m, per) in enumerate(s["accuracy"].items()):
         xs = [x for x in s["lengths"] if per[x]]
         a.plot([x / L for x in xs], [np.mean(per[x]) for x in xs], styles[i % 4],
-               marker=markers[i % len(markers)], label=_label(m).strip("`"))
+               marker=markers[i % len(markers)], label=_label(m).replace("`", ""))
         rows = s["by_depth"].get(m) or []
         if rows:
             ds = sorted(rows[0]["depths"])
             b.plot(ds, [np.mean([r["depths"][d] for r in rows]) for d in ds], styles[i % 4],
-                   marker=markers[i % len(markers)], label=_label(m).strip("`"))
+                   marker=markers[i % len(markers)], label=_label(m).replace("`", ""))
     a.set_xscale("log", base=2)
     a.set_xlabel("prompt length / L_train")
     a.set_ylabel("passkey accuracy (%), mean over seeds")
