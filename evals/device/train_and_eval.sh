@@ -14,9 +14,9 @@
 #   $OUT/model_seed{S}.safetensors     each seed's exported weights (bf16)
 #
 #   OUT=out ARCH=mamba2 SEEDS=0,1,2 bash evals/device/train_and_eval.sh
-# Knobs (environment): ARCH, SEEDS, TRAIN_ARGS, RECALIBRATE, TRAIN_LEN, CALL_LIMIT, SAMPLES, MULTIPLES, BATCH,
-# BACKEND, LEVERS, EXTRA_EVAL, DATA_WORKERS, TRAIN_MEM_FRACTION, PY, RUN, EVAL, RUNS_FROM,
-# EVAL_JOBS.
+# Knobs (environment): ARCH, SEEDS, TRAIN_ARGS, RECALIBRATE, TRAIN_LEN, CALL_LIMIT, SAMPLES,
+# MULTIPLES, BATCH, BACKEND, LEVERS, EXTRA_EVAL, DATA_WORKERS, TRAIN_MEM_FRACTION, PY, RUN, EVAL,
+# RUNS_FROM, EVAL_JOBS, RULES_1, RULES_2, PPL_RULES.
 # Training and evaluation may be two runs (training alone can fill a time limit):
 #   EVAL=0 ...                    train, export, calibrate; no evaluation
 #   RUNS_FROM=dir ...             no training: evaluate dir/seed{S} for S in SEEDS, each holding
@@ -60,7 +60,8 @@ stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 pack() {  # atomically, so a kill mid-way leaves the previous archive
     # (an exact calibration of a Mamba-1 run is ~58 MB: RECALIBRATE's stay on the machine)
     tar czf "$OUT/results.tar.gz.part" -C "$RUN" --exclude=ckpt --exclude='*.safetensors' \
-        --exclude='*.tmp' ${RECALIBRATE:+--exclude=calibration.npz} . 2>/dev/null && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+        --exclude='*.tmp' ${RECALIBRATE:+--exclude=calibration.npz} . 2>/dev/null \
+        && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
 }
 
 (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
