@@ -243,7 +243,7 @@ def export_and_calibrate(params: Params, tc: TrainConfig, out: str | os.PathLike
     out = Path(out)
     export_torch(params.astype(jnp.bfloat16), out / "model", layout="native", force=True)
     loaded = lmj.load(out / "model")
-    return loaded, calibrate_run(loaded, tc, out, backend=backend, storage=storage, quiet=quiet)
+    return loaded, _calibrate_run(loaded, tc, out, backend=backend, storage=storage, quiet=quiet)
 
 
 def recalibrate(out: str | os.PathLike, *, backend: str = "associative",
@@ -258,11 +258,11 @@ def recalibrate(out: str | os.PathLike, *, backend: str = "associative",
     saved = json.loads(cfg_path.read_text())
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
-    return calibrate_run(lmj.load(out / "model"), tc, out, backend=backend, storage=storage,
+    return _calibrate_run(lmj.load(out / "model"), tc, out, backend=backend, storage=storage,
                          quiet=quiet)
 
 
-def calibrate_run(loaded: Params, tc: TrainConfig, out: Path, *, backend: str, storage: str,
+def _calibrate_run(loaded: Params, tc: TrainConfig, out: Path, *, backend: str, storage: str,
                   quiet: bool):
     """Calibrates `loaded` on `calib_windows` training-format windows and writes
     OUT/calibration.npz (atomically: a failure leaves the previous file)."""
